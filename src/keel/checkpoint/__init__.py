@@ -1,0 +1,1 @@
+"""Checkpoints: sharded DCP saves made real by an atomic commit record."""

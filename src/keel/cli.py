@@ -1,0 +1,135 @@
+"""The `keel` command. A KeelError or a bad option becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from keel.errors import KeelError
+
+app = typer.Typer(
+    help="Keel: pretrain language models, from raw text to a trained, resumable checkpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")
+]
+
+
+def _print_config_keys() -> None:
+    from keel.config import describe_keys
+    from keel.models import MODELS
+
+    for key, default, doc in describe_keys():
+        print(f"{key:32} {default:>14}  {doc}")
+    for name, spec in MODELS.items():
+        for field, info in spec.args_cls.model_fields.items():
+            default = repr(info.get_default(call_default_factory=True))
+            print(f"{'model.' + field:32} {default:>14}  ({name}) {info.description or ''}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="TOML config file (see configs/).")] = None,
+    overrides: SetOption = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes to launch (sets parallel.nproc).", min=1)] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this run dir from its newest checkpoint.")] = None,
+    help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with its doc.")] = False,
+) -> None:
+    """Train a model: keel train CONFIG [--set k=v ...] [--nproc N], or keel train --resume RUN_DIR."""
+    if help_config:
+        _print_config_keys()
+        return
+    from keel.launch.train import train as run_train
+
+    raise typer.Exit(run_train(config, overrides or [], resume, nproc))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Annotated[Path | None, typer.Argument(help="TOML config whose [data] section describes the data.")] = None,
+    overrides: SetOption = None,
+    source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets data.sources).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Dataset directory to write (sets data.dataset).")] = None,
+) -> None:
+    """Tokenize raw text (.txt, .jsonl) into token shards with a manifest and a validation split."""
+    from keel.config import load_config
+    from keel.data.prepare import prepare_dataset
+    from keel.observe.logs import setup_logging
+
+    extra = list(overrides or [])
+    if source:
+        extra.append(f"data.sources={json.dumps(source)}")
+    if out is not None:
+        extra.append(f"data.dataset={json.dumps(str(out))}")
+    cfg = load_config(config, extra)
+    if not cfg.data.sources:
+        raise KeelError("no sources to prepare: set data.sources in the config or pass --source GLOB")
+    log = setup_logging(None, 0)
+    d = cfg.data
+    prepare_dataset(
+        d.sources, Path(d.dataset), tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+        text_field=d.text_field, shard_tokens=d.shard_tokens, log=log.info,
+    )
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def ",
+    tokens: Annotated[int, typer.Option(help="Most new tokens to sample.", min=1)] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.", min=0)] = 0.8,
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Sample a continuation of a prompt from a trained run."""
+    from keel.eval.generate import sample_text
+
+    print(sample_text(run_dir, prompt, tokens, temperature=temperature, step=step, seed=seed))
+
+
+@app.command()
+def demo(
+    overrides: SetOption = None,
+    nproc: Annotated[int, typer.Option(help="Processes to train with.", min=1)] = 2,
+) -> None:
+    """The embedded default: prepare the Python standard library, train, evaluate and sample, in runs/demo/."""
+    from keel.launch.demo import run_demo
+
+    run_demo(overrides or [], nproc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app and turns user errors into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="keel", standalone_mode=False)
+    except KeelError as e:
+        print(f"keel: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        print(f"keel: error: {e.format_message()}{where}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        print(f"keel: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("keel: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

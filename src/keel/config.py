@@ -1,0 +1,233 @@
+"""The typed config schema: TOML in, dotted `--set` overrides, one-line errors naming the key."""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from keel.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("keel", min_length=1, description="Name of the run; the run dir defaults to runs/<name>.")
+    dir: str | None = Field(None, description="Run directory; empty means runs/<run.name>.")
+    seed: int = Field(0, ge=0, description="Seed for weight init and the global sample order.")
+
+
+class DataConfig(Section):
+    dataset: str = Field("data/keel", description="Prepared dataset directory (made by `keel data prepare`).")
+    sources: list[str] = Field(
+        default_factory=list, description="Globs of raw text (.txt, .jsonl, any text file) for `keel data prepare`."
+    )
+    tokenizer: str | None = Field(None, description="A tokenizer.json to use; empty trains a byte-level BPE.")
+    vocab_size: int = Field(8192, gt=256, description="Vocabulary size of the BPE tokenizer trained by prepare.")
+    val_fraction: float = Field(0.01, gt=0, lt=1, description="Share of documents held out for validation.")
+    text_field: str = Field("text", min_length=1, description="Field of each JSON Lines record that holds the text.")
+    shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file written by prepare.")
+    manifest_sha256: str | None = Field(
+        None, description="Hash of the dataset manifest; set at first start so a resume refuses a changed dataset."
+    )
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, gt=0, description="Optimizer steps to train for.")
+    seq_len: int = Field(256, gt=0, description="Tokens per training sequence.")
+    global_batch_size: int = Field(16, gt=0, description="Sequences per optimizer step, summed over all ranks.")
+    micro_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per rank per forward pass; empty means no gradient accumulation."
+    )
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 turns clipping off.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on CPU)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to train on; auto picks CUDA if present.")
+    compile: bool = Field(False, description="Compile the model with torch.compile (helps on GPU, not on CPU).")
+    eval_every: int = Field(50, ge=0, description="Compute validation loss every this many steps; 0 turns it off.")
+    eval_batches: int = Field(4, gt=0, description="Global batches of validation data per evaluation.")
+    stop_after: int | None = Field(
+        None, gt=0, description="Stop this invocation after this step, as a preemption would; resume continues."
+    )
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of optim.lr.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear warm-up before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+
+
+class ParallelConfig(Section):
+    dp: Literal["ddp", "fsdp"] = Field("fsdp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 sharded).")
+    nproc: int = Field(1, gt=0, description="Processes to launch on this machine (one per GPU, or CPU workers).")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=0, description="Save a checkpoint every this many steps; 0 saves only at the end.")
+    keep: int = Field(3, gt=0, description="Committed checkpoints to keep; the newest is never deleted.")
+
+
+class ObserveConfig(Section):
+    log_every: int = Field(1, gt=0, description="Print and record training metrics every this many steps.")
+    console: bool = Field(True, description="Print a progress line on rank 0.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to RUN_DIR/tb/.")
+
+
+class ModelConfig(BaseModel):
+    """The [model] section: `name` picks the registry entry, the other keys are that model's arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("llama", description="Model from the registry (keel.models.MODELS).")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    observe: ObserveConfig = Field(default_factory=ObserveConfig)
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> Config:
+        micro = self.train.micro_batch_size
+        if micro is not None and self.train.global_batch_size % micro:
+            raise ValueError(
+                f"train.micro_batch_size ({micro}) must divide train.global_batch_size "
+                f"({self.train.global_batch_size})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory: run.dir, or runs/<run.name>."""
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def model_section(self) -> dict[str, Any]:
+        """The raw [model] table (name plus the model's arguments) for the model registry."""
+        return self.model.model_dump()
+
+
+def _format_error(err: ValidationError, prefix: str = "") -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    if first["type"] == "extra_forbidden":
+        return f"{prefix}{key}: unknown key (see `keel train --help-config` for the keys)"
+    if first["type"] == "value_error":
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{key}: {msg}" if key else msg
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{prefix}{key}: {first['msg']}{shown}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `--set key.path=value`; the value is read as TOML, or as a bare string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: the key must be SECTION.NAME, e.g. train.steps")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `--set` overrides to a raw config table, in order."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file into a table, with a one-line error for a missing or malformed file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass a TOML file such as configs/demo.toml")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw table into a Config, raising ConfigError naming the source and the key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_error(e)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a config file (or the defaults when None) and apply `--set` overrides."""
+    data = read_toml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    return build_config(apply_overrides(data, list(overrides)), source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value).replace("infinity", "inf")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level table (sections of scalars and lists) as TOML; None values are left out."""
+    lines: list[str] = []
+    for section, table in data.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(v)}" for key, v in table.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as TOML, atomically."""
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(dump_toml(config.model_dump()), encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """Every config key with its default and one-line doc, for `--help-config`."""
+    rows = []
+    for section, field in Config.model_fields.items():
+        cls = field.annotation if isinstance(field.annotation, type) else None
+        if cls is None or not issubclass(cls, BaseModel):
+            continue
+        for name, f in cls.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            rows.append((f"{section}.{name}", repr(default), f.description or ""))
+    return rows

@@ -1,0 +1,54 @@
+"""Data parallelism applied to a model from outside it: DDP or FSDP2."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from keel.distributed.env import DistEnv
+
+
+def apply_data_parallel(
+    model: nn.Module, mode: str, env: DistEnv, shard_units: Callable[[nn.Module], list[nn.Module]]
+) -> nn.Module:
+    """Wrap `model` for data parallelism (`parallel.dp`): ddp replicates, fsdp shards each unit, then the root."""
+    if not env.distributed:
+        return model
+    if mode == "ddp":
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    for unit in shard_units(model):
+        fully_shard(unit)
+    fully_shard(model)
+    return model
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps; sync on the last one."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (0 = measure only) and return the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,66 @@
+"""`keel demo`: the Python standard library in, a trained, evaluated, sampled model out, in runs/demo/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sysconfig
+import time
+from importlib import resources
+from pathlib import Path
+
+from keel.config import load_config
+from keel.data.dataset import load_manifest
+from keel.data.prepare import prepare_dataset
+from keel.eval.generate import sample_text
+from keel.launch.train import train
+from keel.observe.logs import setup_logging
+
+log = logging.getLogger("keel")
+
+
+def demo_config_path() -> Path:
+    """The embedded demo config (also at configs/demo.toml in the repository)."""
+    return Path(str(resources.files("keel") / "configs" / "demo.toml"))
+
+
+def stdlib_source() -> str:
+    """Glob of the running interpreter's standard library sources: the demo corpus."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py")
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Keep an earlier demo run (nothing written is lost) by renaming it runs/demo.1, runs/demo.2, ..."""
+    if not run_dir.exists():
+        return
+    n = 1
+    while run_dir.with_name(f"{run_dir.name}.{n}").exists():
+        n += 1
+    run_dir.rename(run_dir.with_name(f"{run_dir.name}.{n}"))
+    log.info(f"moved the previous demo run to {run_dir.name}.{n}")
+
+
+def run_demo(overrides: list[str], nproc: int) -> None:
+    """Prepare the stdlib corpus (once), train with `nproc` processes, evaluate, and print a sample."""
+    setup_logging(None, 0)
+    started = time.perf_counter()
+    config = demo_config_path()
+    cfg = load_config(config, [f"data.sources={json.dumps([stdlib_source()])}", *overrides])
+    dataset = Path(cfg.data.dataset)
+    if (dataset / "manifest.json").exists():
+        load_manifest(dataset)
+        log.info(f"using the dataset already prepared in {dataset}")
+    else:
+        d = cfg.data
+        log.info(f"preparing {d.sources[0]} into {dataset}")
+        prepare_dataset(
+            d.sources, dataset, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
+            text_field=d.text_field, shard_tokens=d.shard_tokens, log=log.info,
+        )
+    _set_aside(cfg.run_dir)
+    train(config, [f"data.sources={json.dumps([stdlib_source()])}", *overrides], None, nproc)
+    setup_logging(None, 0)
+    val = [json.loads(line)["val_loss"] for line in open(cfg.run_dir / "metrics.jsonl") if "val_loss" in line]
+    log.info(f"validation loss: {val[0]:.3f} at the first evaluation -> {val[-1]:.3f} at the last")
+    log.info("sample (prompt 'def '):\n" + sample_text(cfg.run_dir, "def ", 80))
+    log.info(f"demo finished in {time.perf_counter() - started:.0f} s; the run is in {cfg.run_dir}/")

@@ -1,0 +1,1 @@
+"""Observability: the metrics hub and its sinks, events, MFU."""

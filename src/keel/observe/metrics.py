@@ -1,0 +1,52 @@
+"""The one metrics hub: every number is recorded once, by name and unit, and fanned out to sinks."""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+# Every metric Keel records, with its unit; recording an unknown name is a bug, caught at once.
+UNITS: dict[str, str] = {
+    "loss": "nats/token",
+    "val_loss": "nats/token",
+    "lr": "1",
+    "grad_norm": "1",
+    "tokens_per_s": "tokens/s",
+    "tokens_seen": "tokens",
+    "step_time_s": "s",
+    "mfu": "fraction",
+    "memory_rss_gb": "GB",
+    "memory_cuda_peak_gb": "GB",
+    "eta_s": "s",
+    "checkpoint_s": "s",
+}
+
+
+class Sink(Protocol):
+    """A destination for metrics: console, JSON Lines, TensorBoard, ..."""
+
+    def write(self, step: int, time: float, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Metrics:
+    """Collects a step's numbers and hands them to every sink; the training loop never calls a sink."""
+
+    def __init__(self, sinks: list[Sink] | None = None):
+        self.sinks = list(sinks or [])
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Record named values for `step` in every sink."""
+        unknown = set(values) - set(UNITS)
+        if unknown:
+            raise KeyError(f"unknown metric(s) {sorted(unknown)}; add them to keel.observe.metrics.UNITS")
+        now = time.time()
+        clean = {k: float(v) for k, v in values.items()}
+        for sink in self.sinks:
+            sink.write(step, now, clean)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        for sink in self.sinks:
+            sink.close()

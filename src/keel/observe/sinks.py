@@ -1,0 +1,86 @@
+"""Metric sinks: the console progress line, RUN_DIR/metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from keel.config import Config
+
+
+class JsonlSink:
+    """Appends one JSON object per record to metrics.jsonl: {"step", "time", "<name>": value, ...}."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, step: int, time: float, values: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, "time": round(time, 3), **values}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard event files in RUN_DIR/tb/."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when the sink is on
+
+        self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, step: int, time: float, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step, walltime=time)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ConsoleSink:
+    """One progress line per record: step, loss, lr, tokens/s, MFU, memory, ETA."""
+
+    def __init__(self, total_steps: int, logger: logging.Logger | None = None):
+        self.total_steps = total_steps
+        self._log = logger or logging.getLogger("keel")
+
+    def write(self, step: int, time: float, values: dict[str, float]) -> None:
+        parts = [f"step {step}/{self.total_steps}"]
+        if "loss" in values:
+            parts.append(f"loss {values['loss']:.4f}")
+        if "val_loss" in values:
+            parts.append(f"val_loss {values['val_loss']:.4f}")
+        if "lr" in values:
+            parts.append(f"lr {values['lr']:.2e}")
+        if "tokens_per_s" in values:
+            parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
+        if "mfu" in values:
+            parts.append(f"MFU {100 * values['mfu']:.1f}%")
+        memory = values.get("memory_cuda_peak_gb", values.get("memory_rss_gb"))
+        if memory is not None:
+            parts.append(f"mem {memory:.2f} GB")
+        if "eta_s" in values:
+            parts.append(f"ETA {_duration(values['eta_s'])}")
+        self._log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        pass
+
+
+def build_sinks(cfg: Config, run_dir: Path) -> list:
+    """The sinks `observe.*` turns on; metrics.jsonl is always written (the run dir contract)."""
+    sinks: list = [JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.observe.console:
+        sinks.append(ConsoleSink(cfg.train.steps))
+    if cfg.observe.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tb"))
+    return sinks

@@ -1,0 +1,166 @@
+"""The training loop: a short, readable loop that calls capabilities through small interfaces."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import psutil
+import torch
+
+from keel.checkpoint.checkpointer import Checkpointer
+from keel.checkpoint.model_state import ModelOptimizerState
+from keel.config import Config
+from keel.data.dataset import TokenDataset
+from keel.data.loader import BatchLoader, eval_batches
+from keel.distributed.env import DistEnv, all_reduce_mean
+from keel.distributed.parallel import apply_data_parallel, clip_grad_norm, gradient_sync
+from keel.eval.loss import next_token_loss, validation_loss
+from keel.models import model_args
+from keel.observe.events import EventLog
+from keel.observe.metrics import Metrics
+from keel.observe.mfu import peak_flops
+from keel.observe.sinks import build_sinks
+from keel.train.optim import build_optimizer, lr_at, set_lr
+from keel.train.state import TrainState
+
+log = logging.getLogger("keel")
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in: `train.precision`, where auto means bf16 on CUDA and fp32 on CPU."""
+    if cfg.train.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+
+class Trainer:
+    """Builds the model, data, optimizer and capabilities from a resolved config, then steps them."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        run_dir = cfg.run_dir
+        spec, args = model_args(cfg.model_section())
+        torch.manual_seed(cfg.run.seed)
+        with torch.device(env.device):
+            model = spec.build(args)
+        if cfg.train.compile:
+            for unit in spec.shard_units(model):
+                unit.compile()
+        self.model = apply_data_parallel(model, cfg.parallel.dp, env, spec.shard_units)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.dtype = compute_dtype(cfg, env.device)
+        self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+
+        self.loader = BatchLoader(
+            TokenDataset(cfg.data.dataset, "train"),
+            seq_len=cfg.train.seq_len,
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size or cfg.train.global_batch_size // env.world_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.run.seed,
+        )
+        self.val_data = TokenDataset(cfg.data.dataset, "val")
+        self.state = TrainState()
+        self.events = EventLog(run_dir / "events.jsonl" if env.is_main else None)
+        self.metrics = Metrics(build_sinks(cfg, run_dir) if env.is_main else [])
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.checkpoint.keep, on_event=self.events)
+        self.checkpointer.register("model", ModelOptimizerState(self.model, self.optimizer))
+        self.checkpointer.register("trainer", self.state)
+        self.checkpointer.register("data", self.loader)
+        self.peak_flops = peak_flops(env.device, self.dtype)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the compute dtype is bf16; nothing otherwise."""
+        enabled = self.dtype == torch.bfloat16
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def restore(self) -> None:
+        """Continue from the newest committed checkpoint, if there is one."""
+        latest = self.checkpointer.latest()
+        if latest is None:
+            log.info("no committed checkpoint yet: starting from step 0")
+            return
+        step = self.checkpointer.restore(latest)
+        self.events("resume", step=step, world_size=self.env.world_size)
+        log.info(f"resumed from {latest} (step {step})")
+
+    def fit(self) -> None:
+        """Train until `train.steps` (or `train.stop_after`), evaluating and checkpointing on schedule."""
+        cfg = self.cfg.train
+        self.events("start", step=self.state.step, world_size=self.env.world_size, device=str(self.env.device))
+        window_start, window_steps = time.perf_counter(), 0
+        for step in range(self.state.step + 1, cfg.steps + 1):
+            loss, grad_norm = self.train_step(step)
+            window_steps += 1
+            values: dict[str, float] = {}
+            if step % self.cfg.observe.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                values = self._progress(step, float(all_reduce_mean(loss)), grad_norm, elapsed / window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                values["val_loss"] = self.evaluate()
+            if values:
+                self.metrics.record(step, values)
+            stopping = cfg.stop_after is not None and step >= cfg.stop_after
+            every = self.cfg.checkpoint.every
+            if (every and step % every == 0) or step == cfg.steps or stopping:
+                self.checkpointer.save(step)
+            if stopping:
+                self.events("stop", step=step, reason="train.stop_after")
+                break
+        if self.state.step == cfg.steps:
+            self.events("finish", step=self.state.step, tokens_seen=self.state.tokens_seen)
+        self.metrics.close()
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, float]:
+        """One optimizer step over a global batch: accumulate micro-batches, clip, update."""
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.steps))
+        micro_batches = self.loader.next_batch()
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            with gradient_sync(self.model, enabled=i == len(micro_batches) - 1):
+                with self.autocast():
+                    logits = self.model(inputs.to(self.env.device, non_blocking=True))
+                    loss = next_token_loss(logits, targets.to(self.env.device, non_blocking=True))
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = step
+        self.state.tokens_seen += self.tokens_per_step
+        return loss_sum / len(micro_batches), grad_norm
+
+    def evaluate(self) -> float:
+        """Validation loss averaged over all ranks."""
+        batches = eval_batches(
+            self.val_data,
+            seq_len=self.cfg.train.seq_len,
+            batch_size=self.cfg.train.global_batch_size,
+            num_batches=self.cfg.train.eval_batches,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+        return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.autocast)))
+
+    def _progress(self, step: int, loss: float, grad_norm: float, step_time: float) -> dict[str, float]:
+        tokens_per_s = self.tokens_per_step / step_time
+        values = {
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": self.state.tokens_seen,
+            "step_time_s": step_time,
+            "eta_s": (self.cfg.train.steps - step) * step_time,
+            "memory_rss_gb": psutil.Process().memory_info().rss / 1e9,
+        }
+        if self.peak_flops:
+            values["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
+        if self.env.device.type == "cuda":
+            values["memory_cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 1e9
+        return values

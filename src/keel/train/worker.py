@@ -1,0 +1,49 @@
+"""One training process: under torchrun, in-process for a single process, or under an external launcher."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import traceback
+from pathlib import Path
+
+from keel.config import load_config
+from keel.distributed.env import DistEnv, init_distributed, shutdown
+from keel.errors import KeelError
+from keel.observe.logs import setup_logging
+from keel.train.run import CONFIG_FILE
+from keel.train.trainer import Trainer
+
+
+def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
+    """Train the run in `run_dir` (its resolved config.toml) on this process."""
+    cfg = load_config(run_dir / CONFIG_FILE)
+    setup_logging(run_dir, env.rank)
+    trainer = Trainer(cfg, env)
+    if resume:
+        trainer.restore()
+    trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point torchrun starts on every rank: `python -m keel.train.worker RUN_DIR [--resume]`."""
+    parser = argparse.ArgumentParser(prog="keel.train.worker")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    code = 0
+    try:
+        cfg = load_config(args.run_dir / CONFIG_FILE)
+        env = init_distributed(cfg.train.device)
+        run_worker(args.run_dir, env, args.resume)
+    except KeelError as e:
+        logging.getLogger("keel").error(f"keel: error: {e}")
+        code = 2
+    except Exception:
+        logging.getLogger("keel").error(traceback.format_exc())
+        code = 1
+    shutdown(code)
+
+
+if __name__ == "__main__":
+    main()
