@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keel.errors import ConfigError
 
@@ -51,7 +51,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on CPU)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to train on; auto picks CUDA if present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device to train on; auto picks CUDA if present."
+    )
     compile: bool = Field(False, description="Compile the model with torch.compile (helps on GPU, not on CPU).")
     eval_every: int = Field(50, ge=0, description="Compute validation loss every this many steps; 0 turns it off.")
     eval_batches: int = Field(4, gt=0, description="Global batches of validation data per evaluation.")
@@ -71,7 +73,9 @@ class OptimConfig(Section):
 
 
 class ParallelConfig(Section):
-    dp: Literal["ddp", "fsdp"] = Field("fsdp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 sharded).")
+    dp: Literal["ddp", "fsdp"] = Field(
+        "fsdp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 sharded)."
+    )
     nproc: int = Field(1, gt=0, description="Processes to launch on this machine (one per GPU, or CPU workers).")
 
 
@@ -103,16 +107,6 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
 
-    @model_validator(mode="after")
-    def _check_batch(self) -> Config:
-        micro = self.train.micro_batch_size
-        if micro is not None and self.train.global_batch_size % micro:
-            raise ValueError(
-                f"train.micro_batch_size ({micro}) must divide train.global_batch_size "
-                f"({self.train.global_batch_size})"
-            )
-        return self
-
     @property
     def run_dir(self) -> Path:
         """The run directory: run.dir, or runs/<run.name>."""
@@ -121,6 +115,9 @@ class Config(Section):
     def model_section(self) -> dict[str, Any]:
         """The raw [model] table (name plus the model's arguments) for the model registry."""
         return self.model.model_dump()
+
+
+ROOT_SECTIONS = tuple(Config.model_fields)
 
 
 def _format_error(err: ValidationError, prefix: str = "") -> str:
@@ -156,10 +153,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         parts, value = parse_override(item)
         node = data
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], start=1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
         node[parts[-1]] = value
     return data
 

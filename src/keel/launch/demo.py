@@ -24,9 +24,18 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("keel") / "configs" / "demo.toml"))
 
 
-def stdlib_source() -> str:
-    """Glob of the running interpreter's standard library sources: the demo corpus."""
-    return str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py")
+def stdlib_sources() -> list[str]:
+    """Globs of the running interpreter's standard library sources (the demo corpus), minus installed
+    packages and the few test files that are deliberately not UTF-8."""
+    lib = sysconfig.get_paths()["stdlib"]
+    return [
+        f"{lib}/**/*.py",
+        f"!{lib}/site-packages/**",
+        f"!{lib}/dist-packages/**",
+        f"!{lib}/test/encoded_modules/*",
+        f"!{lib}/test/test_source_encoding.py",
+        f"!{lib}/test/tokenizedata/badsyntax_pep3120.py",
+    ]
 
 
 def _set_aside(run_dir: Path) -> None:
@@ -45,7 +54,8 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     setup_logging(None, 0)
     started = time.perf_counter()
     config = demo_config_path()
-    cfg = load_config(config, [f"data.sources={json.dumps([stdlib_source()])}", *overrides])
+    overrides = [f"data.sources={json.dumps(stdlib_sources())}", *overrides]
+    cfg = load_config(config, overrides)
     dataset = Path(cfg.data.dataset)
     if (dataset / "manifest.json").exists():
         load_manifest(dataset)
@@ -58,7 +68,7 @@ def run_demo(overrides: list[str], nproc: int) -> None:
             text_field=d.text_field, shard_tokens=d.shard_tokens, log=log.info,
         )
     _set_aside(cfg.run_dir)
-    train(config, [f"data.sources={json.dumps([stdlib_source()])}", *overrides], None, nproc)
+    train(config, overrides, None, nproc)
     setup_logging(None, 0)
     val = [json.loads(line)["val_loss"] for line in open(cfg.run_dir / "metrics.jsonl") if "val_loss" in line]
     log.info(f"validation loss: {val[0]:.3f} at the first evaluation -> {val[-1]:.3f} at the last")

@@ -1,0 +1,111 @@
+"""Tokens/s of Keel's trainer against a plain PyTorch loop on the same model, batch and precision, in one run.
+
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--precision bf16] [--repeats 3]
+
+Prints the median tokens/s of each and their ratio (Keel / plain); MFU against the measured matmul ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from keel.config import load_config
+from keel.data.prepare import prepare_dataset
+from keel.distributed.env import init_distributed
+from keel.eval.loss import next_token_loss
+from keel.models import model_args
+from keel.observe.mfu import measured_matmul_flops
+from keel.train.run import start_run
+from keel.train.trainer import Trainer
+
+MODEL = {"name": "llama", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256}
+
+
+def keel_tokens_per_s(root: Path, dataset: Path, steps: int, precision: str, index: int) -> float:
+    overrides = [
+        *(f"model.{k}={json.dumps(v)}" for k, v in MODEL.items()),
+        f"data.dataset={json.dumps(str(dataset))}",
+        f"run.dir={json.dumps(str(root / f'run{index}'))}",
+        f"train.steps={steps}",
+        "train.seq_len=256",
+        "train.global_batch_size=8",
+        "train.eval_every=0",
+        f"train.precision={precision!r}",
+        "checkpoint.every=0",
+        "observe.console=false",
+        "observe.tensorboard=false",
+    ]
+    cfg = start_run(load_config(None, overrides))
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer.train_step(1)  # warm-up, as the plain loop gets
+    start = time.perf_counter()
+    for step in range(2, steps + 1):
+        trainer.train_step(step)
+    return (steps - 1) * 8 * 256 / (time.perf_counter() - start)
+
+
+def plain_tokens_per_s(vocab: int, steps: int, precision: str) -> float:
+    spec, args = model_args({**MODEL, "vocab_size": vocab})
+    torch.manual_seed(0)
+    model = spec.build(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    tokens = torch.randint(0, vocab, (8, 257))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = next_token_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        step()
+    return (steps - 1) * 8 * 256 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--repeats", type=int, default=3)
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        dataset = root / "data"
+        prepare_dataset(
+            [str(stdlib / "email" / "**" / "*.py"), str(stdlib / "json" / "*.py")],
+            dataset,
+            vocab_size=8192,
+            val_fraction=0.05,
+            log=lambda m: None,
+        )
+        vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        keel, plain = [], []
+        for i in range(opts.repeats):
+            plain.append(plain_tokens_per_s(vocab, opts.steps, opts.precision))
+            keel.append(keel_tokens_per_s(root, dataset, opts.steps, opts.precision, i))
+    spec, args = model_args({**MODEL, "vocab_size": vocab})
+    flops = spec.flops_per_token(args, 256)
+    ceiling = measured_matmul_flops(torch.bfloat16 if opts.precision == "bf16" else torch.float32)
+    k, p = statistics.median(keel), statistics.median(plain)
+    print(f"model d256 L4 vocab {vocab}, batch 8x256, {opts.precision}, {torch.get_num_threads()} threads")
+    print(f"plain PyTorch loop: {p:,.0f} tokens/s (median of {opts.repeats}), MFU {flops * p / ceiling:.1%}")
+    print(f"Keel trainer:       {k:,.0f} tokens/s (median of {opts.repeats}), MFU {flops * k / ceiling:.1%}")
+    print(f"ratio Keel / plain: {k / p:.3f}   (matmul ceiling {ceiling / 1e9:.1f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: sources -> tokenizer and token shards (prepare), the dataset on disk (dataset), batches (loader)."""

@@ -1,0 +1,125 @@
+"""Batches for training and evaluation: the global sample order is a pure function of (seed, index)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from keel.data.dataset import TokenDataset
+from keel.errors import ConfigError, DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class GlobalSampleOrder:
+    """Map a global sample index to a sample id: each epoch is its own permutation, seeded by (seed, epoch)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples, self.seed = num_samples, seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def sample(self, global_index: int) -> int:
+        """The sample id at this position of the endless, epoch-by-epoch shuffled stream."""
+        epoch, position = divmod(global_index, self.num_samples)
+        return int(self._permutation(epoch)[position])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._epochs.get(epoch)
+        if perm is None:
+            # Two cached epochs suffice: a batch spans at most the end of one and the start of the next.
+            if len(self._epochs) >= 2:
+                del self._epochs[min(self._epochs)]
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._epochs[epoch] = perm
+        return perm
+
+
+def num_samples(dataset: TokenDataset, seq_len: int) -> int:
+    """Windows of seq_len + 1 tokens at stride seq_len that fit in the split; none is a DataError."""
+    count = (dataset.num_tokens - 1) // seq_len
+    if count < 1:
+        raise DataError(
+            f"the {dataset.split} split of {dataset.dir} has {dataset.num_tokens} tokens, too few for one sample "
+            f"of train.seq_len={seq_len} (+1) tokens; lower train.seq_len or add data"
+        )
+    return count
+
+
+def read_samples(dataset: TokenDataset, sample_ids: list[int], seq_len: int) -> Batch:
+    """(inputs, targets) of shape [len(sample_ids), seq_len]: each window and the same window shifted by one."""
+    rows = np.stack([dataset.read(i * seq_len, seq_len + 1) for i in sample_ids])
+    tokens = torch.from_numpy(rows)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+class BatchLoader:
+    """This rank's micro batches of each global batch; the position is a global batch count, valid on any world size."""
+
+    def __init__(
+        self,
+        dataset: TokenDataset,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if global_batch_size % world_size:
+            raise ConfigError(
+                f"train.global_batch_size ({global_batch_size}) must be a multiple of the "
+                f"data-parallel world size ({world_size})"
+            )
+        self.per_rank = global_batch_size // world_size
+        if self.per_rank % micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({micro_batch_size}) must divide the per-rank batch "
+                f"(train.global_batch_size / world size = {self.per_rank})"
+            )
+        self.dataset, self.seq_len = dataset, seq_len
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.rank = rank
+        self.order = GlobalSampleOrder(num_samples(dataset, seq_len), seed)
+        self._next_batch = 0
+
+    def next_batch(self) -> list[Batch]:
+        """This rank's (inputs, targets) micro batches, each [micro_batch_size, seq_len], of the next global batch."""
+        first = self._next_batch * self.global_batch_size + self.rank * self.per_rank
+        ids = [self.order.sample(first + k) for k in range(self.per_rank)]
+        self._next_batch += 1
+        micro = self.micro_batch_size
+        return [read_samples(self.dataset, ids[i : i + micro], self.seq_len) for i in range(0, self.per_rank, micro)]
+
+    def state_dict(self) -> dict[str, int]:
+        """The loader's whole state: how many global batches have been taken."""
+        return {"next_batch": self._next_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a state_dict, saved on this or any other world size."""
+        position = state["next_batch"]
+        if not isinstance(position, int) or position < 0:
+            raise ValueError(f"next_batch must be a non-negative int, got {position!r}")
+        self._next_batch = position
+
+
+def eval_batches(
+    dataset: TokenDataset, *, seq_len: int, batch_size: int, num_batches: int, rank: int, world_size: int
+) -> Iterator[Batch]:
+    """This rank's slice of a fixed, unshuffled set of batches: the split's first samples, wrapping if it is small."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"the evaluation batch size ({batch_size}) must be a multiple of the data-parallel world size "
+            f"({world_size}); change train.global_batch_size"
+        )
+    count = num_samples(dataset, seq_len)
+    per_rank = batch_size // world_size
+    for b in range(num_batches):
+        first = b * batch_size + rank * per_rank
+        yield read_samples(dataset, [(first + k) % count for k in range(per_rank)], seq_len)

@@ -1,0 +1,87 @@
+"""Write one split's token shards: raw `.bin` token files plus `.idx` document start offsets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+
+class ShardWriter:
+    """Append documents to a split's shards of exactly shard_tokens tokens each (the last may be shorter)."""
+
+    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.root, self.split, self.dtype, self.shard_tokens = root, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._filled = 0
+        self._starts: list[np.ndarray] = []
+        (root / split).mkdir(parents=True, exist_ok=True)
+
+    def add(self, docs: list[np.ndarray]) -> None:
+        """Append documents (each already ending in EOS); a document may continue into the next shard."""
+        if not docs:
+            return
+        tokens = np.concatenate(docs).astype(self.dtype, copy=False)
+        starts = np.cumsum([0] + [len(d) for d in docs[:-1]], dtype=np.int64)
+        pos = 0
+        while pos < len(tokens):
+            if self._file is None:
+                self._open()
+            take = min(len(tokens) - pos, self.shard_tokens - self._filled)
+            here = starts[(starts >= pos) & (starts < pos + take)]
+            self._starts.append(here - pos + self._filled)
+            data = tokens[pos : pos + take].tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._filled += take
+            pos += take
+            if self._filled == self.shard_tokens:
+                self._close()
+
+    def finish(self) -> dict:
+        """Close the last shard; return the split's manifest entry (tokens, documents, shards)."""
+        if self._file is not None:
+            self._close()
+        return {
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "documents": sum(s["documents"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+    def _open(self) -> None:
+        name = f"{self.split}/{len(self.shards):05d}"
+        self._file = open(self.root / f"{name}.bin", "wb")
+        self._hash = hashlib.sha256()
+        self._filled = 0
+        self._starts = []
+
+    def _close(self) -> None:
+        assert self._file is not None
+        name = f"{self.split}/{len(self.shards):05d}"
+        _sync_close(self._file)
+        self._file = None
+        starts = np.concatenate(self._starts) if self._starts else np.zeros(0, np.int64)
+        with open(self.root / f"{name}.idx", "wb") as f:  # a file object, so np.save adds no ".npy"
+            np.save(f, starts.astype(np.int64))
+            _sync_close(f)
+        self.shards.append(
+            {
+                "file": f"{name}.bin",
+                "index": f"{name}.idx",
+                "tokens": self._filled,
+                "documents": len(starts),
+                "sha256": self._hash.hexdigest(),
+            }
+        )
+
+
+def _sync_close(f: BinaryIO) -> None:
+    # Shards must be on disk before the manifest that vouches for them.
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()

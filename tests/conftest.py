@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny prepared dataset, a tiny model config, and a way to run the `keel` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "the model reads tokens and predicts the next one while the optimizer follows the gradient down "
+    "a checkpoint keeps the state so training can resume exactly where it stopped on any number of ranks"
+).split()
+
+
+def synthetic_corpus(directory: Path, documents: int = 300, seed: int = 0) -> Path:
+    """Write a deterministic small corpus of text files and a JSON Lines file."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(documents):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + "."
+        if i % 3 == 0:
+            (directory / f"doc{i:04d}.txt").write_text(text, encoding="utf-8")
+        else:
+            lines.append(json.dumps({"text": text, "id": i}))
+    (directory / "more.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A prepared dataset of the synthetic corpus (vocab 512), shared by the whole session."""
+    from keel.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("dataset")
+    corpus = synthetic_corpus(root / "corpus")
+    out = root / "prepared"
+    prepare_dataset([str(corpus / "*.txt"), str(corpus / "*.jsonl")], out, vocab_size=512, val_fraction=0.1,
+                    log=lambda msg: None)
+    return out
+
+
+TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}
+
+
+def tiny_config(path: Path, dataset: Path, **sections: dict) -> Path:
+    """Write a config for a tiny fp32 model on `dataset`; `sections` override keys per section."""
+    from keel.config import dump_toml
+
+    table = {
+        "run": {"name": "tiny", "seed": 0},
+        "model": {"name": "llama", **TINY_MODEL},
+        "data": {"dataset": str(dataset)},
+        "train": {"steps": 5, "seq_len": 32, "global_batch_size": 8, "eval_every": 0, "precision": "fp32"},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "parallel": {"dp": "fsdp", "nproc": 1},
+        "checkpoint": {"every": 0, "keep": 2},
+        "observe": {"log_every": 1, "tensorboard": False},
+    }
+    for name, values in sections.items():
+        table[name].update(values)
+    path.write_text(dump_toml(table), encoding="utf-8")
+    return path
+
+
+def run_keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m keel ARGS` in `cwd` and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The training loss at every step of a run, in step order."""
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

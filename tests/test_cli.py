@@ -1,0 +1,65 @@
+"""Bad command-line input and bad configs give one clear line on stderr and exit code 2, and lose nothing."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_keel, tiny_config
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keel: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["train", "--nosuch"], ["No such option: --nosuch", "keel train --help"]),
+        (["train", "--nproc", "zero"], ["'zero' is not a valid integer"]),
+        (["train", "--nproc", "0"], ["--nproc"]),
+        (["frobnicate"], ["No such command 'frobnicate'"]),
+        (["train"], ["needs a CONFIG file"]),
+        (["train", "missing.toml"], ["missing.toml: config file not found"]),
+        (["train", "--resume", "nowhere"], ["--resume nowhere: no config.toml there"]),
+    ],
+)
+def test_bad_cli_input_is_one_line_with_exit_code_2(tmp_path, args, fragments):
+    assert_one_line_error(run_keel(*args, cwd=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.steps=0", "train.steps: Input should be greater than 0"),
+        ("model.dim=65", "model.dim"),
+        ("model.bogus=1", "model.bogus"),
+        ("train.global_batch_size=7", "train.global_batch_size 7 does not split over 2 processes"),
+        ("train.seq_len=4096", "train.seq_len 4096 exceeds model.max_seq_len 64"),
+        ("data.dataset='/nonexistent/data'", "/nonexistent/data"),
+    ],
+)
+def test_bad_config_value_is_one_line_naming_the_key(tmp_path, dataset, override, fragment):
+    config = tiny_config(tmp_path / "c.toml", dataset, parallel={"nproc": 2})
+    result = run_keel("train", str(config), "--set", override, cwd=tmp_path)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "runs" / "tiny" / "config.toml").exists()
+
+
+def test_starting_over_an_existing_run_is_refused_and_keeps_it(tmp_path, dataset):
+    config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 2})
+    assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
+    before = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text()
+    assert_one_line_error(run_keel("train", str(config), cwd=tmp_path), "already holds a run", "--resume")
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == before
+
+
+def test_help_config_lists_every_key_with_its_doc(tmp_path):
+    result = run_keel("train", "--help-config", cwd=tmp_path)
+    assert result.returncode == 0
+    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads"):
+        assert key in result.stdout

@@ -1,0 +1,72 @@
+"""The config schema: TOML presets load, overrides apply, and bad input names the key in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keel.config import ROOT_SECTIONS, apply_overrides, dump_toml, load_config, save_config
+from keel.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("preset", ["demo.toml", "gpt2-124m.toml", "llama-1b.toml"])
+def test_presets_load_and_round_trip_through_toml(preset, tmp_path):
+    cfg = load_config(CONFIGS / preset)
+    save_config(cfg, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == cfg
+
+
+def test_config_has_every_section_and_required_key():
+    cfg = load_config(None)
+    assert set(ROOT_SECTIONS) == {"run", "model", "data", "train", "optim", "parallel", "checkpoint", "observe"}
+    for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.dp"):
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name)
+    assert cfg.run_dir == Path("runs/keel")
+
+
+def test_dotted_overrides_are_typed_by_toml():
+    cfg = load_config(CONFIGS / "demo.toml", ["optim.lr=3e-4", "train.steps=20", "run.name=other", "train.compile=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 20 and cfg.run.name == "other" and cfg.train.compile is True
+    assert cfg.run_dir == Path("runs/other")
+
+
+def test_overrides_reach_nested_model_arguments():
+    assert apply_overrides({"model": {"dim": 1}}, ["model.dim=8"]) == {"model": {"dim": 8}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.steps=-5", "train.steps: Input should be greater than 0 (got -5)"),
+        ("train.stepz=5", "train.stepz: unknown key"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+        ("parallel.dp=zero", "parallel.dp: Input should be 'ddp' or 'fsdp'"),
+        ("train.steps=many", "train.steps: Input should be a valid integer"),
+        ("optim.lr=0", "optim.lr: Input should be greater than 0"),
+        ("steps", "expected KEY=VALUE"),
+        ("steps=3", "the key must be SECTION.NAME"),
+        ("train.steps.x=1", "train.steps is a value, not a section"),
+    ],
+)
+def test_bad_value_or_key_names_the_key_in_one_line(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.toml", [override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_malformed_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML: .*line 2"):
+        load_config(bad)
+
+
+def test_dump_toml_leaves_out_unset_values():
+    assert dump_toml({"run": {"name": "x", "dir": None}}) == '[run]\nname = "x"\n'

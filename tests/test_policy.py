@@ -1,0 +1,67 @@
+"""Project policies kept by tests: layers import only downward, every CLI verb is documented."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from keel.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "keel"
+
+# DESIGN.md's layers, lowest first; a module may import its own layer and those below it.
+LAYERS = [
+    {"config", "errors"},
+    {"models", "data", "distributed"},
+    {"checkpoint", "resilience", "observe", "eval"},
+    {"train", "launch"},
+    {"cli", "__main__"},
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else module
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"keel.{top} is in no layer of DESIGN.md; add it to the table there and here")
+
+
+def keel_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keel."):
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("keel.")]
+    return found
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    violations = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        module = ".".join(rel.parts)
+        if module == "keel.__init__":
+            continue
+        own = layer_of(module)
+        for imported in keel_imports(path):
+            if layer_of(imported) > own:
+                violations.append(f"{module} imports {imported}")
+    assert not violations, violations
+
+
+def test_every_cli_verb_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    verbs = [c.name or c.callback.__name__ for c in app.registered_commands]
+    verbs += [g.name for g in app.registered_groups]
+    assert verbs
+    missing = [v for v in verbs if f"keel {v}" not in readme]
+    assert not missing, f"document these verbs in README.md: {missing}"
+
+
+def test_readme_opens_with_the_two_setup_commands():
+    head = (ROOT / "README.md").read_text().split("\n## ")[0]
+    assert "make demo" in head and "make test" in head

@@ -1,0 +1,67 @@
+"""Training end to end through the `keel` command: data parallelism is exact, and resume is bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import losses, read_metrics, run_keel, tiny_config
+
+
+def train(tmp_path, dataset, name, *extra, **sections):
+    config = tiny_config(tmp_path / f"{name}.toml", dataset, run={"name": name, "seed": 0}, **sections)
+    result = run_keel("train", str(config), *extra, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp_path / "runs" / name
+
+
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, dataset):
+    single = losses(train(tmp_path, dataset, "single"))
+    ddp = losses(train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp": "ddp"}))
+    fsdp = losses(train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp": "fsdp"}))
+    assert len(single) == len(ddp) == len(fsdp) == 5
+    for reference, a, b in zip(single, ddp, fsdp, strict=True):
+        assert a == pytest.approx(reference, rel=1e-5)
+        assert b == pytest.approx(reference, rel=1e-5)
+    assert single[-1] < single[0]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, dataset):
+    whole = losses(train(tmp_path, dataset, "whole"))
+    accumulated = losses(train(tmp_path, dataset, "accum", train={"micro_batch_size": 2}))
+    assert accumulated == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_stop_reproduces_uninterrupted_losses_bit_for_bit(tmp_path, dataset, nproc):
+    steps = {"steps": 20, "eval_every": 5}
+    full = train(tmp_path, dataset, "full", "--nproc", str(nproc), train=steps, checkpoint={"every": 5})
+    part = train(
+        tmp_path, dataset, "part", "--nproc", str(nproc), train={**steps, "stop_after": 10}, checkpoint={"every": 5}
+    )
+    assert [r["step"] for r in read_metrics(part) if "loss" in r] == list(range(1, 11))
+    resumed = run_keel("train", "--resume", str(part), "--set", "train.stop_after=100", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert losses(part) == losses(full)
+    val = [r["val_loss"] for r in read_metrics(full) if "val_loss" in r]
+    assert [r["val_loss"] for r in read_metrics(part) if "val_loss" in r] == val
+    events = [json.loads(line)["event"] for line in (part / "events.jsonl").read_text().splitlines()]
+    assert "stop" in events and "resume" in events and events[-1] == "finish"
+
+
+def test_run_dir_holds_config_metrics_tensorboard_and_committed_checkpoint(tmp_path, dataset):
+    run = train(tmp_path, dataset, "full-dir", train={"eval_every": 5}, observe={"tensorboard": True})
+    assert (run / "config.toml").is_file() and (run / "tokenizer.json").is_file()
+    assert (run / "checkpoints" / "step_5" / "commit.json").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "logs" / "rank0.log").is_file()
+    last = read_metrics(run)[-1]
+    for key in ("step", "time", "loss", "lr", "tokens_per_s", "val_loss", "mfu", "memory_rss_gb"):
+        assert key in last
+
+
+def test_resume_of_a_finished_run_extends_it_with_more_steps(tmp_path, dataset):
+    run = train(tmp_path, dataset, "extend", checkpoint={"every": 5})
+    result = run_keel("train", "--resume", str(run), "--set", "train.steps=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
