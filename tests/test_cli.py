@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import run_keel, tiny_config
 
 
@@ -20,7 +21,7 @@ def assert_one_line_error(result, *fragments):
     ("args", "fragments"),
     [
         (["train", "--nosuch"], ["No such option: --nosuch", "keel train --help"]),
-        (["train", "--nproc", "zero"], ["'zero' is not a valid integer"]),
+        (["train", "--nproc", "zero"], ["Invalid value for '--nproc'"]),
         (["train", "--nproc", "0"], ["--nproc"]),
         (["frobnicate"], ["No such command 'frobnicate'"]),
         (["train"], ["needs a CONFIG file"]),

@@ -29,7 +29,8 @@ def test_config_has_every_section_and_required_key():
 
 
 def test_dotted_overrides_are_typed_by_toml():
-    cfg = load_config(CONFIGS / "demo.toml", ["optim.lr=3e-4", "train.steps=20", "run.name=other", "train.compile=true"])
+    overrides = ["optim.lr=3e-4", "train.steps=20", "run.name=other", "train.compile=true"]
+    cfg = load_config(CONFIGS / "demo.toml", overrides)
     assert cfg.optim.lr == 3e-4 and cfg.train.steps == 20 and cfg.run.name == "other" and cfg.train.compile is True
     assert cfg.run_dir == Path("runs/other")
 

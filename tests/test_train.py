@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from conftest import losses, read_metrics, run_keel, tiny_config
 
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from keel.errors import KeelError
@@ -44,7 +43,9 @@ def train(
     config: Annotated[Path | None, typer.Argument(help="TOML config file (see configs/).")] = None,
     overrides: SetOption = None,
     nproc: Annotated[int | None, typer.Option(help="Processes to launch (sets parallel.nproc).", min=1)] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this run dir from its newest checkpoint.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this run dir from its newest checkpoint.")
+    ] = None,
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with its doc.")] = False,
 ) -> None:
     """Train a model: keel train CONFIG [--set k=v ...] [--nproc N], or keel train --resume RUN_DIR."""
@@ -118,16 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.UsageError as e:
-        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        print(f"keel: error: {e.format_message()}{where}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as e:
-        print(f"keel: error: {e.format_message()}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("keel: interrupted", file=sys.stderr)
         sys.exit(130)
+    except typer.TyperException as e:  # typer's usage errors: bad option, value or command
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"keel: error: {e.format_message()}{where}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -1,0 +1,220 @@
+"""A Llama-3-style decoder: RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from keel.errors import ConfigError
+from keel.models.spec import ModelSpec
+
+
+class LlamaArgs(BaseModel):
+    """The [model] keys of a Llama-style decoder."""
+
+    model_config = ConfigDict(extra="forbid")
+    dim: int = Field(256, gt=0, description="Width of the residual stream.")
+    n_layers: int = Field(4, gt=0, description="Number of transformer blocks.")
+    n_heads: int = Field(4, gt=0, description="Query heads per attention layer.")
+    n_kv_heads: int | None = Field(None, gt=0, description="Key/value heads (grouped-query); empty = n_heads.")
+    vocab_size: int = Field(0, ge=0, description="Vocabulary size; 0 takes it from the dataset's tokenizer.")
+    ffn_hidden: int | None = Field(None, gt=0, description="SwiGLU hidden width; empty = 8/3 dim, rounded up.")
+    multiple_of: int = Field(256, gt=0, description="Round the default SwiGLU width up to a multiple of this.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of RMSNorm.")
+    rope_theta: float = Field(10000.0, gt=0, description="Base of the rotary position embedding frequencies.")
+    max_seq_len: int = Field(2048, gt=0, description="Longest sequence the rotary tables cover.")
+    tie_embeddings: bool = Field(False, description="Share the input embedding with the output projection.")
+    init_std: float = Field(0.02, gt=0, description="Standard deviation of the initial weights.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LlamaArgs:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim: {self.dim} must be a multiple of model.n_heads ({self.n_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim: the head size dim / n_heads = {self.dim // self.n_heads} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads: {self.n_heads} must be a multiple of model.n_kv_heads ({self.kv_heads})")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """Scale by the reciprocal root-mean-square of the features (no mean, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16's short mantissa makes the mean of squares noisy.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair, shape [max_seq_len, head_dim / 2]."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) feature pair of x [B, T, H, D] by its position's angle."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads: n_heads queries share n_kv_heads keys and values."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Shape by head_dim, not head count, so a tensor-parallel shard (fewer local heads) works unchanged.
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if k.shape[1] != q.shape[1]:
+            repeats = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """Token embedding, a stack of blocks, a final norm and the output projection to logits."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        if args.vocab_size == 0:
+            raise ConfigError("model.vocab_size is 0; set it, or let `keel train` take it from the dataset")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent: recomputed, never checkpointed, so state dicts hold parameters only.
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and the rotary tables (also after building on the meta device)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        std = self.args.init_std
+        # Residual-branch outputs are scaled down so the stream's variance does not grow with depth.
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]."""
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+def num_params(args: LlamaArgs) -> int:
+    """Closed-form parameter count."""
+    d, hd = args.dim, args.head_dim
+    attention = d * args.n_heads * hd * 2 + d * args.kv_heads * hd * 2
+    block = attention + 3 * d * args.hidden + 2 * d
+    embeddings = args.vocab_size * d * (1 if args.tie_embeddings else 2)
+    return embeddings + args.n_layers * block + d
+
+
+def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
+    """Training FLOPs per token, forward and backward (the PaLM / torchtitan convention).
+
+    6 per matmul weight (2 forward, 4 backward): every parameter but the norms and the embedding
+    lookup, with the output projection counted even when tied; plus attention's two
+    sequence-length matmuls, 12 * layers * dim * seq_len, not halved for the causal mask.
+    """
+    matmul_params = num_params(args) - args.vocab_size * args.dim
+    if args.tie_embeddings:
+        matmul_params += args.vocab_size * args.dim
+    norm_params = (2 * args.n_layers + 1) * args.dim
+    return 6 * (matmul_params - norm_params) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+
+
+def build(args: LlamaArgs) -> Llama:
+    """A Llama with freshly initialised weights on the current default device."""
+    return Llama(args)
+
+
+SPEC = ModelSpec(
+    name="llama",
+    args_cls=LlamaArgs,
+    build=build,
+    num_params=num_params,
+    flops_per_token=flops_per_token,
+    shard_units=lambda model: list(model.layers),
+)
