@@ -66,3 +66,18 @@ def test_resume_of_a_finished_run_extends_it_with_more_steps(tmp_path, dataset):
     result = run_keel("train", "--resume", str(run), "--set", "train.steps=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 9))
+
+
+def test_resume_after_a_crash_mid_save_uses_the_previous_checkpoint_and_rewinds_metrics(tmp_path, dataset):
+    steps = {"steps": 12}
+    full = train(tmp_path, dataset, "ref", train=steps, checkpoint={"every": 4})
+    run = train(tmp_path, dataset, "crash", train={**steps, "stop_after": 10}, checkpoint={"every": 4})
+    # As if the process died while writing step 10's checkpoint: its shards exist, its commit record does not.
+    (run / "checkpoints" / "step_10" / "commit.json").unlink()
+    resumed = run_keel("train", "--resume", str(run), "--set", "train.stop_after=100", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_8" in resumed.stdout
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
+    assert losses(run) == losses(full)
+    rolled_back = (run / "metrics.rolled_back.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in rolled_back] == [9, 10]

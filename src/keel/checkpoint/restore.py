@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,10 @@ def load_model(run_dir: Path, step: int | None = None, device: str = "cpu") -> t
     with torch.device(device):
         model = spec.build(args)
     state = {"model": {"model": model.state_dict()}}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        # Loading without a process group is the point here (resharding to one process), not a mistake.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"]["model"])
     model.eval()
     return model, cfg

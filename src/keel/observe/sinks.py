@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TextIO
 
 from keel.config import Config
 
@@ -13,14 +14,38 @@ class JsonlSink:
     """Appends one JSON object per record to metrics.jsonl: {"step", "time", "<name>": value, ...}."""
 
     def __init__(self, path: Path):
-        self._file = open(path, "a", encoding="utf-8")
+        self.path = path
+        self._file: TextIO | None = None  # opened on first write, after a resume has rewound the file
 
     def write(self, step: int, time: float, values: dict[str, float]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps({"step": step, "time": round(time, 3), **values}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def rewind_jsonl(path: Path, step: int) -> int:
+    """Drop records after `step` (from an attempt that died after its last checkpoint) from a metrics file.
+
+    The dropped lines are appended to `<name>.rolled_back.jsonl` beside it, so nothing written is lost;
+    returns how many were moved.
+    """
+    if not path.exists():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        (drop if json.loads(line).get("step", 0) > step else keep).append(line)
+    if drop:
+        with open(path.with_suffix(".rolled_back.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        tmp.replace(path)
+    return len(drop)
 
 
 class TensorBoardSink:

@@ -21,7 +21,7 @@ from keel.models import model_args
 from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
 from keel.observe.mfu import peak_flops
-from keel.observe.sinks import build_sinks
+from keel.observe.sinks import build_sinks, rewind_jsonl
 from keel.train.optim import build_optimizer, lr_at, set_lr
 from keel.train.state import TrainState
 
@@ -85,13 +85,16 @@ class Trainer:
             log.info("no committed checkpoint yet: starting from step 0")
             return
         step = self.checkpointer.restore(latest)
-        self.events("resume", step=step, world_size=self.env.world_size)
+        dropped = rewind_jsonl(self.cfg.run_dir / "metrics.jsonl", step) if self.env.is_main else 0
+        self.events("resume", step=step, world_size=self.env.world_size, metrics_rolled_back=dropped)
         log.info(f"resumed from {latest} (step {step})")
 
     def fit(self) -> None:
         """Train until `train.steps` (or `train.stop_after`), evaluating and checkpointing on schedule."""
         cfg = self.cfg.train
         self.events("start", step=self.state.step, world_size=self.env.world_size, device=str(self.env.device))
+        if cfg.eval_every and self.state.step == 0:
+            self.metrics.record(0, {"val_loss": self.evaluate()})  # the untrained baseline every curve starts from
         window_start, window_steps = time.perf_counter(), 0
         for step in range(self.state.step + 1, cfg.steps + 1):
             loss, grad_norm = self.train_step(step)
