@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import keel
 from keel.config import load_config
 from keel.errors import ConfigError
 from keel.models import MODELS, get_model_spec, model_args
-from test_config import CONFIGS
+
+PRESETS = Path(keel.__file__).parent / "configs"  # the presets `keel` ships
 
 
 def preset_args(name: str, vocab: int | None = None):
-    section = load_config(CONFIGS / name).model_section()
+    """The spec and [model] arguments of a shipped preset, with `vocab` for presets that take it from data."""
+    section = load_config(PRESETS / name).model_section()
     if vocab is not None:
         section["vocab_size"] = vocab
     return model_args(section)
@@ -28,21 +33,22 @@ def llama_params(V, d, L, h, kv, f, tied):
 
 
 @pytest.mark.parametrize(
-    ("preset", "vocab", "shape", "approx"),
+    ("preset", "vocab", "shape", "approx", "tolerance"),
     [
-        ("demo.toml", 8192, (8192, 256, 4, 4, 2, 768, False), None),
-        ("gpt2-124m.toml", None, (50257, 768, 12, 12, 12, 2048, True), 124e6),
-        ("llama-1b.toml", None, (128256, 2048, 16, 32, 8, 8192, True), 1.236e9),
+        # demo: the default SwiGLU width, int(8 * 256 / 3) = 682 rounded up to a multiple of 256 = 768.
+        ("demo.toml", 8192, (8192, 256, 4, 4, 2, 768, False), None, None),
+        ("gpt2-124m.toml", None, (50257, 768, 12, 12, 12, 2048, True), 124e6, 2e6),
+        ("llama-1b.toml", None, (128256, 2048, 16, 32, 8, 8192, True), 1.24e9, 0.01e9),
     ],
 )
-def test_parameter_count_matches_closed_form_and_the_built_model(preset, vocab, shape, approx):
+def test_parameter_count_matches_closed_form_and_the_built_model(preset, vocab, shape, approx, tolerance):
     spec, args = preset_args(preset, vocab)
     with torch.device("meta"):
         model = spec.build(args)
-    built = sum(p.numel() for p in model.parameters())
+    built = sum(p.numel() for p in model.parameters())  # parameters() counts a tied weight once
     assert spec.num_params(args) == built == llama_params(*shape)
     if approx:
-        assert built == pytest.approx(approx, rel=0.01)
+        assert built == pytest.approx(approx, abs=tolerance)
 
 
 def test_flops_per_token_matches_measured_flops_of_forward_and_backward():
@@ -115,6 +121,38 @@ def test_bad_model_arguments_name_the_key(section, message):
     with pytest.raises(ConfigError) as err:
         model_args(section)
     assert str(err.value) == message
+
+
+def test_model_built_on_meta_and_materialised_equals_a_direct_build():
+    section = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 30, "tie_embeddings": True}
+    spec, args = model_args(section)
+    torch.manual_seed(5)
+    direct = spec.build(args)
+    with torch.device("meta"):
+        lazy = spec.build(args)
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(5)
+    lazy.init_weights()
+    assert lazy.output.weight is lazy.tok_embeddings.weight  # to_empty() untied them; init_weights re-ties
+    for (name, p), q in zip(direct.state_dict().items(), lazy.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    # The rotary tables are buffers outside the state dict; init_weights must have recomputed them too.
+    torch.testing.assert_close(lazy.rope_cos, direct.rope_cos, rtol=0, atol=0)
+    torch.testing.assert_close(lazy.rope_sin, direct.rope_sin, rtol=0, atol=0)
+    tokens = torch.randint(0, 30, (1, 6))
+    torch.testing.assert_close(lazy(tokens), direct(tokens))
+
+
+def test_shard_units_are_the_transformer_blocks():
+    spec, args = model_args({"dim": 32, "n_layers": 3, "n_heads": 2, "vocab_size": 30})
+    model = spec.build(args)
+    assert spec.shard_units(model) == list(model.layers) and len(model.layers) == 3
+
+
+def test_sequence_longer_than_max_seq_len_is_a_clear_error():
+    spec, args = model_args({"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 30, "max_seq_len": 8})
+    with pytest.raises(ConfigError, match="model.max_seq_len: 8 is shorter than a 9-token sequence"):
+        spec.build(args)(torch.zeros(1, 9, dtype=torch.long))
 
 
 def test_building_with_no_vocabulary_is_a_clear_error():

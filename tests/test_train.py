@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -20,11 +22,20 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, dataset):
     single = losses(train(tmp_path, dataset, "single"))
     ddp = losses(train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp": "ddp"}))
     fsdp = losses(train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp": "fsdp"}))
-    assert len(single) == len(ddp) == len(fsdp) == 5
-    for reference, a, b in zip(single, ddp, fsdp, strict=True):
-        assert a == pytest.approx(reference, rel=1e-5)
-        assert b == pytest.approx(reference, rel=1e-5)
+    external = losses(train_under_external_torchrun(tmp_path, dataset, "external"))
+    assert len(single) == len(ddp) == len(fsdp) == len(external) == 5
+    for reference, *others in zip(single, ddp, fsdp, external, strict=True):
+        assert others == pytest.approx([reference] * 3, rel=1e-5)
     assert single[-1] < single[0]
+
+
+def train_under_external_torchrun(tmp_path, dataset, name):
+    config = tiny_config(tmp_path / f"{name}.toml", dataset, run={"name": name, "seed": 0})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "keel"]
+    result = subprocess.run([*cmd, "train", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "runs" / name / "events.jsonl").read_text().splitlines()[0])["world_size"] == 2
+    return tmp_path / "runs" / name
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, dataset):
@@ -59,6 +70,9 @@ def test_run_dir_holds_config_metrics_tensorboard_and_committed_checkpoint(tmp_p
     last = read_metrics(run)[-1]
     for key in ("step", "time", "loss", "lr", "tokens_per_s", "val_loss", "mfu", "memory_rss_gb"):
         assert key in last
+    sample = run_keel("generate", str(run), "--prompt", "the model", "--tokens", "8", cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("the model") and len(sample.stdout.split()) > 2
 
 
 def test_resume_of_a_finished_run_extends_it_with_more_steps(tmp_path, dataset):

@@ -69,10 +69,12 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every (position, frequency) pair, shape [max_seq_len, head_dim / 2]."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freqs)
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), freqs)
     return angles.cos(), angles.sin()
 
 
@@ -104,6 +106,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if k.shape[1] != q.shape[1]:
+            # Repeat kv heads rather than pass enable_gqa: only the flash and math kernels honour that flag
+            # (pytorch#139586), so fp32 or cuDNN runs would fall back to math; equal heads suit every kernel.
             repeats = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -160,7 +164,10 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter and the rotary tables (also after building on the meta device)."""
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            # to_empty() gives each module its own copy of a shared meta parameter: tie them again.
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         std = self.args.init_std
@@ -175,6 +182,8 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T]."""
         T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ConfigError(f"model.max_seq_len: {self.args.max_seq_len} is shorter than a {T}-token sequence")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
@@ -197,6 +206,8 @@ def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
     6 per matmul weight (2 forward, 4 backward): every parameter but the norms and the embedding
     lookup, with the output projection counted even when tied; plus attention's two
     sequence-length matmuls, 12 * layers * dim * seq_len, not halved for the causal mask.
+    torch's FlopCounterMode measures the same on the math and CUDA fused SDPA kernels; it does not see
+    the fused CPU kernel, so on CPU it reports only the 6N part.
     """
     matmul_params = num_params(args) - args.vocab_size * args.dim
     if args.tie_embeddings:
@@ -207,7 +218,15 @@ def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
 
 def build(args: LlamaArgs) -> Llama:
     """A Llama with freshly initialised weights on the current default device."""
-    return Llama(args)
+    device = torch.get_default_device()
+    # Construct on meta (no memory, and no RNG draws by nn.Linear's own init), then allocate and initialise once:
+    # the weights depend only on the seed, the same as when a caller builds on meta and materialises later.
+    with torch.device("meta"):
+        model = Llama(args)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
 
 
 SPEC = ModelSpec(
