@@ -101,6 +101,22 @@ def generate(
 
 
 @app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to report on.")],
+    stall_timeout: Annotated[
+        float | None, typer.Option(help="Seconds without a heartbeat before a run counts as stalled.", min=0)
+    ] = None,
+) -> None:
+    """Show whether a run is running, stalled, finished, stopped or crashed, and its recent incidents."""
+    from keel.config import load_config
+    from keel.observe.report_status import describe_run
+
+    if stall_timeout is None and (run_dir / "config.toml").is_file():
+        stall_timeout = load_config(run_dir / "config.toml").observe.stall_timeout_s
+    print(describe_run(run_dir, stall_timeout or 600.0))
+
+
+@app.command()
 def demo(
     overrides: SetOption = None,
     nproc: Annotated[int, typer.Option(help="Processes to train with.", min=1)] = 2,

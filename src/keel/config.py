@@ -88,6 +88,9 @@ class ObserveConfig(Section):
     log_every: int = Field(1, gt=0, description="Print and record training metrics every this many steps.")
     console: bool = Field(True, description="Print a progress line on rank 0.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to RUN_DIR/tb/.")
+    stall_timeout_s: float = Field(
+        600.0, gt=0, description="`keel status` calls a run stalled when its heartbeat is older than this."
+    )
 
 
 class ModelConfig(BaseModel):

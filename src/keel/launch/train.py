@@ -10,6 +10,7 @@ from keel.distributed.env import all_agree, init_distributed, shutdown
 from keel.errors import KeelError, LaunchError
 from keel.launch.torchrun import launch_workers, under_launcher
 from keel.observe.logs import setup_logging
+from keel.observe.status import mark_state, read_status
 from keel.train.run import reopen_run, start_run
 from keel.train.worker import run_worker
 
@@ -35,6 +36,8 @@ def train(config: Path | None, overrides: list[str], resume: Path | None, nproc:
     if cfg.parallel.nproc > 1:
         code = launch_workers(cfg.run_dir, cfg.parallel.nproc, resume is not None, cfg.train.device)
         if code != 0:
+            if read_status(cfg.run_dir).get("state") not in ("crashed", "stopped"):
+                mark_state(cfg.run_dir, "crashed", error=f"a worker exited with code {code}")
             raise LaunchError(f"training failed (exit code {code}); see {cfg.run_dir}/logs/rank*.log")
         return 0
     env = init_distributed(cfg.train.device)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from keel.config import Config
+from keel.observe.status import StatusSink
 
 
 class JsonlSink:
@@ -103,7 +104,7 @@ class ConsoleSink:
 
 def build_sinks(cfg: Config, run_dir: Path) -> list:
     """The sinks `observe.*` turns on; metrics.jsonl is always written (the run dir contract)."""
-    sinks: list = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list = [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps)]
     if cfg.observe.console:
         sinks.append(ConsoleSink(cfg.train.steps))
     if cfg.observe.tensorboard:

@@ -22,6 +22,7 @@ from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
 from keel.observe.mfu import peak_flops
 from keel.observe.sinks import build_sinks, rewind_jsonl
+from keel.observe.status import mark_state
 from keel.train.optim import build_optimizer, lr_at, set_lr
 from keel.train.state import TrainState
 
@@ -115,8 +116,11 @@ class Trainer:
             if stopping:
                 self.events("stop", step=step, reason="train.stop_after")
                 break
-        if self.state.step == cfg.steps:
+        finished = self.state.step == cfg.steps
+        if finished:
             self.events("finish", step=self.state.step, tokens_seen=self.state.tokens_seen)
+        if self.env.is_main:
+            mark_state(self.cfg.run_dir, "finished" if finished else "stopped", step=self.state.step)
         self.metrics.close()
 
     def train_step(self, step: int) -> tuple[torch.Tensor, float]:

@@ -11,6 +11,7 @@ from keel.config import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
 from keel.observe.logs import setup_logging
+from keel.observe.status import mark_state
 from keel.train.run import CONFIG_FILE
 from keel.train.trainer import Trainer
 
@@ -19,10 +20,20 @@ def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
     """Train the run in `run_dir` (its resolved config.toml) on this process."""
     cfg = load_config(run_dir / CONFIG_FILE)
     setup_logging(run_dir, env.rank)
-    trainer = Trainer(cfg, env)
-    if resume:
-        trainer.restore()
-    trainer.fit()
+    try:
+        trainer = Trainer(cfg, env)
+        if resume:
+            trainer.restore()
+        trainer.fit()
+    except KeyboardInterrupt:
+        if env.is_main:
+            mark_state(run_dir, "stopped", reason="interrupted")
+        raise
+    except Exception as e:
+        # The heartbeat must say why the run ended; otherwise it would only look stalled, later.
+        if env.is_main:
+            mark_state(run_dir, "crashed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,78 @@
+"""`keel status RUN_DIR`: running, stalled, finished, stopped or crashed, with the recent incidents."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from keel.errors import KeelError
+from keel.observe.status import read_status
+
+# Events that are routine progress, not incidents worth an operator's eye.
+ROUTINE_EVENTS = {"checkpoint"}
+
+
+def run_state(status: dict[str, Any], stall_timeout_s: float, now: float | None = None) -> str:
+    """The state to show: a running (or starting) run whose heartbeat is older than the timeout is stalled."""
+    state = status.get("state", "unknown")
+    age = (now or time.time()) - status.get("updated_at", 0)
+    if state in ("running", "starting") and age > stall_timeout_s:
+        return "stalled"
+    return state
+
+
+def recent_incidents(run_dir: Path, limit: int = 5) -> list[dict[str, Any]]:
+    """The last `limit` non-routine events of a run."""
+    path = Path(run_dir) / "events.jsonl"
+    if not path.exists():
+        return []
+    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [e for e in events if e.get("event") not in ROUTINE_EVENTS][-limit:]
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
+    """A few lines an operator reads to know how a run is doing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise KeelError(f"{run_dir}: not a Keel run dir (no config.toml); pass the directory `keel train` made")
+    status = read_status(run_dir)
+    if not status:
+        return f"{run_dir}: no heartbeat yet (status.json missing); the run has not started training"
+    now = time.time()
+    state = run_state(status, stall_timeout_s, now)
+    lines = [f"{run_dir}: {state.upper()} at step {status.get('step', 0)}/{status.get('total_steps', '?')}"]
+    details = []
+    if "loss" in status:
+        details.append(f"loss {status['loss']:.4f}")
+    if "val_loss" in status:
+        details.append(f"val_loss {status['val_loss']:.4f}")
+    if "tokens_per_s" in status:
+        details.append(f"{status['tokens_per_s']:,.0f} tok/s")
+    if state == "running" and "eta_s" in status:
+        details.append(f"ETA {status['eta_s'] / 60:.1f} min")
+    if details:
+        lines.append("  " + " | ".join(details))
+    checkpoint = status.get("last_checkpoint_step")
+    lines.append(f"  last checkpoint: {'none' if checkpoint is None else f'step {checkpoint}'}")
+    lines.append(f"  heartbeat: {_ago(now - status.get('updated_at', now))} from {status.get('host', '?')}")
+    if status.get("error"):
+        lines.append(f"  error: {status['error']}")
+    incidents = recent_incidents(run_dir)
+    if incidents:
+        lines.append("  recent events:")
+        for e in incidents:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
+            fields = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("time", "event", "host"))
+            lines.append(f"    {when} {e['event']}" + (f" ({fields})" if fields else ""))
+    return "\n".join(lines)
