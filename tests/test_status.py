@@ -9,7 +9,6 @@ import sys
 import time
 
 from conftest import run_keel, tiny_config
-
 from keel.observe.report_status import run_state
 from keel.observe.status import read_status
 

@@ -82,12 +82,20 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(100, ge=0, description="Save a checkpoint every this many steps; 0 saves only at the end.")
     keep: int = Field(3, gt=0, description="Committed checkpoints to keep; the newest is never deleted.")
+    init_from_hf: str | None = Field(
+        None, description="Hugging Face Llama-format directory whose weights a fresh run starts from (step 0)."
+    )
 
 
 class ObserveConfig(Section):
     log_every: int = Field(1, gt=0, description="Print and record training metrics every this many steps.")
     console: bool = Field(True, description="Print a progress line on rank 0.")
     tensorboard: bool = Field(True, description="Write TensorBoard events to RUN_DIR/tb/.")
+    prometheus: bool = Field(False, description="Serve metrics for Prometheus, one exporter per rank.")
+    prometheus_host: str = Field("127.0.0.1", description="Address the Prometheus exporters listen on.")
+    prometheus_port: int = Field(
+        9400, gt=0, lt=65536, description="Port of local rank 0's exporter; local rank r listens on port + r."
+    )
     stall_timeout_s: float = Field(
         600.0, gt=0, description="`keel status` calls a run stalled when its heartbeat is older than this."
     )

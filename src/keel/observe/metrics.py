@@ -19,6 +19,7 @@ UNITS: dict[str, str] = {
     "memory_cuda_peak_gb": "GB",
     "eta_s": "s",
     "checkpoint_s": "s",
+    "checkpoint_age_s": "s",
 }
 
 

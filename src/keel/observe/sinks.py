@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from keel.config import Config
+from keel.distributed.env import DistEnv
 from keel.observe.status import StatusSink
 
 
@@ -102,11 +103,18 @@ class ConsoleSink:
         pass
 
 
-def build_sinks(cfg: Config, run_dir: Path) -> list:
-    """The sinks `observe.*` turns on; metrics.jsonl is always written (the run dir contract)."""
-    sinks: list = [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps)]
-    if cfg.observe.console:
-        sinks.append(ConsoleSink(cfg.train.steps))
-    if cfg.observe.tensorboard:
-        sinks.append(TensorBoardSink(run_dir / "tb"))
+def build_sinks(cfg: Config, run_dir: Path, env: DistEnv) -> list:
+    """The sinks `observe.*` turns on for this rank: run-dir files on rank 0, a Prometheus exporter on every rank."""
+    sinks: list = []
+    if env.is_main:
+        sinks += [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps)]
+        if cfg.observe.console:
+            sinks.append(ConsoleSink(cfg.train.steps))
+        if cfg.observe.tensorboard:
+            sinks.append(TensorBoardSink(run_dir / "tb"))
+    if cfg.observe.prometheus:
+        from keel.observe.prometheus import PrometheusSink
+
+        port = cfg.observe.prometheus_port + env.local_rank
+        sinks.append(PrometheusSink(cfg.run.name, env.rank, cfg.observe.prometheus_host, port))
     return sinks

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 import psutil
 import torch
 
 from keel.checkpoint.checkpointer import Checkpointer
+from keel.checkpoint.commit import committed_steps
+from keel.checkpoint.hf import load_hf_weights
 from keel.checkpoint.model_state import ModelOptimizerState
 from keel.config import Config
 from keel.data.dataset import TokenDataset
@@ -46,6 +49,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         with torch.device(env.device):
             model = spec.build(args)
+        if cfg.checkpoint.init_from_hf and not committed_steps(run_dir / "checkpoints"):
+            # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
+            load_hf_weights(model, spec, args, Path(cfg.checkpoint.init_from_hf))
         if cfg.train.compile:
             for unit in spec.shard_units(model):
                 unit.compile()
@@ -67,12 +73,13 @@ class Trainer:
         self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
         self.events = EventLog(run_dir / "events.jsonl" if env.is_main else None)
-        self.metrics = Metrics(build_sinks(cfg, run_dir) if env.is_main else [])
+        self.metrics = Metrics(build_sinks(cfg, run_dir, env))
         self.checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.checkpoint.keep, on_event=self.events)
         self.checkpointer.register("model", ModelOptimizerState(self.model, self.optimizer))
         self.checkpointer.register("trainer", self.state)
         self.checkpointer.register("data", self.loader)
         self.peak_flops = peak_flops(env.device, self.dtype)
+        self._last_save = time.perf_counter()  # a run that never saved is as exposed as one whose save is old
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when the compute dtype is bf16; nothing otherwise."""
@@ -113,6 +120,7 @@ class Trainer:
             every = self.cfg.checkpoint.every
             if (every and step % every == 0) or step == cfg.steps or stopping:
                 self.checkpointer.save(step)
+                self._last_save = time.perf_counter()
             if stopping:
                 self.events("stop", step=step, reason="train.stop_after")
                 break
@@ -165,6 +173,7 @@ class Trainer:
             "step_time_s": step_time,
             "eta_s": (self.cfg.train.steps - step) * step_time,
             "memory_rss_gb": psutil.Process().memory_info().rss / 1e9,
+            "checkpoint_age_s": time.perf_counter() - self._last_save,
         }
         if self.peak_flops:
             values["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)

@@ -1,0 +1,46 @@
+"""A Prometheus exporter per rank: every metric as a gauge `keel_<name>`, labelled by run, rank and host."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from keel.errors import LaunchError
+from keel.observe.metrics import UNITS
+
+
+class PrometheusSink:
+    """Serves this rank's latest values over HTTP for Prometheus to scrape; binds to loopback by default."""
+
+    def __init__(self, run: str, rank: int, host: str, port: int):
+        self.registry = CollectorRegistry()
+        labels = ["run", "rank", "host"]
+        self._labels = {"run": run, "rank": str(rank), "host": socket.gethostname()}
+        self._gauges = {
+            name: Gauge(f"keel_{name}", f"Keel {name} ({unit})", labels, registry=self.registry)
+            for name, unit in UNITS.items()
+        }
+        self._step = Gauge("keel_step", "Last optimizer step recorded", labels, registry=self.registry)
+        self._updated = Gauge(
+            "keel_last_update_timestamp_seconds", "Unix time of the last record (the heartbeat)", labels,
+            registry=self.registry,
+        )
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise LaunchError(
+                f"observe.prometheus_port: cannot listen on {host}:{port} ({e.strerror}); choose a free port"
+            ) from None
+        self.port = port
+
+    def write(self, step: int, time_: float, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self._gauges[name].labels(**self._labels).set(value)
+        self._step.labels(**self._labels).set(step)
+        self._updated.labels(**self._labels).set(time_ or time.time())
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
