@@ -6,8 +6,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HFMapping:
+    """How a model family maps to a Hugging Face transformers architecture, for export and import."""
+
+    config: Callable[[Any], dict[str, Any]]  # args -> config.json's architecture and shape keys
+    to_hf: Callable[[Any, StateDict], StateDict]  # (args, Keel state dict) -> HF names and layouts
+    from_hf: Callable[[Any, StateDict], StateDict]  # (args, HF state dict) -> Keel's; the exact inverse of to_hf
+    checked: dict[str, str]  # config.json key (dotted for nested) -> the [model] key it must agree with on import
 
 
 @dataclass(frozen=True)
@@ -20,3 +33,4 @@ class ModelSpec:
     num_params: Callable[[Any], int]  # closed-form parameter count
     flops_per_token: Callable[[Any, int], float]  # (args, seq_len) -> training FLOPs per token, forward + backward
     shard_units: Callable[[nn.Module], list[nn.Module]]  # submodules FSDP wraps one by one (the blocks)
+    hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
