@@ -15,6 +15,7 @@ from keel.data.prepare import prepare_dataset
 from keel.eval.generate import sample_text
 from keel.launch.train import train
 from keel.observe.logs import setup_logging
+from keel.observe.report import write_report
 
 log = logging.getLogger("keel")
 
@@ -73,4 +74,5 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     val = [json.loads(line)["val_loss"] for line in open(cfg.run_dir / "metrics.jsonl") if "val_loss" in line]
     log.info(f"validation loss: {val[0]:.3f} at the first evaluation -> {val[-1]:.3f} at the last")
     log.info("sample (prompt 'def '):\n" + sample_text(cfg.run_dir, "def ", 80))
+    log.info(f"plots: {write_report(cfg.run_dir)}")
     log.info(f"demo finished in {time.perf_counter() - started:.0f} s; the run is in {cfg.run_dir}/")

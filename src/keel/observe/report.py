@@ -1,0 +1,123 @@
+"""`keel report RUN_DIR`: one self-contained HTML page of plots and incidents, from the run dir alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from keel.errors import KeelError
+from keel.observe.report_status import recent_incidents
+from keel.observe.status import read_status
+
+# (title, metrics drawn as lines, y-axis label); a panel is left out when the run recorded none of its metrics.
+PANELS = [
+    ("Loss", ["loss", "val_loss"], "nats/token"),
+    ("Learning rate", ["lr"], "lr"),
+    ("Throughput", ["tokens_per_s"], "tokens/s"),
+    ("Model FLOPs utilisation", ["mfu"], "fraction of peak"),
+    ("Step time", ["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "checkpoint_s"], "s"),
+    ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb"], "GB"),
+]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _plot(title: str, names: list[str], unit: str, records: list[dict], events: list[dict], t0: float) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    series = {n: [(r["time"] - t0, r[n]) for r in records if n in r] for n in names}
+    series = {n: points for n, points in series.items() if points}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=100)
+    for name, points in series.items():
+        xs, ys = zip(*[(t / 60, v) for t, v in points], strict=True)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+    for event in events:
+        ax.axvline((event["time"] - t0) / 60, color="tab:red", alpha=0.5, linestyle="--", linewidth=1)
+        ax.text(
+            (event["time"] - t0) / 60,
+            ax.get_ylim()[1],
+            f" {event['event']}",
+            color="tab:red",
+            fontsize=7,
+            rotation=90,
+            va="top",
+        )
+    ax.set_title(title)
+    ax.set_xlabel("minutes since the run started")
+    ax.set_ylabel(unit)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _summary(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
+    status = read_status(run_dir)
+    rows = [
+        ("state", str(status.get("state", "unknown"))),
+        ("step", f"{status.get('step', 0)}/{status.get('total_steps', '?')}"),
+    ]
+    train = [r for r in records if "loss" in r]
+    if train:
+        rows.append(("last loss", f"{train[-1]['loss']:.4f}"))
+        rows.append(("tokens seen", f"{int(train[-1].get('tokens_seen', 0)):,}"))
+        rows.append(("median tokens/s", f"{statistics.median(r['tokens_per_s'] for r in train):,.0f}"))
+        if any("mfu" in r for r in train):
+            rows.append(("median MFU", f"{statistics.median(r['mfu'] for r in train if 'mfu' in r):.1%}"))
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    if val:
+        rows.append(("validation loss", f"{val[0]:.4f} first, {val[-1]:.4f} last, {min(val):.4f} best"))
+    return rows
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.html (plots as embedded PNGs, incidents marked) and return its path."""
+    run_dir = Path(run_dir)
+    records = _read_jsonl(run_dir / "metrics.jsonl")
+    if not records:
+        raise KeelError(f"{run_dir}: no metrics.jsonl records to plot; is this a run dir that has trained?")
+    events = _read_jsonl(run_dir / "events.jsonl")
+    t0 = min([r["time"] for r in records] + [e["time"] for e in events])
+    incidents = recent_incidents(run_dir, limit=len(events) or 1)
+    images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in PANELS]
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(run_dir, records)
+    )
+    plots = "".join(
+        f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{png}"></figure>' for t, png in images if png
+    )
+    event_rows = "".join(
+        f"<tr><td>{(e['time'] - t0) / 60:.1f}</td><td>{html.escape(e['event'])}</td>"
+        f"<td>{html.escape(json.dumps({k: v for k, v in e.items() if k not in ('time', 'event')}))}</td></tr>"
+        for e in incidents
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Keel report: {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1600px;margin:1em auto}} figure{{display:inline-block;margin:4px}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
+<body><h1>Keel run {html.escape(run_dir.name)}</h1>
+<table>{rows}</table>
+<h2>Plots</h2>{plots}
+<h2>Incidents</h2><table><tr><th>minute</th><th>event</th><th>details</th></tr>{event_rows}</table>
+</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
