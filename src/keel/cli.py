@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
+checkpoint_app = typer.Typer(help="Inspect a run's checkpoints.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")
@@ -85,6 +87,19 @@ def data_prepare(
     )
 
 
+@checkpoint_app.command("verify")
+def checkpoint_verify(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory whose checkpoints to check.")],
+) -> None:
+    """Check every checkpoint's files against its commit record (sizes, SHA-256); exit 2 if any is corrupt."""
+    from keel.checkpoint.verify import verify_run
+
+    lines, ok = verify_run(run_dir)
+    print("\n".join(lines))
+    if not ok:
+        raise typer.Exit(2)
+
+
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
@@ -114,6 +129,27 @@ def status(
     if stall_timeout is None and (run_dir / "config.toml").is_file():
         stall_timeout = load_config(run_dir / "config.toml").observe.stall_timeout_s
     print(describe_run(run_dir, stall_timeout or 600.0))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Directory to write; it must not exist or be empty.")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format: hf (Hugging Face safetensors).")] = "hf",
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+) -> None:
+    """Export a run's checkpoint: --format hf writes model.safetensors, config.json and the tokenizer files."""
+    from keel.checkpoint.hf import export_hf
+
+    print(f"exported {run_dir} to {export_hf(run_dir, out, step=step, fmt=fmt)}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to plot.")]) -> None:
+    """Write RUN_DIR/report.html: loss, learning rate, throughput, MFU, step time and memory, incidents marked."""
+    from keel.observe.report import write_report
+
+    print(f"wrote {write_report(run_dir)}")
 
 
 @app.command()

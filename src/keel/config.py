@@ -82,6 +82,12 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(100, ge=0, description="Save a checkpoint every this many steps; 0 saves only at the end.")
     keep: int = Field(3, gt=0, description="Committed checkpoints to keep; the newest is never deleted.")
+    keep_every: int = Field(
+        0, ge=0, description="Also keep every checkpoint whose step is a multiple of this; 0 turns it off."
+    )
+    async_save: bool = Field(
+        False, description="Write checkpoints in the background while training goes on (committed when done)."
+    )
     init_from_hf: str | None = Field(
         None, description="Hugging Face Llama-format directory whose weights a fresh run starts from (step 0)."
     )

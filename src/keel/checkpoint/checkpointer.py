@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from keel.checkpoint.commit import COMMIT_FILE, committed_steps, read_commit, verify_files, write_commit
+from keel.checkpoint.pending import PendingSave
+from keel.checkpoint.retention import steps_to_delete
+from keel.checkpoint.rng import load_rng, save_rng
+from keel.checkpoint.safety import SafeLoadPlanner, safe_reader
+from keel.checkpoint.save_errors import save_failed
 from keel.checkpoint.scalars import from_tensors, to_tensors
 from keel.distributed.env import DistEnv, all_agree, barrier
 from keel.errors import CheckpointError
+
+log = logging.getLogger("keel")
 
 
 class Stateful(Protocol):
@@ -30,15 +40,29 @@ def step_dir_name(step: int) -> str:
     return f"step_{step}"
 
 
+# DCP warns when it runs without a process group; one process is a supported case here, and async
+# saves write from DCP's own thread, where a scoped catch_warnings would not reach.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
 class Checkpointer:
     """Writes `RUN_DIR/checkpoints/step_<N>/` with DCP shards, per-rank RNG states and a commit record."""
 
-    def __init__(self, root: Path, env: DistEnv, keep: int, on_event: Callable[..., None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        env: DistEnv,
+        keep: int,
+        on_event: Callable[..., None] | None = None,
+        keep_every: int = 0,
+    ):
         self.root = Path(root)
         self.env = env
-        self.keep = keep
+        self.keep, self.keep_every = keep, keep_every
         self._on_event = on_event or (lambda kind, **fields: None)
         self._objects: dict[str, Stateful] = {}
+        self._pending: PendingSave | None = None
+        self._async_group: dist.ProcessGroup | None = None
 
     def register(self, name: str, obj: Stateful) -> None:
         """Include `obj` in every checkpoint under `name`; any capability can register itself."""
@@ -53,72 +77,142 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         """Write a checkpoint of every registered object after `step` and commit it (a collective call)."""
+        self.wait()
+        path, started, previous = self._begin(step)
+        try:
+            dcp.save(self._state(), checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:
+            raise self._failed(e, path, step, previous) from None
+        barrier()
+        if self.env.is_main:
+            self._commit(path, step, started, blocked_s=time.perf_counter() - started)
+        barrier()
+        return path
+
+    def save_async(self, step: int) -> Path:
+        """Stage a checkpoint after `step` and return while it is written; it is committed once every rank is done.
+
+        Only one save is in flight: a new save (and `wait`) first waits for the previous one.
+        """
+        self.wait()
+        path, started, previous = self._begin(step)
+        if dist.is_initialized() and self._async_group is None:
+            # Its own group: async collectives on the training group hang or mismatch (TORCH-CPU-NOTES.md).
+            self._async_group = dist.new_group(backend="gloo")
+        try:
+            response = dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self._async_group)
+        except (Exception, CheckpointException) as e:
+            raise self._failed(e, path, step, previous) from None
+        blocked = time.perf_counter() - started
+        upload = getattr(response, "upload_completion", response)  # newer torch returns an AsyncSaveResponse
+
+        def commit() -> None:
+            if self.env.is_main:
+                self._commit(path, step, started, blocked_s=blocked)
+
+        self._pending = PendingSave(step, upload, self._async_group, commit,
+                                    lambda e: self._failed(e, path, step, previous))
+        return path
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, to be committed; raise its CheckpointError if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    def restore(self, path: Path) -> int:
+        """Load every registered object from the committed checkpoint at `path` after verifying it; returns its step."""
+        problem = self._verify(path)
+        if problem is not None:
+            raise CheckpointError(problem)
+        return self._load(path)
+
+    def restore_latest(self) -> tuple[Path, int] | None:
+        """Load the newest committed checkpoint that verifies, reporting and skipping corrupt ones; None if none."""
+        steps = committed_steps(self.root)
+        for step in reversed(steps):
+            path = self.root / step_dir_name(step)
+            problem = self._verify(path)
+            if problem is None:
+                return path, self._load(path)
+            self._on_event("checkpoint_corrupt", step=step, path=str(path), error=problem)
+            log.warning(f"skipping corrupt checkpoint: {problem}")
+        if steps:
+            raise CheckpointError(
+                f"{self.root}: all {len(steps)} committed checkpoints fail verification (see `keel checkpoint verify "
+                f"{self.root.parent}`); restore their files or start a new run"
+            )
+        return None
+
+    def _begin(self, step: int) -> tuple[Path, float, Path | None]:
         if not self._objects:
             raise ValueError("nothing is registered with the Checkpointer")
         path = self.root / step_dir_name(step)
         started = time.perf_counter()
-        if self.env.is_main:
-            # A directory without a commit record is the remains of a crashed save: never trusted, safe to replace.
-            if path.exists():
-                shutil.rmtree(path)
-            (path / "rng").mkdir(parents=True)
-        barrier()
-        torch.save(_rng_state(), path / "rng" / f"rank{self.env.rank}.pt")
-        state = {name: to_tensors(obj.state_dict()) for name, obj in self._objects.items()}
-        dcp.save(state, checkpoint_id=str(path))
-        barrier()
-        if self.env.is_main:
-            write_commit(path, step=step, world_size=self.env.world_size)
-            self._apply_retention()
-        barrier()
-        self._on_event("checkpoint", step=step, path=str(path), seconds=round(time.perf_counter() - started, 3))
-        return path
+        previous = self.latest()
+        try:
+            if self.env.is_main:
+                # A directory without a commit record is the remains of a crashed save: never trusted, safe to replace.
+                if path.exists():
+                    shutil.rmtree(path)
+                (path / "rng").mkdir(parents=True)
+            barrier()
+            save_rng(path, self.env.rank)
+        except OSError as e:
+            raise self._failed(e, path, step, previous) from None
+        return path, started, previous
 
-    def restore(self, path: Path) -> int:
-        """Load every registered object from the committed checkpoint at `path`; returns its step."""
-        ok = True
+    def _state(self) -> dict[str, Any]:
+        return {name: to_tensors(obj.state_dict()) for name, obj in self._objects.items()}
+
+    def _failed(self, exc: BaseException, path: Path, step: int, previous: Path | None) -> CheckpointError:
+        if self.env.is_main:
+            shutil.rmtree(path, ignore_errors=True)  # uncommitted, so never loaded; removing it frees the space
+        return save_failed(exc, path, step, previous)
+
+    def _commit(self, path: Path, step: int, started: float, blocked_s: float) -> None:
+        record = write_commit(path, step=step, world_size=self.env.world_size)
+        self._apply_retention()
+        size = sum(f["bytes"] for f in record["files"].values())
+        seconds = round(time.perf_counter() - started, 3)
+        self._on_event("checkpoint", step=step, path=str(path), seconds=seconds, blocked_s=round(blocked_s, 3),
+                       bytes=size)
+
+    def _verify(self, path: Path) -> str | None:
+        """None when the checkpoint at `path` verifies on every rank, else what is wrong (checksums on rank 0)."""
+        problem = None
         try:
             record = read_commit(path)
             if self.env.is_main:
                 verify_files(path, record)
         except CheckpointError as e:
-            ok, error = False, e
-        if not all_agree(ok):
-            raise error if not ok else CheckpointError(f"{path}: checkpoint failed verification on another rank")
-        templates = {name: to_tensors(obj.state_dict()) for name, obj in self._objects.items()}
+            problem = str(e)
+        if all_agree(problem is None):
+            return None
+        return problem or f"{path}: checkpoint failed verification on another rank"
+
+    def _load(self, path: Path) -> int:
+        record = read_commit(path)
+        templates = self._state()
+        reader = safe_reader(path)  # refuses metadata that would unpickle anything but DCP's own classes
         try:
-            dcp.load(templates, checkpoint_id=str(path))
-        except Exception as e:  # DCP raises a CheckpointException wrapping per-rank failures
+            dcp.load(templates, storage_reader=reader, planner=SafeLoadPlanner())
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(
                 f"{path}: cannot load into this model and optimizer ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "was it saved with another model config?"
             ) from None
         for name, obj in self._objects.items():
             obj.load_state_dict(from_tensors(templates[name], obj.state_dict()))
-        rng_file = path / "rng" / f"rank{self.env.rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+        load_rng(path, self.env.rank, int(record.get("world_size", self.env.world_size)), self.env.world_size)
         return int(record["step"])
 
     def _apply_retention(self) -> None:
         steps = committed_steps(self.root)
-        for old in steps[: -self.keep]:
+        for old in steps_to_delete(steps, self.keep, self.keep_every):
             shutil.rmtree(self.root / step_dir_name(old), ignore_errors=True)
         newest = steps[-1]
         for stale in self.root.glob("step_*"):
             uncommitted = not (stale / COMMIT_FILE).exists()
             if uncommitted and stale.name.removeprefix("step_").isdigit() and int(stale.name[5:]) < newest:
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

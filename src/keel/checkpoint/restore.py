@@ -11,6 +11,7 @@ from torch import nn
 
 from keel.checkpoint.checkpointer import step_dir_name
 from keel.checkpoint.commit import committed_steps, read_commit, verify_files
+from keel.checkpoint.safety import SafeLoadPlanner, safe_reader
 from keel.config import Config, load_config
 from keel.errors import CheckpointError
 from keel.models import model_args
@@ -40,7 +41,7 @@ def load_model(run_dir: Path, step: int | None = None, device: str = "cpu") -> t
     with warnings.catch_warnings():
         # Loading without a process group is the point here (resharding to one process), not a mistake.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, storage_reader=safe_reader(path), planner=SafeLoadPlanner())
     model.load_state_dict(state["model"]["model"])
     model.eval()
     return model, cfg

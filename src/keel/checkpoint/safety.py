@@ -40,7 +40,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name} is not allowed")
+
+
+def _reason(error: Exception) -> str:
+    """The line of a weights_only failure that names what was refused (its first line only advises unsafe loading)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(error).__name__)
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -80,8 +86,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except Exception as e:  # torch raises UnpicklingError naming the global it refused
-            reason = str(e).splitlines()[0]
-            raise CheckpointError(f"refused to load item {read_item.dest_index.fqn}: {reason}") from None
+            raise CheckpointError(f"refused to load item {read_item.dest_index.fqn}: {_reason(e)}") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
         else:
@@ -99,6 +104,6 @@ def load_tensors(file: Path) -> Any:
     try:
         return torch.load(file, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses every global outside torch's allow-list
-        raise CheckpointError(f"{file}: refused to load ({str(e).splitlines()[0]}); it may be malicious") from None
+        raise CheckpointError(f"{file}: refused to load ({_reason(e)}); it may be malicious") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{file}: unreadable ({str(e).splitlines()[0]})") from None

@@ -18,6 +18,11 @@ UNITS: dict[str, str] = {
     "memory_rss_gb": "GB",
     "memory_cuda_peak_gb": "GB",
     "eta_s": "s",
+    "data_wait_s": "s",
+    "forward_s": "s",
+    "backward_s": "s",
+    "optimizer_s": "s",
+    "eval_s": "s",
     "checkpoint_s": "s",
     "checkpoint_age_s": "s",
 }

@@ -26,6 +26,7 @@ from keel.observe.metrics import Metrics
 from keel.observe.mfu import peak_flops
 from keel.observe.sinks import build_sinks, rewind_jsonl
 from keel.observe.status import mark_state
+from keel.observe.step_timer import StepTimer
 from keel.train.optim import build_optimizer, lr_at, set_lr
 from keel.train.state import TrainState
 
@@ -74,11 +75,15 @@ class Trainer:
         self.state = TrainState()
         self.events = EventLog(run_dir / "events.jsonl" if env.is_main else None)
         self.metrics = Metrics(build_sinks(cfg, run_dir, env))
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", env, cfg.checkpoint.keep, on_event=self.events)
+        ckpt = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", env, ckpt.keep, on_event=self.events, keep_every=ckpt.keep_every
+        )
         self.checkpointer.register("model", ModelOptimizerState(self.model, self.optimizer))
         self.checkpointer.register("trainer", self.state)
         self.checkpointer.register("data", self.loader)
         self.peak_flops = peak_flops(env.device, self.dtype)
+        self.timer = StepTimer(env.device)
         self._last_save = time.perf_counter()  # a run that never saved is as exposed as one whose save is old
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -88,11 +93,11 @@ class Trainer:
 
     def restore(self) -> None:
         """Continue from the newest committed checkpoint, if there is one."""
-        latest = self.checkpointer.latest()
-        if latest is None:
+        restored = self.checkpointer.restore_latest()
+        if restored is None:
             log.info("no committed checkpoint yet: starting from step 0")
             return
-        step = self.checkpointer.restore(latest)
+        latest, step = restored
         dropped = rewind_jsonl(self.cfg.run_dir / "metrics.jsonl", step) if self.env.is_main else 0
         self.events("resume", step=step, world_size=self.env.world_size, metrics_rolled_back=dropped)
         log.info(f"resumed from {latest} (step {step})")
@@ -110,20 +115,23 @@ class Trainer:
             values: dict[str, float] = {}
             if step % self.cfg.observe.log_every == 0 or step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
-                values = self._progress(step, float(all_reduce_mean(loss)), grad_norm, elapsed / window_steps)
+                values = self._progress(step, float(all_reduce_mean(loss)), grad_norm, elapsed, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                values["val_loss"] = self.evaluate()
+                with self.timer.phase("eval"):
+                    values["val_loss"] = self.evaluate()
             if values:
                 self.metrics.record(step, values)
             stopping = cfg.stop_after is not None and step >= cfg.stop_after
             every = self.cfg.checkpoint.every
             if (every and step % every == 0) or step == cfg.steps or stopping:
-                self.checkpointer.save(step)
+                with self.timer.phase("checkpoint"):
+                    self._save(step)
                 self._last_save = time.perf_counter()
             if stopping:
                 self.events("stop", step=step, reason="train.stop_after")
                 break
+        self.checkpointer.wait()  # an asynchronous save counts only once committed: never exit before it is
         finished = self.state.step == cfg.steps
         if finished:
             self.events("finish", step=self.state.step, tokens_seen=self.state.tokens_seen)
@@ -131,21 +139,30 @@ class Trainer:
             mark_state(self.cfg.run_dir, "finished" if finished else "stopped", step=self.state.step)
         self.metrics.close()
 
+    def _save(self, step: int) -> None:
+        if self.cfg.checkpoint.async_save:
+            self.checkpointer.save_async(step)
+        else:
+            self.checkpointer.save(step)
+
     def train_step(self, step: int) -> tuple[torch.Tensor, float]:
         """One optimizer step over a global batch: accumulate micro-batches, clip, update."""
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.steps))
-        micro_batches = self.loader.next_batch()
+        with self.timer.phase("data_wait"):
+            micro_batches = self.loader.next_batch()
         loss_sum = torch.zeros((), device=self.env.device)
         for i, (inputs, targets) in enumerate(micro_batches):
             with gradient_sync(self.model, enabled=i == len(micro_batches) - 1):
-                with self.autocast():
+                with self.timer.phase("forward"), self.autocast():
                     logits = self.model(inputs.to(self.env.device, non_blocking=True))
                     loss = next_token_loss(logits, targets.to(self.env.device, non_blocking=True))
-                (loss / len(micro_batches)).backward()
+                with self.timer.phase("backward"):
+                    (loss / len(micro_batches)).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step
         self.state.tokens_seen += self.tokens_per_step
         return loss_sum / len(micro_batches), grad_norm
@@ -162,7 +179,8 @@ class Trainer:
         )
         return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.autocast)))
 
-    def _progress(self, step: int, loss: float, grad_norm: float, step_time: float) -> dict[str, float]:
+    def _progress(self, step: int, loss: float, grad_norm: float, elapsed: float, steps: int) -> dict[str, float]:
+        step_time = elapsed / steps
         tokens_per_s = self.tokens_per_step / step_time
         values = {
             "loss": loss,
@@ -174,6 +192,7 @@ class Trainer:
             "eta_s": (self.cfg.train.steps - step) * step_time,
             "memory_rss_gb": psutil.Process().memory_info().rss / 1e9,
             "checkpoint_age_s": time.perf_counter() - self._last_save,
+            **self.timer.take(steps),
         }
         if self.peak_flops:
             values["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
