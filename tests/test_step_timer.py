@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -35,3 +36,21 @@ def test_timer_reports_mean_seconds_per_step_and_resets():
     with pytest.raises(ValueError, match="unknown step phase"):
         with timer.phase("lunch"):
             pass
+
+
+def test_configured_step_range_writes_a_profiler_trace_per_rank(tmp_path, dataset):
+    config = tiny_config(
+        tmp_path / "c.toml", dataset, train={"steps": 4}, parallel={"nproc": 2}, observe={"profile_steps": [[2, 3]]}
+    )
+    result = run_keel("train", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        trace = tmp_path / "runs" / "tiny" / "profiles" / f"trace_steps2-3_rank{rank}.json"
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert any(e.get("name", "").startswith("aten::") for e in events)
+
+
+def test_bad_profile_range_is_a_one_line_config_error(tmp_path, dataset):
+    config = tiny_config(tmp_path / "c.toml", dataset)
+    result = run_keel("train", str(config), "--set", "observe.profile_steps=[[5, 2]]", cwd=tmp_path)
+    assert result.returncode == 2 and "observe.profile_steps: each range must be [first, last]" in result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keel.errors import ConfigError
 
@@ -102,9 +102,22 @@ class ObserveConfig(Section):
     prometheus_port: int = Field(
         9400, gt=0, lt=65536, description="Port of local rank 0's exporter; local rank r listens on port + r."
     )
+    profile_steps: list[list[int]] = Field(
+        default_factory=list,
+        description="Step ranges to profile with torch.profiler, e.g. [[10, 12]]; traces go to RUN_DIR/profiles/.",
+    )
     stall_timeout_s: float = Field(
         600.0, gt=0, description="`keel status` calls a run stalled when its heartbeat is older than this."
     )
+
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _ranges(cls, ranges: list[list[int]]) -> list[list[int]]:
+        for r in ranges:
+            if len(r) != 2 or not 0 < r[0] <= r[1]:
+                raise ValueError(f"each range must be [first, last] with 0 < first <= last, got {r}")
+        return ranges
 
 
 class ModelConfig(BaseModel):

@@ -24,6 +24,7 @@ from keel.models import model_args
 from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
 from keel.observe.mfu import peak_flops
+from keel.observe.profiler import StepProfiler
 from keel.observe.sinks import build_sinks, rewind_jsonl
 from keel.observe.status import mark_state
 from keel.observe.step_timer import StepTimer
@@ -84,6 +85,7 @@ class Trainer:
         self.checkpointer.register("data", self.loader)
         self.peak_flops = peak_flops(env.device, self.dtype)
         self.timer = StepTimer(env.device)
+        self.profiler = StepProfiler(cfg.observe.profile_steps, run_dir, env.rank, env.device)
         self._last_save = time.perf_counter()  # a run that never saved is as exposed as one whose save is old
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -110,7 +112,9 @@ class Trainer:
             self.metrics.record(0, {"val_loss": self.evaluate()})  # the untrained baseline every curve starts from
         window_start, window_steps = time.perf_counter(), 0
         for step in range(self.state.step + 1, cfg.steps + 1):
+            self.profiler.before_step(step)
             loss, grad_norm = self.train_step(step)
+            self.profiler.after_step(step)
             window_steps += 1
             values: dict[str, float] = {}
             if step % self.cfg.observe.log_every == 0 or step == cfg.steps:
