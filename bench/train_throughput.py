@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import MODEL, run_overrides, stdlib_dataset
 
 from keel.config import load_config
-from keel.data.prepare import prepare_dataset
 from keel.distributed.env import init_distributed
 from keel.eval.loss import next_token_loss
 from keel.models import model_args
@@ -26,23 +25,9 @@ from keel.observe.mfu import measured_matmul_flops
 from keel.train.run import start_run
 from keel.train.trainer import Trainer
 
-MODEL = {"name": "llama", "dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 256}
-
 
 def keel_tokens_per_s(root: Path, dataset: Path, steps: int, precision: str, index: int) -> float:
-    overrides = [
-        *(f"model.{k}={json.dumps(v)}" for k, v in MODEL.items()),
-        f"data.dataset={json.dumps(str(dataset))}",
-        f"run.dir={json.dumps(str(root / f'run{index}'))}",
-        f"train.steps={steps}",
-        "train.seq_len=256",
-        "train.global_batch_size=8",
-        "train.eval_every=0",
-        f"train.precision={precision!r}",
-        "checkpoint.every=0",
-        "observe.console=false",
-        "observe.tensorboard=false",
-    ]
+    overrides = run_overrides(dataset, root / f"run{index}", steps, precision)
     cfg = start_run(load_config(None, overrides))
     trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.train_step(1)  # warm-up, as the plain loop gets
@@ -78,20 +63,12 @@ def plain_tokens_per_s(vocab: int, steps: int, precision: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=3)
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        dataset = root / "data"
-        prepare_dataset(
-            [str(stdlib / "email" / "**" / "*.py"), str(stdlib / "json" / "*.py")],
-            dataset,
-            vocab_size=8192,
-            val_fraction=0.05,
-            log=lambda m: None,
-        )
+        dataset = stdlib_dataset(root)
         vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         keel, plain = [], []
         for i in range(opts.repeats):

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import ROOT, tiny_config
@@ -116,3 +117,18 @@ def test_prometheus_scrapes_loss_and_throughput_of_a_two_process_run(tmp_path, d
         for proc in (training, scraper):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    # torchrun puts workers in sessions of their own; they must still die with the job, not linger as orphans.
+    deadline = time.time() + 20
+    while time.time() < deadline and workers_of(tmp_path):
+        time.sleep(0.2)
+    assert not workers_of(tmp_path)
+
+
+def workers_of(run_root: Path) -> list[psutil.Process]:
+    """Live training workers whose command line names a run under `run_root`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "keel.train.worker" in cmdline and str(run_root) in cmdline:
+            found.append(proc)
+    return found

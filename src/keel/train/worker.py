@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import signal
+import sys
 import traceback
 from pathlib import Path
 
@@ -36,8 +40,22 @@ def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
         raise
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent (the torchrun agent) dies.
+
+    torchrun starts each worker in its own session, so a SIGKILL of `keel train` or of the agent
+    would otherwise leave orphaned workers holding CPUs, GPUs and ports.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before the request took effect
+            os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point torchrun starts on every rank: `python -m keel.train.worker RUN_DIR [--resume]`."""
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="keel.train.worker")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")

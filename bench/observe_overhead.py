@@ -1,0 +1,60 @@
+"""The cost of watching: step time with every sink on against every sink off, in one run.
+
+    .venv/bin/python bench/observe_overhead.py [--steps 30] [--repeats 3]
+
+"On": console, metrics.jsonl, status.json, TensorBoard and Prometheus, recorded every step.
+"Off": nothing recorded until the last step. Prints the median of each and the overhead ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import run_overrides, stdlib_dataset
+
+from keel.config import load_config
+from keel.distributed.env import init_distributed
+from keel.train.run import start_run
+from keel.train.trainer import Trainer
+
+ALL_ON = ["observe.log_every=1", "observe.console=true", "observe.tensorboard=true", "observe.prometheus=true"]
+
+
+def fit_seconds_per_step(dataset: Path, run_dir: Path, steps: int, observe: list[str]) -> float:
+    cfg = start_run(load_config(None, [*run_overrides(dataset, run_dir, steps), *observe]))
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer.train_step(0)  # warm-up outside the timing; fit() starts again from step 1
+    trainer.state.step = 0
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.fit()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    opts = parser.parse_args()
+    on, off = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dataset = stdlib_dataset(root)
+        for i in range(opts.repeats):
+            off.append(fit_seconds_per_step(dataset, root / f"off{i}", opts.steps, [f"observe.log_every={opts.steps}"]))
+            port = [f"observe.prometheus_port={19400 + i}"]
+            on.append(fit_seconds_per_step(dataset, root / f"on{i}", opts.steps, ALL_ON + port))
+    a, b = statistics.median(on), statistics.median(off)
+    print(f"all sinks on : {a * 1000:.1f} ms/step (median of {opts.repeats})")
+    print(f"all sinks off: {b * 1000:.1f} ms/step (median of {opts.repeats})")
+    print(f"overhead ratio on / off: {a / b:.4f}  ({(a / b - 1) * 100:+.2f}%)")
+
+
+if __name__ == "__main__":
+    main()
