@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def mount_tmpfs(where, size: str) -> bool:
 def test_disk_full_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, mode):
     root = tmp_path / "ckpt"
     if not mount_tmpfs(root, "3m"):
-        pytest.skip("mounting a tmpfs needs root; test_disk_full_in_a_real_run covers EFBIG without it")
+        pytest.skip("mounting a tmpfs needs root; the file-size-limit test covers EFBIG without it")
     try:
         ckpt, model, optimizer, counter, _ = make(root, width=400)  # ~1.9 MB per checkpoint: two do not fit
         step(model, optimizer, counter)
@@ -199,3 +200,31 @@ def test_commit_record_names_every_file_with_size_and_checksum(tmp_path):
     assert record["step"] == 1 and {".metadata", "rng/rank0.pt"} <= set(record["files"])
     assert any(name.endswith(".distcp") for name in record["files"])
     assert all(len(meta["sha256"]) == 64 and meta["bytes"] > 0 for meta in record["files"].values())
+
+
+EFBIG_CHILD = """
+import resource, signal, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint import make, step
+from keel.errors import CheckpointError
+ckpt, model, optimizer, counter, _ = make(sys.argv[1], width=400)
+ckpt.save(0)
+step(model, optimizer, counter)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the kernel's limit surfaces as EFBIG, as a full disk would
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # now the 1.9 MB shard cannot be written
+try:
+    ckpt.save(1)
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_file_size_limit_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-c", EFBIG_CHILD, str(tmp_path), str(Path(__file__).parent)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = result.stdout.strip()
+    assert "cannot save step 1: file too large" in message and "step_0 is kept" in message, message
+    assert committed_steps(tmp_path) == [0] and not (tmp_path / "step_1").exists()
+    verify_files(tmp_path / "step_0", read_commit(tmp_path / "step_0"))

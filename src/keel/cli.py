@@ -66,9 +66,10 @@ def data_prepare(
     source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets data.sources).")] = None,
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write (sets data.dataset).")] = None,
 ) -> None:
-    """Tokenize raw text (.txt, .jsonl) into token shards with a manifest and a validation split."""
+    """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
     from keel.config import load_config
     from keel.data.prepare import prepare_dataset
+    from keel.data.stages import StageSettings
     from keel.observe.logs import setup_logging
 
     extra = list(overrides or [])
@@ -83,8 +84,32 @@ def data_prepare(
     d = cfg.data
     prepare_dataset(
         d.sources, Path(d.dataset), tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-        text_field=d.text_field, shard_tokens=d.shard_tokens, log=log.info,
+        text_field=d.text_field, shard_tokens=d.shard_tokens, licenses=d.licenses,
+        stages=StageSettings.from_config(d), bad_input=d.bad_input, log=log.info,
     )
+
+
+@data_app.command("inspect")
+def data_inspect(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+) -> None:
+    """Summarize a prepared dataset: splits, sources and licenses, stage statistics, skipped records."""
+    from keel.data.verify import inspect_lines
+
+    print("\n".join(inspect_lines(dataset)))
+
+
+@data_app.command("verify")
+def data_verify(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+) -> None:
+    """Re-hash the tokenizer and every shard against the manifest; exit 2 if any differs."""
+    from keel.data.verify import verify_dataset
+
+    lines, ok = verify_dataset(dataset)
+    print("\n".join(lines))
+    if not ok:
+        raise typer.Exit(2)
 
 
 @checkpoint_app.command("verify")

@@ -35,6 +35,38 @@ class DataConfig(Section):
     val_fraction: float = Field(0.01, gt=0, lt=1, description="Share of documents held out for validation.")
     text_field: str = Field("text", min_length=1, description="Field of each JSON Lines record that holds the text.")
     shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file written by prepare.")
+    mixture: dict[str, float] = Field(
+        default_factory=dict,
+        description="Train on a weighted mixture {dataset_dir = weight} instead of data.dataset (which keeps val).",
+    )
+    num_workers: int = Field(
+        0, ge=0, description="Loader processes reading batches ahead (torchdata StatefulDataLoader); 0 reads inline."
+    )
+    prefetch_factor: int = Field(4, gt=0, description="Batches each loader worker keeps ready ahead of the step.")
+    licenses: dict[str, str] = Field(
+        default_factory=dict, description='License tag per source glob, e.g. {"web/*.jsonl" = "CC-BY-4.0"}.'
+    )
+    bad_input: Literal["error", "skip"] = Field(
+        "error", description="On a malformed record or file: stop with an error, or skip it and count it."
+    )
+    normalize: Literal["none", "NFC", "NFKC"] = Field("none", description="Unicode normalization applied first.")
+    min_words: int = Field(0, ge=0, description="Drop documents with fewer words; 0 turns the filter off.")
+    max_words: int = Field(0, ge=0, description="Drop documents with more words; 0 turns the filter off.")
+    min_mean_word_length: float = Field(0.0, ge=0, description="Drop documents whose mean word length is below this.")
+    max_mean_word_length: float = Field(0.0, ge=0, description="Drop documents whose mean word length is above this.")
+    max_symbol_ratio: float = Field(0.0, ge=0, le=1, description="Drop documents with a larger non-alphanumeric share.")
+    max_digit_ratio: float = Field(0.0, ge=0, le=1, description="Drop documents with a larger digit share.")
+    max_repeated_line_fraction: float = Field(
+        0.0, ge=0, le=1, description="Drop documents with a larger share of lines that occur more than once."
+    )
+    max_top_ngram_fraction: float = Field(
+        0.0, ge=0, le=1, description="Drop documents whose most frequent word trigram covers more of the text."
+    )
+    dedup_exact: bool = Field(False, description="Drop documents whose text exactly repeats an earlier one.")
+    dedup_near_threshold: float = Field(
+        0.0, ge=0, lt=1, description="Drop MinHash near-duplicates at this Jaccard similarity (e.g. 0.8); 0 is off."
+    )
+    pii: bool = Field(False, description="Replace e-mails, phones, IPs and Luhn-valid card numbers by placeholders.")
     manifest_sha256: str | None = Field(
         None, description="Hash of the dataset manifest; set at first start so a resume refuses a changed dataset."
     )

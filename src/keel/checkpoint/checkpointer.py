@@ -14,7 +14,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from keel.checkpoint.commit import COMMIT_FILE, committed_steps, read_commit, verify_files, write_commit
+from keel.checkpoint.commit import (
+    COMMIT_FILE,
+    committed_steps,
+    read_commit,
+    remove_checkpoint,
+    verify_files,
+    write_commit,
+)
 from keel.checkpoint.pending import PendingSave
 from keel.checkpoint.retention import steps_to_delete
 from keel.checkpoint.rng import load_rng, save_rng
@@ -210,7 +217,7 @@ class Checkpointer:
     def _apply_retention(self) -> None:
         steps = committed_steps(self.root)
         for old in steps_to_delete(steps, self.keep, self.keep_every):
-            shutil.rmtree(self.root / step_dir_name(old), ignore_errors=True)
+            remove_checkpoint(self.root / step_dir_name(old))
         newest = steps[-1]
         for stale in self.root.glob("step_*"):
             uncommitted = not (stale / COMMIT_FILE).exists()

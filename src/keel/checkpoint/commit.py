@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,12 @@ def write_commit(path: Path, *, step: int, world_size: int) -> dict[str, Any]:
     record = {"format": FORMAT, "step": step, "world_size": world_size, "created_at": time.time(), "files": files}
     atomic_write_text(path / COMMIT_FILE, json.dumps(record, indent=1))
     return record
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint directory, its commit record first, so a kill midway never leaves a committed remnant."""
+    (path / COMMIT_FILE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_commit(path: Path) -> dict[str, Any]:

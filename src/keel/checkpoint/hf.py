@@ -28,7 +28,8 @@ _MISSING = object()
 
 def _mapping(spec: ModelSpec) -> HFMapping:
     if spec.hf is None:
-        raise ConfigError(f"model.name: model {spec.name!r} has no Hugging Face mapping, so it cannot be exported")
+        raise ConfigError(f"model.name: model {spec.name!r} has no Hugging Face mapping (ModelSpec.hf) to export "
+                          "or import with")
     return spec.hf
 
 
@@ -49,7 +50,8 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     eos = eos_id(tokenizer)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config = {**mapping.config(args), "torch_dtype": dtype, "bos_token_id": eos, "eos_token_id": eos}
+    # transformers 5 reads dtype, 4.x torch_dtype; both name the stored dtype, so either loads without a cast.
+    config = {**mapping.config(args), "dtype": dtype, "torch_dtype": dtype, "bos_token_id": eos, "eos_token_id": eos}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": None, "pad_token": None,
@@ -141,5 +143,4 @@ def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, director
         if name in own and tensor.shape != own[name].shape:
             raise CheckpointError(f"checkpoint.init_from_hf: {directory} tensor for {name} has shape "
                                   f"{list(tensor.shape)}, the model's is {list(own[name].shape)}")
-    with torch.no_grad():
-        model.load_state_dict(state)
+    model.load_state_dict(state)

@@ -25,32 +25,30 @@ class PendingSave:
         commit: Callable[[], None],
         describe_error: Callable[[BaseException], Exception],
     ):
-        self.step = step
         self._upload, self._group, self._commit, self._describe = upload, group, commit, describe_error
         self._error: Exception | None = None
         self._thread = threading.Thread(target=self._finish, name=f"keel-checkpoint-{step}", daemon=True)
         self._thread.start()
 
     def _finish(self) -> None:
-        failure: BaseException | None = None
         try:
-            self._upload.result()
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            failure = e
-        ok = failure is None
-        if self._group is not None:
-            flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-            dist.all_reduce(flag, group=self._group)
-            ok = int(flag.item()) == 0
-        try:
-            if ok:
-                self._commit()
-            elif failure is not None:
-                self._error = self._describe(failure)
-            else:
-                self._error = self._describe(RuntimeError("another rank failed to write its shards"))
+            failure: BaseException | None = None
+            try:
+                self._upload.result()
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                failure = e
+            if not self._everyone_ok(failure is None):
+                raise failure or RuntimeError("another rank failed to write its shards")
+            self._commit()
         except BaseException as e:
             self._error = self._describe(e)
+
+    def _everyone_ok(self, ok: bool) -> bool:
+        if self._group is None:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self._group)
+        return int(flag.item()) == 0
 
     def wait(self) -> None:
         """Block until the save is committed (or failed); raise its CheckpointError if it failed."""

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from keel.data.dataset import TokenDataset
+from keel.data.mixture import MixtureOrder
 from keel.errors import ConfigError, DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -61,7 +62,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        dataset: TokenDataset,
+        dataset: TokenDataset | list[TokenDataset],
         *,
         seq_len: int,
         global_batch_size: int,
@@ -69,6 +70,7 @@ class BatchLoader:
         rank: int,
         world_size: int,
         seed: int,
+        weights: list[float] | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -83,19 +85,38 @@ class BatchLoader:
                 f"train.micro_batch_size ({micro_batch_size}) must divide the per-rank batch "
                 f"(train.global_batch_size / world size = {self.per_rank})"
             )
-        self.dataset, self.seq_len = dataset, seq_len
+        self.datasets = dataset if isinstance(dataset, list) else [dataset]
+        self.seq_len = seq_len
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank = rank
-        self.order = GlobalSampleOrder(num_samples(dataset, seq_len), seed)
+        # One source is the one-weight mixture: index g maps to (0, g), so the order equals the plain dataset's.
+        self.mixture = MixtureOrder(weights or [1.0] * len(self.datasets), seed)
+        self.orders = [GlobalSampleOrder(num_samples(d, seq_len), seed + k) for k, d in enumerate(self.datasets)]
+        self.order = self.orders[0]
         self._next_batch = 0
 
     def next_batch(self) -> list[Batch]:
         """This rank's (inputs, targets) micro batches, each [micro_batch_size, seq_len], of the next global batch."""
-        first = self._next_batch * self.global_batch_size + self.rank * self.per_rank
-        ids = [self.order.sample(first + k) for k in range(self.per_rank)]
+        batch = self.batch_at(self._next_batch)
         self._next_batch += 1
+        return batch
+
+    def batch_at(self, position: int) -> list[Batch]:
+        """This rank's micro batches of global batch `position`; reads only, so worker processes can call it."""
+        first = position * self.global_batch_size + self.rank * self.per_rank
+        picks = [self.locate(first + k) for k in range(self.per_rank)]
         micro = self.micro_batch_size
-        return [read_samples(self.dataset, ids[i : i + micro], self.seq_len) for i in range(0, self.per_rank, micro)]
+        return [self._read(picks[i : i + micro]) for i in range(0, self.per_rank, micro)]
+
+    def locate(self, global_index: int) -> tuple[int, int]:
+        """(dataset, sample id) at a global sample index: a pure function of weights, seed and index."""
+        k, position = self.mixture.locate(global_index)
+        return k, self.orders[k].sample(position)
+
+    def _read(self, picks: list[tuple[int, int]]) -> Batch:
+        rows = np.stack([self.datasets[k].read(i * self.seq_len, self.seq_len + 1) for k, i in picks])
+        tokens = torch.from_numpy(rows)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def state_dict(self) -> dict[str, int]:
         """The loader's whole state: how many global batches have been taken."""

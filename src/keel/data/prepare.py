@@ -7,8 +7,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer
 from keel.data.dataset import FORMAT, MANIFEST, write_manifest
 from keel.data.shards import ShardWriter
 from keel.data.sources import Sources, expand_sources, read_documents
+from keel.data.stages import Pipeline, StageSettings
 from keel.data.tokenizer import encoding_pieces, eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError
 
@@ -36,6 +38,8 @@ class _Scan:
     highest: tuple[float, tuple[int, int]] = (-1.0, (-1, -1))  # ... and of the last train pick
     sample: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
+    stages: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
     def split_of(self, key: tuple[int, int], split_hash: float) -> str:
         """The document's split: by its hash, except that each split gets at least one document."""
@@ -55,6 +59,9 @@ def prepare_dataset(
     val_fraction: float = 0.01,
     text_field: str = "text",
     shard_tokens: int = 50_000_000,
+    licenses: dict[str, str] | None = None,
+    stages: StageSettings | None = None,
+    bad_input: str = "error",
     log: Callable[[str], None] = print,
 ) -> dict:
     """Prepare a dataset dir from source globs and return its manifest; an existing dataset is never touched."""
@@ -64,12 +71,20 @@ def prepare_dataset(
         raise ConfigError(f"data.val_fraction ({val_fraction}) must be between 0 and 1")
     if shard_tokens <= 0:
         raise ConfigError(f"data.shard_tokens ({shard_tokens}) must be positive")
+    if bad_input not in ("error", "skip"):
+        raise ConfigError(f"data.bad_input ({bad_input!r}) must be 'error' or 'skip'")
+    unknown = sorted(set(licenses or {}) - {p for p in sources if not p.startswith("!")})
+    if unknown:
+        raise ConfigError(f"data.licenses: {unknown[0]!r} is not one of data.sources; key each license by its glob")
     tok = None if tokenizer is None else load_tokenizer(tokenizer)
     started = time.perf_counter()
     found = expand_sources(sources)
+    reading = _Reading(text_field, stages or StageSettings(), bad_input == "skip")
     total_bytes = sum(os.path.getsize(f.path) for f in found.files)
     sample_fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total_bytes, 1)) if tok is None else 0.0
-    scan = _scan(found, text_field, val_fraction, sample_fraction)
+    scan = _scan(found, reading, val_fraction, sample_fraction)
+    for entry in scan.per_source:
+        entry["license"] = (licenses or {}).get(entry["glob"], "unknown")
     log(
         f"found {scan.documents} documents in {len(found.files)} files ({total_bytes / 1e6:.1f} MB), "
         f"{scan.val} for validation ({time.perf_counter() - started:.1f} s)"
@@ -86,8 +101,14 @@ def prepare_dataset(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is meant to be shared
-        settings = {"val_fraction": val_fraction, "text_field": text_field, "shard_tokens": shard_tokens}
-        manifest = _write(staging, found, scan, tok, tokenizer, settings, log)
+        settings = {
+            "val_fraction": val_fraction,
+            "text_field": text_field,
+            "shard_tokens": shard_tokens,
+            "bad_input": bad_input,
+            "stages": asdict(reading.stages),
+        }
+        manifest = _write(staging, found, scan, reading, tok, tokenizer, settings, log)
         _commit(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,22 +134,38 @@ def _doc_hashes(key: str, ordinal: int) -> tuple[float, float]:
     return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
 
 
-def _documents(found: Sources, text_field: str) -> Iterator[tuple[int, int, str, float, float]]:
-    """Every non-empty document in order, as (file index, ordinal, text, split hash, sample hash)."""
+@dataclass(frozen=True)
+class _Reading:
+    """How documents are read and processed; every pass over the corpus reads them the same way."""
+
+    text_field: str
+    stages: StageSettings
+    skip_bad: bool
+
+
+def _documents(
+    found: Sources, reading: _Reading, pipeline: Pipeline, skipped: Counter
+) -> Iterator[tuple[int, int, str, float, float]]:
+    """Every non-empty document that survives the stages, as (file index, ordinal, text, split hash, sample hash)."""
     for index, source in enumerate(found.files):
-        for ordinal, text in read_documents(source.path, text_field):
-            if text and not text.isspace():
+        for ordinal, raw in read_documents(source.path, reading.text_field, skipped if reading.skip_bad else None):
+            if not raw or raw.isspace():
+                continue
+            text = pipeline.process(raw)
+            if text is not None:
                 yield (index, ordinal, text, *_doc_hashes(source.key, ordinal))
 
 
-def _scan(found: Sources, text_field: str, val_fraction: float, sample_fraction: float) -> _Scan:
+def _scan(found: Sources, reading: _Reading, val_fraction: float, sample_fraction: float) -> _Scan:
     """Read everything once: catch bad files before work starts, count, and sample text for the tokenizer."""
     scan = _Scan(val_fraction, per_source=[{"glob": g, "files": 0, "documents": 0, "bytes": 0} for g in found.includes])
     for source in found.files:
         scan.per_source[source.source]["files"] += 1
         scan.per_source[source.source]["bytes"] += os.path.getsize(source.path)
     sampled = 0
-    for index, ordinal, text, split_hash, sample_hash in _documents(found, text_field):
+    # The stages are deterministic in document order, so the write pass makes the same decisions again.
+    pipeline, skipped = Pipeline(reading.stages), Counter()
+    for index, ordinal, text, split_hash, sample_hash in _documents(found, reading, pipeline, skipped):
         scan.documents += 1
         scan.per_source[found.files[index].source]["documents"] += 1
         scan.lowest = min(scan.lowest, (split_hash, (index, ordinal)))
@@ -138,8 +175,13 @@ def _scan(found: Sources, text_field: str, val_fraction: float, sample_fraction:
         elif sample_hash < sample_fraction and sampled < 2 * TRAIN_SAMPLE_CHARS:
             scan.sample.append(text)
             sampled += len(text)
+    scan.stages, scan.skipped = pipeline.stats, dict(skipped)
     if scan.documents == 0:
-        raise DataError(f"data.sources: the {len(found.files)} matched files hold no text (empty corpus)")
+        dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
+        raise DataError(
+            f"data.sources: the {len(found.files)} matched files hold no text (empty corpus; "
+            f"{dropped} documents were dropped or skipped)"
+        )
     if scan.documents == 1:
         raise DataError(
             "data.sources: the corpus is one document, but one is needed for training and one for validation; "
@@ -152,6 +194,7 @@ def _write(
     staging: Path,
     found: Sources,
     scan: _Scan,
+    reading: _Reading,
     tok: Tokenizer,
     tokenizer: str | None,
     settings: dict,
@@ -171,7 +214,7 @@ def _write(
     mb = sum(s["bytes"] for s in scan.per_source) / 1e6
     t0 = last_log = time.perf_counter()
     chars, done, batch = 0, 0, []
-    for index, ordinal, text, split_hash, _ in _documents(found, settings["text_field"]):
+    for index, ordinal, text, split_hash, _ in _documents(found, reading, Pipeline(reading.stages), Counter()):
         batch.append((scan.split_of((index, ordinal), split_hash), text))
         chars += len(text)
         if chars >= BATCH_CHARS:
@@ -195,6 +238,8 @@ def _write(
         },
         "splits": {split: writer.finish() for split, writer in writers.items()},
         "sources": scan.per_source + [{"glob": g, "files": n, "documents": 0, "bytes": 0} for g, n in found.excludes],
+        "stages": scan.stages,
+        "skipped": scan.skipped,
         "settings": settings,
     }
     write_manifest(staging, manifest)

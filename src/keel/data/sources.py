@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from keel.errors import DataError
 
@@ -59,40 +63,126 @@ def expand_sources(patterns: list[str]) -> Sources:
     return Sources(includes, [(p, removed[p]) for p, _ in excludes], files)
 
 
-def read_documents(path: str, text_field: str) -> Iterator[tuple[int, str]]:
-    """Yield (ordinal, text) for each document of a file: one per JSON Lines record, else the whole file."""
-    if path.endswith(".jsonl"):
-        yield from _jsonl_documents(path, text_field)
-        return
+class BadRecord(DataError):
+    """A record (or whole file) that cannot be read; `kind` names the problem for skip-and-count statistics."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
+def read_documents(path: str, text_field: str, skipped: Counter | None = None) -> Iterator[tuple[int, str]]:
+    """Yield (ordinal, text) per document: a JSON Lines record, a Parquet row, else the whole file.
+
+    A bad record raises DataError naming file:line, or, when `skipped` is given, is counted there by reason.
+    """
+    try:
+        for item in _records(path, text_field):
+            if isinstance(item, BadRecord):
+                if skipped is None:
+                    raise item
+                skipped[item.kind] += 1
+            else:
+                yield item
+    except BadRecord as e:
+        # A file-level problem (unreadable, corrupt, undecodable) ends that file; its good records are kept.
+        if skipped is None:
+            raise
+        skipped[e.kind] += 1
+
+
+Record = tuple[int, str] | BadRecord  # per-record problems are yielded, so reading can go on after them
+
+
+def _records(path: str, text_field: str) -> Iterator[Record]:
+    if path.endswith(JSONL_SUFFIXES):
+        return _jsonl_documents(path, text_field)
+    if path.endswith(".parquet"):
+        return _parquet_documents(path, text_field)
+    return _whole_file(path)
+
+
+def _whole_file(path: str) -> Iterator[Record]:
     with open(path, "rb") as f:
         raw = f.read()
     try:
         yield 0, raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}: not valid UTF-8 (byte {e.start}); convert it, or exclude it with a '!GLOB' in data.sources"
+        raise BadRecord(
+            "invalid_utf8",
+            f"{path}: not valid UTF-8 (byte {e.start}); convert it, or exclude it with a '!GLOB' in data.sources",
         ) from None
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+def _open_lines(path: str) -> BinaryIO:
+    """A binary line-iterable stream of the file, decompressing .gz and .zst on the fly (bounded memory)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
+    lineno = 0
+    with _open_lines(path) as f:
+        while True:
+            try:
+                raw = f.readline()
+            except (OSError, EOFError, ValueError) as e:
+                raise BadRecord("corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e})") from None
+            if not raw:
+                return
+            lineno += 1
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
             except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8") from None
+                yield BadRecord("invalid_utf8", f"{path}:{lineno}: not valid UTF-8")
+                continue
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(
-                    f"{path}:{lineno}: no field {text_field!r}; set data.text_field to the field that holds the text"
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield lineno, text
+                yield BadRecord("invalid_json", f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield _text_of(lineno, record, text_field, f"{path}:{lineno}")
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise BadRecord("unreadable_parquet", f"{path}: not a readable Parquet file ({e})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise BadRecord(
+            "missing_field",
+            f"{path}: no column {text_field!r} (has: {', '.join(pf.schema_arrow.names)}); "
+            "set data.text_field to the column that holds the text",
+        )
+    row = 0
+    # Row-group batches keep memory bounded however large the file is.
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield _text_of(row, {text_field: text}, text_field, f"{path}:row {row}")
+            row += 1
+
+
+def _text_of(ordinal: int, record: object, text_field: str, where: str) -> Record:
+    if not isinstance(record, dict) or text_field not in record:
+        return BadRecord(
+            "missing_field", f"{where}: no field {text_field!r}; set data.text_field to the field that holds the text"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        return BadRecord("not_a_string", f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+    return ordinal, text
 
 
 def _matches(pattern: str) -> set[str]:

@@ -17,6 +17,8 @@ from keel.checkpoint.model_state import ModelOptimizerState
 from keel.config import Config
 from keel.data.dataset import TokenDataset
 from keel.data.loader import BatchLoader, eval_batches
+from keel.data.mixture import open_mixture
+from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv, all_reduce_mean
 from keel.distributed.parallel import apply_data_parallel, clip_grad_norm, gradient_sync
 from keel.eval.loss import next_token_loss, validation_loss
@@ -63,8 +65,15 @@ class Trainer:
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
 
-        self.loader = BatchLoader(
-            TokenDataset(cfg.data.dataset, "train"),
+        # A mixture trains on its datasets by weight; validation stays on data.dataset.
+        train_data, weights = (
+            open_mixture(cfg.data.mixture, "train")
+            if cfg.data.mixture
+            else (TokenDataset(cfg.data.dataset, "train"), None)
+        )
+        self.loader: BatchLoader | PrefetchLoader = BatchLoader(
+            train_data,
+            weights=weights,
             seq_len=cfg.train.seq_len,
             global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size or cfg.train.global_batch_size // env.world_size,
@@ -72,6 +81,8 @@ class Trainer:
             world_size=env.world_size,
             seed=cfg.run.seed,
         )
+        if cfg.data.num_workers:
+            self.loader = PrefetchLoader(self.loader, cfg.data.num_workers, cfg.data.prefetch_factor)
         self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
         self.events = EventLog(run_dir / "events.jsonl" if env.is_main else None)
