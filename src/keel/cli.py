@@ -65,6 +65,9 @@ def data_prepare(
     overrides: SetOption = None,
     source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets data.sources).")] = None,
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write (sets data.dataset).")] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Prepare only part i of N of the input files, as 'i/N'; join with merge.")
+    ] = None,
 ) -> None:
     """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
     from keel.config import load_config
@@ -85,8 +88,30 @@ def data_prepare(
     prepare_dataset(
         d.sources, Path(d.dataset), tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
         text_field=d.text_field, shard_tokens=d.shard_tokens, licenses=d.licenses,
-        stages=StageSettings.from_config(d), bad_input=d.bad_input, log=log.info,
+        stages=StageSettings.from_config(d), bad_input=d.bad_input, part=_parse_part(shard), log=log.info,
     )
+
+
+def _parse_part(shard: str | None) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    i, _, n = shard.partition("/")
+    if not (i.isdigit() and n.isdigit()):
+        raise KeelError(f"--shard {shard!r}: expected 'i/N', e.g. --shard 0/4")
+    return int(i), int(n)
+
+
+@data_app.command("merge")
+def data_merge(
+    out: Annotated[Path, typer.Argument(help="Dataset directory to create.")],
+    parts: Annotated[list[Path], typer.Argument(help="Datasets prepared with --shard i/N.")],
+) -> None:
+    """Join datasets prepared as `--shard i/N` parts (same tokenizer) into one dataset."""
+    from keel.data.merge import merge_datasets
+
+    m = merge_datasets(parts, out)
+    sizes = ", ".join(f"{split} {entry['tokens']:,} tokens" for split, entry in m["splits"].items())
+    print(f"merged {len(parts)} parts into {out}: {sizes}")
 
 
 @data_app.command("inspect")
@@ -110,6 +135,48 @@ def data_verify(
     print("\n".join(lines))
     if not ok:
         raise typer.Exit(2)
+
+
+SourceOption = Annotated[str, typer.Option(help="Source file (its path, or its key as `keel data inspect` lists).")]
+OrdinalOption = Annotated[
+    int | None, typer.Option(help="Only this document of the file (JSON Lines line number / Parquet row).")
+]
+
+
+@data_app.command("lineage")
+def data_lineage(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+    source: SourceOption,
+    ordinal: OrdinalOption = None,
+    seq_len: Annotated[int, typer.Option(help="train.seq_len, to list the sample ids.", min=1)] = 256,
+) -> None:
+    """List the shards and sample ids that hold a source file's documents (or one of them)."""
+    from keel.data.dataset import load_manifest
+    from keel.data.lineage import find_documents, sample_ids, shards_of
+
+    manifest = load_manifest(dataset)
+    for d in find_documents(dataset, source, ordinal):
+        ids = sample_ids(d, seq_len)
+        print(
+            f"{d.split} document {d.ordinal}: tokens [{d.start}, {d.end}), shards {', '.join(shards_of(manifest, d))}, "
+            f"sample ids {ids.start}..{ids.stop - 1} at seq_len {seq_len}"
+        )
+
+
+@data_app.command("remove")
+def data_remove(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+    source: SourceOption,
+    ordinal: OrdinalOption = None,
+) -> None:
+    """Remove a source file's documents (or one of them): rewrite only the shards that hold them; record it."""
+    from keel.data.lineage import find_documents, remove_documents
+
+    spans = find_documents(dataset, source, ordinal)
+    if not spans:
+        raise KeelError(f"{dataset}: no document {ordinal} of {source} (it may have been filtered or removed)")
+    changed = remove_documents(dataset, spans)
+    print(f"removed {len(spans)} documents; rewrote {len(changed)} shards: {', '.join(changed)}")
 
 
 @checkpoint_app.command("verify")

@@ -62,11 +62,12 @@ def prepare_dataset(
     licenses: dict[str, str] | None = None,
     stages: StageSettings | None = None,
     bad_input: str = "error",
+    part: tuple[int, int] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Prepare a dataset dir from source globs and return its manifest; an existing dataset is never touched."""
     out_dir = Path(out_dir)
-    _check_new(out_dir)
+    check_new(out_dir)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction ({val_fraction}) must be between 0 and 1")
     if shard_tokens <= 0:
@@ -79,6 +80,8 @@ def prepare_dataset(
     tok = None if tokenizer is None else load_tokenizer(tokenizer)
     started = time.perf_counter()
     found = expand_sources(sources)
+    if part is not None:
+        found = _part_of(found, part, tokenizer)
     reading = _Reading(text_field, stages or StageSettings(), bad_input == "skip")
     total_bytes = sum(os.path.getsize(f.path) for f in found.files)
     sample_fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total_bytes, 1)) if tok is None else 0.0
@@ -109,7 +112,7 @@ def prepare_dataset(
             "stages": asdict(reading.stages),
         }
         manifest = _write(staging, found, scan, reading, tok, tokenizer, settings, log)
-        _commit(staging, out_dir)
+        commit_dataset(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -121,7 +124,21 @@ def prepare_dataset(
     return manifest
 
 
-def _check_new(out_dir: Path) -> None:
+def _part_of(found: Sources, part: tuple[int, int], tokenizer: str | None) -> Sources:
+    """The i-th of N parts of the input: every N-th file from the i-th, so parts are of similar size."""
+    i, n = part
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {i}/{n}: the part must be 0 <= i < N")
+    if tokenizer is None:
+        raise ConfigError("--shard needs data.tokenizer: every part must use the same tokenizer for the merge")
+    files = found.files[i::n]
+    if not files:
+        raise DataError(f"--shard {i}/{n}: this part has no files (the sources match {len(found.files)})")
+    return Sources(found.includes, found.excludes, files)
+
+
+def check_new(out_dir: Path) -> None:
+    """Refuse an out_dir that already holds a dataset or anything else."""
     if (out_dir / MANIFEST).exists():
         raise DataError(f"{out_dir} already holds a dataset; choose another data.dataset or delete it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -215,7 +232,7 @@ def _write(
     t0 = last_log = time.perf_counter()
     chars, done, batch = 0, 0, []
     for index, ordinal, text, split_hash, _ in _documents(found, reading, Pipeline(reading.stages), Counter()):
-        batch.append((scan.split_of((index, ordinal), split_hash), text))
+        batch.append((scan.split_of((index, ordinal), split_hash), text, index, ordinal))
         chars += len(text)
         if chars >= BATCH_CHARS:
             _encode(tok, batch, eos, writers)
@@ -238,6 +255,8 @@ def _write(
         },
         "splits": {split: writer.finish() for split, writer in writers.items()},
         "sources": scan.per_source + [{"glob": g, "files": n, "documents": 0, "bytes": 0} for g, n in found.excludes],
+        # Lineage: each shard's .docs file names documents by (index into this list, ordinal in the file).
+        "files": [{"path": f.path, "key": f.key, "source": f.source} for f in found.files],
         "stages": scan.stages,
         "skipped": scan.skipped,
         "settings": settings,
@@ -246,24 +265,28 @@ def _write(
     return manifest
 
 
-def _encode(tok: Tokenizer, batch: list[tuple[str, str]], eos: int, writers: dict[str, ShardWriter]) -> None:
-    """Encode a batch of (split, text) with the tokenizer's threads; append each document plus EOS to its split."""
-    pieces = [list(encoding_pieces(text)) for _, text in batch]
+def _encode(
+    tok: Tokenizer, batch: list[tuple[str, str, int, int]], eos: int, writers: dict[str, ShardWriter]
+) -> None:
+    """Encode (split, text, file, ordinal) with the tokenizer's threads; append document + EOS to its split."""
+    pieces = [list(encoding_pieces(text)) for _, text, _, _ in batch]
     encodings = iter(tok.encode_batch_fast([p for doc in pieces for p in doc], add_special_tokens=False))
     out: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    for (split, _), doc in zip(batch, pieces, strict=True):
+    origins: dict[str, list[tuple[int, int]]] = {"train": [], "val": []}
+    for (split, _, index, ordinal), doc in zip(batch, pieces, strict=True):
         ids: list[int] = []
         for _ in doc:
             ids.extend(next(encodings).ids)
         ids.append(eos)
         out[split].append(np.array(ids, dtype=np.int64))
+        origins[split].append((index, ordinal))
     for split, docs in out.items():
-        writers[split].add(docs)
+        writers[split].add(docs, np.array(origins[split], dtype=np.int64).reshape(-1, 2))
 
 
-def _commit(staging: Path, out_dir: Path) -> None:
+def commit_dataset(staging: Path, out_dir: Path) -> None:
     """Move the finished dataset into place in one rename, so out_dir holds all of it or none of it."""
-    _check_new(out_dir)
+    check_new(out_dir)
     try:
         os.rename(staging, out_dir)  # replaces only an empty directory; anything else fails
     except OSError as e:

@@ -20,10 +20,11 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._filled = 0
         self._starts: list[np.ndarray] = []
+        self._origins: list[np.ndarray] = []
         (root / split).mkdir(parents=True, exist_ok=True)
 
-    def add(self, docs: list[np.ndarray]) -> None:
-        """Append documents (each already ending in EOS); a document may continue into the next shard."""
+    def add(self, docs: list[np.ndarray], origins: np.ndarray) -> None:
+        """Append documents (each ending in EOS) from origins [n, 2] = (file, ordinal); one may span two shards."""
         if not docs:
             return
         tokens = np.concatenate(docs).astype(self.dtype, copy=False)
@@ -33,8 +34,9 @@ class ShardWriter:
             if self._file is None:
                 self._open()
             take = min(len(tokens) - pos, self.shard_tokens - self._filled)
-            here = starts[(starts >= pos) & (starts < pos + take)]
-            self._starts.append(here - pos + self._filled)
+            starting = (starts >= pos) & (starts < pos + take)
+            self._starts.append(starts[starting] - pos + self._filled)
+            self._origins.append(origins[starting])
             data = tokens[pos : pos + take].tobytes()
             self._file.write(data)
             self._hash.update(data)
@@ -59,6 +61,7 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._filled = 0
         self._starts = []
+        self._origins = []
 
     def _close(self) -> None:
         assert self._file is not None
@@ -69,10 +72,15 @@ class ShardWriter:
         with open(self.root / f"{name}.idx", "wb") as f:  # a file object, so np.save adds no ".npy"
             np.save(f, starts.astype(np.int64))
             _sync_close(f)
+        origins = np.concatenate(self._origins) if self._origins else np.zeros((0, 2), np.int64)
+        with open(self.root / f"{name}.docs", "wb") as f:
+            np.save(f, origins.astype(np.int64))
+            _sync_close(f)
         self.shards.append(
             {
                 "file": f"{name}.bin",
                 "index": f"{name}.idx",
+                "origins": f"{name}.docs",
                 "tokens": self._filled,
                 "documents": len(starts),
                 "sha256": self._hash.hexdigest(),

@@ -31,6 +31,8 @@ def inspect_lines(dataset_dir: Path) -> list[str]:
         lines.append(f"stage {stage}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items())))
     for kind, n in sorted(m.get("skipped", {}).items()):
         lines.append(f"skipped {kind}: {n:,}")
+    for removal in m.get("removals", []):
+        lines.append(f"removal {removal['time']}: {len(removal['documents'])} documents, shards {removal['shards']}")
     return lines
 
 

@@ -1,0 +1,153 @@
+"""Lineage and removal: which shards and samples hold a document, and rebuilding shards without it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from keel.data.dataset import DTYPES, load_manifest, resolve_inside, write_manifest
+from keel.errors import DataError
+
+
+@dataclass(frozen=True)
+class DocSpan:
+    """One document of a split: where it came from and its token range [start, end) in the split's stream."""
+
+    split: str
+    file: int
+    ordinal: int
+    start: int
+    end: int
+
+
+def document_spans(root: Path, manifest: dict, split: str) -> list[DocSpan]:
+    """Every document of a split in stream order (reads only the small .idx and .docs files)."""
+    starts, origins, base = [], [], 0
+    for shard in manifest["splits"][split]["shards"]:
+        if "origins" not in shard:
+            raise DataError(f"{root}: shard {shard['file']} has no lineage (.docs); prepare the dataset again")
+        starts.append(np.load(resolve_inside(root, shard["index"])) + base)
+        origins.append(np.load(resolve_inside(root, shard["origins"])).reshape(-1, 2))
+        base += int(shard["tokens"])
+    start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    origin = np.concatenate(origins) if origins else np.zeros((0, 2), np.int64)
+    ends = np.append(start[1:], base)[: len(start)]  # a split emptied by removals has no documents
+    return [DocSpan(split, int(o[0]), int(o[1]), int(s), int(e)) for o, s, e in zip(origin, start, ends, strict=True)]
+
+
+def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -> list[DocSpan]:
+    """Documents from a source file (absolute path or key), optionally only the one at `ordinal`."""
+    root = Path(dataset_dir)
+    manifest = load_manifest(root)
+    wanted = os.path.abspath(source)
+    files = {i for i, f in enumerate(manifest.get("files", [])) if f["path"] == wanted or f["key"] == source}
+    if not files:
+        raise DataError(f"{root}: no source file {source!r} in the manifest; `keel data inspect` lists the sources")
+    return [
+        d
+        for split in manifest["splits"]
+        for d in document_spans(root, manifest, split)
+        if d.file in files and (ordinal is None or d.ordinal == ordinal)
+    ]
+
+
+def shards_of(manifest: dict, span: DocSpan) -> list[str]:
+    """The shard files that hold any token of the document."""
+    out, base = [], 0
+    for shard in manifest["splits"][span.split]["shards"]:
+        if base < span.end and span.start < base + int(shard["tokens"]):
+            out.append(shard["file"])
+        base += int(shard["tokens"])
+    return out
+
+
+def sample_ids(span: DocSpan, seq_len: int) -> range:
+    """Sample ids (windows of seq_len + 1 tokens at stride seq_len) that contain any token of the document."""
+    first = max(0, (span.start - seq_len - 1) // seq_len + 1)
+    return range(first, (span.end - 1) // seq_len + 1)
+
+
+def remove_documents(dataset_dir: Path, spans: list[DocSpan]) -> list[str]:
+    """Rewrite only the shards holding these documents without them; the manifest records the removal last."""
+    root = Path(dataset_dir)
+    manifest = load_manifest(root)
+    dtype = DTYPES[manifest["dtype"]]
+    changed: list[str] = []
+    for split, entry in manifest["splits"].items():
+        cut = [(d.start, d.end) for d in spans if d.split == split]
+        base = 0
+        for shard in entry["shards"]:
+            lo, hi = base, base + int(shard["tokens"])
+            base = hi
+            if any(s < hi and lo < e for s, e in cut):
+                changed.append(shard["file"])
+                _rewrite(root, shard, lo, cut, dtype)
+        entry["tokens"] = sum(int(s["tokens"]) for s in entry["shards"])
+        entry["documents"] = sum(int(s["documents"]) for s in entry["shards"])
+    manifest.setdefault("removals", []).append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "documents": [[manifest["files"][d.file]["key"], d.ordinal] for d in spans],
+            "shards": changed,
+        }
+    )
+    current = set(_all_files(manifest))
+    write_manifest(root, manifest)  # the commit point: before it the old shards are intact and still named
+    for path in _pending_old(root, changed, current):
+        path.unlink(missing_ok=True)
+    return changed
+
+
+def _rewrite(root: Path, shard: dict, lo: int, cut: list[tuple[int, int]], dtype: type) -> None:
+    """Write the shard without the cut token ranges under new names, and point its manifest entry at them."""
+    tokens = np.fromfile(resolve_inside(root, shard["file"]), dtype=dtype)
+    starts = np.load(resolve_inside(root, shard["index"]))
+    origins = np.load(resolve_inside(root, shard["origins"])).reshape(-1, 2)
+    keep = np.ones(len(tokens), dtype=bool)
+    for s, e in cut:
+        keep[max(s - lo, 0) : max(min(e - lo, len(tokens)), 0)] = False
+    alive = keep[starts] if len(starts) else np.zeros(0, bool)
+    removed_before = np.cumsum(~keep) - ~keep  # tokens removed before each position
+    new_starts = starts[alive] - removed_before[starts[alive]]
+    stem = shard["file"][: -len(".bin")]
+    version = int(shard.get("version", 0)) + 1
+    name = f"{stem.split('.r')[0]}.r{version}"
+    data = tokens[keep].tobytes()
+    for suffix, write in (
+        (".bin", lambda f: f.write(data)),
+        (".idx", lambda f: np.save(f, new_starts.astype(np.int64))),
+        (".docs", lambda f: np.save(f, origins[alive].astype(np.int64))),
+    ):
+        with open(root / f"{name}{suffix}", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    shard.update(
+        file=f"{name}.bin",
+        index=f"{name}.idx",
+        origins=f"{name}.docs",
+        tokens=int(keep.sum()),
+        documents=int(alive.sum()),
+        sha256=hashlib.sha256(data).hexdigest(),
+        version=version,
+    )
+
+
+def _all_files(manifest: dict) -> list[str]:
+    return [s[k] for e in manifest["splits"].values() for s in e["shards"] for k in ("file", "index", "origins")]
+
+
+def _pending_old(root: Path, changed: list[str], current: set[str]) -> list[Path]:
+    """Files of the rewritten shards' earlier versions, no longer named by the manifest."""
+    out = []
+    for file in changed:
+        stem = file[: -len(".bin")].split(".r")[0]
+        for path in root.glob(f"{stem}*"):
+            if path.relative_to(root).as_posix() not in current:
+                out.append(path)
+    return out

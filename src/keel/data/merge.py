@@ -1,0 +1,92 @@
+"""`keel data merge`: join datasets prepared as `--shard i/N` parts into one dataset (shards are copied once)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from keel.data.dataset import FORMAT, load_manifest, resolve_inside, write_manifest
+from keel.data.prepare import check_new, commit_dataset
+from keel.errors import DataError
+
+
+def merge_datasets(parts: list[Path], out_dir: Path) -> dict:
+    """Concatenate the parts' shards split by split; sum their statistics; one tokenizer required."""
+    if not parts:
+        raise DataError("keel data merge: name the part datasets to merge")
+    out_dir = Path(out_dir)
+    check_new(out_dir)
+    manifests = [load_manifest(p) for p in parts]
+    first = manifests[0]
+    for path, m in zip(parts, manifests, strict=True):
+        if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"] or m["dtype"] != first["dtype"]:
+            raise DataError(f"{path}: another tokenizer than {parts[0]}; prepare every part with one data.tokenizer")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        shutil.copyfile(resolve_inside(parts[0], first["tokenizer"]["file"]), staging / first["tokenizer"]["file"])
+        manifest = _merged(parts, manifests, staging)
+        write_manifest(staging, manifest)
+        commit_dataset(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _merged(parts: list[Path], manifests: list[dict], staging: Path) -> dict:
+    splits: dict[str, dict] = {}
+    files: list[dict] = []
+    for root, m in zip(parts, manifests, strict=True):
+        offset = len(files)
+        files += m["files"]
+        for split, entry in m["splits"].items():
+            out = splits.setdefault(split, {"tokens": 0, "documents": 0, "shards": []})
+            (staging / split).mkdir(exist_ok=True)
+            for shard in entry["shards"]:
+                name = f"{split}/{len(out['shards']):05d}"
+                shutil.copyfile(resolve_inside(root, shard["file"]), staging / f"{name}.bin")
+                shutil.copyfile(resolve_inside(root, shard["index"]), staging / f"{name}.idx")
+                origins = np.load(resolve_inside(root, shard["origins"])).reshape(-1, 2)
+                origins[:, 0] += offset  # file numbers point into the merged files list
+                with open(staging / f"{name}.docs", "wb") as f:
+                    np.save(f, origins)
+                out["shards"].append(
+                    {**shard, "file": f"{name}.bin", "index": f"{name}.idx", "origins": f"{name}.docs"}
+                )
+                out["tokens"] += int(shard["tokens"])
+                out["documents"] += int(shard["documents"])
+    return {
+        "format": FORMAT,
+        "dtype": manifests[0]["dtype"],
+        "tokenizer": manifests[0]["tokenizer"],
+        "splits": splits,
+        "sources": _sum_sources([m["sources"] for m in manifests]),
+        "files": files,
+        "stages": {k: dict(v) for k, v in _sum_nested([m.get("stages", {}) for m in manifests]).items()},
+        "skipped": dict(sum((Counter(m.get("skipped", {})) for m in manifests), Counter())),
+        "settings": manifests[0]["settings"],
+        "merged_from": [str(p) for p in parts],
+    }
+
+
+def _sum_sources(lists: list[list[dict]]) -> list[dict]:
+    out: dict[str, dict] = {}
+    for sources in lists:
+        for s in sources:
+            entry = out.setdefault(s["glob"], {**s, "files": 0, "documents": 0, "bytes": 0})
+            for key in ("files", "documents", "bytes"):
+                entry[key] += s[key]
+    return list(out.values())
+
+
+def _sum_nested(stats: list[dict[str, dict[str, int]]]) -> dict[str, Counter]:
+    out: dict[str, Counter] = {}
+    for part in stats:
+        for stage, counts in part.items():
+            out.setdefault(stage, Counter()).update(counts)
+    return out
