@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.errors import KeelError
+from keel.observe.sinks import format_metrics
 from keel.observe.status import read_status
 
 # Events that are routine progress, not incidents worth an operator's eye.
@@ -52,13 +53,7 @@ def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
     now = time.time()
     state = run_state(status, stall_timeout_s, now)
     lines = [f"{run_dir}: {state.upper()} at step {status.get('step', 0)}/{status.get('total_steps', '?')}"]
-    details = []
-    if "loss" in status:
-        details.append(f"loss {status['loss']:.4f}")
-    if "val_loss" in status:
-        details.append(f"val_loss {status['val_loss']:.4f}")
-    if "tokens_per_s" in status:
-        details.append(f"{status['tokens_per_s']:,.0f} tok/s")
+    details = format_metrics(status, ("loss", "val_loss", "tokens_per_s"))
     if state == "running" and "eta_s" in status:
         details.append(f"ETA {status['eta_s'] / 60:.1f} min")
     if details:

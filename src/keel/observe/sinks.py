@@ -73,6 +73,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# How people read each number: the console line and `keel status` share these.
+FORMATS = {
+    "loss": lambda v: f"loss {v:.4f}",
+    "val_loss": lambda v: f"val_loss {v:.4f}",
+    "lr": lambda v: f"lr {v:.2e}",
+    "tokens_per_s": lambda v: f"{v:,.0f} tok/s",
+    "mfu": lambda v: f"MFU {100 * v:.1f}%",
+}
+
+
+def format_metrics(values: dict[str, float], names: tuple[str, ...] = tuple(FORMATS)) -> list[str]:
+    """The human-readable form of those of `names` that `values` holds, in that order."""
+    return [FORMATS[name](values[name]) for name in names if name in values]
+
+
 class ConsoleSink:
     """One progress line per record: step, loss, lr, tokens/s, MFU, memory, ETA."""
 
@@ -81,17 +96,7 @@ class ConsoleSink:
         self._log = logger or logging.getLogger("keel")
 
     def write(self, step: int, time: float, values: dict[str, float]) -> None:
-        parts = [f"step {step}/{self.total_steps}"]
-        if "loss" in values:
-            parts.append(f"loss {values['loss']:.4f}")
-        if "val_loss" in values:
-            parts.append(f"val_loss {values['val_loss']:.4f}")
-        if "lr" in values:
-            parts.append(f"lr {values['lr']:.2e}")
-        if "tokens_per_s" in values:
-            parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
-        if "mfu" in values:
-            parts.append(f"MFU {100 * values['mfu']:.1f}%")
+        parts = [f"step {step}/{self.total_steps}", *format_metrics(values)]
         memory = values.get("memory_cuda_peak_gb", values.get("memory_rss_gb"))
         if memory is not None:
             parts.append(f"mem {memory:.2f} GB")
