@@ -97,11 +97,15 @@ def uncommitted_dirs(run: Path) -> list[str]:
     return [d.name for d in (run / "checkpoints").glob("step_*") if not (d / "commit.json").exists()]
 
 
-def wait_for_start(run: Path, seen: int, timeout: float = 120.0) -> None:
+def wait_for_start(run: Path, seen: int, pid: int, log: Path, timeout: float = 300.0) -> None:
     """Wait until the attempt has restored and started training (its "start" event), so each trial trains."""
+    import psutil
+
     deadline = time.monotonic() + timeout
     while not any(e["event"] == "start" for e in events(run)[seen:]):
-        assert time.monotonic() < deadline, "the training process did not start"
+        launcher = psutil.Process(pid)
+        exited = launcher.status() == psutil.STATUS_ZOMBIE
+        assert not exited and time.monotonic() < deadline, f"the training did not start: {log.read_text()[-3000:]}"
         time.sleep(0.02)
 
 
@@ -126,7 +130,7 @@ def drive(root: Path, config: Path, trials: int, nproc: int, delay: tuple[float,
         args += ["--nproc", str(nproc), "--set", f"checkpoint.async_save={'true' if trial % 2 else 'false'}"]
         uncommitted = set(uncommitted_dirs(run))
         pid = start(args, log)
-        wait_for_start(run, seen)
+        wait_for_start(run, seen, pid, log)
         time.sleep(rng.uniform(*delay))  # a random moment of training, most of which is saving
         kill_job(pid)
         committed = check_committed_intact(run) if (run / "checkpoints").exists() else []

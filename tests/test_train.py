@@ -95,3 +95,13 @@ def test_resume_after_a_crash_mid_save_uses_the_previous_checkpoint_and_rewinds_
     assert losses(run) == losses(full)
     rolled_back = (run / "metrics.rolled_back.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in rolled_back] == [9, 10]
+
+
+def test_metrics_rewind_moves_later_and_torn_lines_aside(tmp_path):
+    from keel.observe.sinks import rewind_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.4}\n{"step": 4, "lo')
+    assert rewind_jsonl(path, 2) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "metrics.rolled_back.jsonl").read_text().splitlines()[1] == '{"step": 4, "lo'

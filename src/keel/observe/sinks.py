@@ -40,7 +40,11 @@ def rewind_jsonl(path: Path, step: int) -> int:
         return 0
     keep, drop = [], []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        (drop if json.loads(line).get("step", 0) > step else keep).append(line)
+        try:
+            after = json.loads(line).get("step", 0) > step
+        except json.JSONDecodeError:
+            after = True  # a line torn by a kill mid-write belongs to the dead attempt
+        (drop if after else keep).append(line if line.endswith("\n") else line + "\n")
     if drop:
         with open(path.with_suffix(".rolled_back.jsonl"), "a", encoding="utf-8") as f:
             f.writelines(drop)
