@@ -78,6 +78,19 @@ def run_keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def dataset_text(dataset: Path) -> str:
+    """Every token of a prepared dataset's splits, decoded back to text."""
+    from keel.data.dataset import TokenDataset
+    from keel.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(dataset / "tokenizer.json"))
+    parts = []
+    for split in ("train", "val"):
+        ds = TokenDataset(dataset, split)
+        parts.append(tok.decode(ds.read(0, ds.num_tokens).tolist()))
+    return " ".join(parts)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import dataset_text
 from keel.cli import app
-from keel.data.dataset import TokenDataset, load_manifest
+from keel.data.dataset import load_manifest
 from keel.data.lineage import find_documents, remove_documents, sample_ids, shards_of
 from keel.data.prepare import prepare_dataset
-from keel.data.tokenizer import load_tokenizer
 from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError, KeelError
 
@@ -32,15 +32,6 @@ def dataset(tmp_path: Path) -> Path:
     return out
 
 
-def _text(dataset: Path) -> str:
-    tok = load_tokenizer(str(dataset / "tokenizer.json"))
-    out = []
-    for split in ("train", "val"):
-        ds = TokenDataset(dataset, split)
-        out.append(tok.decode(ds.read(0, ds.num_tokens).tolist()))
-    return " ".join(out)
-
-
 def test_lineage_names_the_shards_and_samples_holding_a_document(dataset, tmp_path):
     [span] = find_documents(dataset, str(tmp_path / "a.jsonl"), ordinal=18)  # line 18 holds docs[17]
     manifest = load_manifest(dataset)
@@ -54,11 +45,11 @@ def test_lineage_names_the_shards_and_samples_holding_a_document(dataset, tmp_pa
 
 def test_remove_rewrites_only_the_shards_that_held_the_document(dataset, tmp_path):
     before = load_manifest(dataset)
-    assert "zebra" in _text(dataset)
+    assert "zebra" in dataset_text(dataset)
     [span] = find_documents(dataset, "a.jsonl", ordinal=18)
     changed = remove_documents(dataset, [span])
     after = load_manifest(dataset)
-    assert "zebra" not in _text(dataset)
+    assert "zebra" not in dataset_text(dataset)
     assert verify_dataset(dataset)[1]
     for split in before["splits"]:
         for old, new in zip(before["splits"][split]["shards"], after["splits"][split]["shards"], strict=True):

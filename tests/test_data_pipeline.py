@@ -13,13 +13,12 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
+from conftest import dataset_text
 from keel.cli import app
-from keel.data.dataset import TokenDataset
 from keel.data.minhash import NearDedup, lsh_bands
 from keel.data.pii import luhn_ok, scrub
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import Pipeline, StageSettings, quality_failure
-from keel.data.tokenizer import load_tokenizer
 from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError
 
@@ -58,15 +57,6 @@ def _write_mixed(root: Path) -> dict[str, list[str]]:
     (root / "books.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
     pq.write_table(pa.table({"text": code}), root / "code.parquet")
     return {"web": web, "books": books, "code": code}
-
-
-def _all_text(dataset: Path) -> str:
-    tok = load_tokenizer(str(dataset / "tokenizer.json"))
-    parts = []
-    for split in ("train", "val"):
-        ds = TokenDataset(dataset, split)
-        parts.append(tok.decode(ds.read(0, ds.num_tokens).tolist()))
-    return " ".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +100,7 @@ def test_mixed_formats_drop_planted_duplicates_and_count_every_stage(mixed):
 
 
 def test_pii_is_replaced_by_typed_placeholders_in_the_shards(mixed):
-    text = _all_text(mixed[0])
+    text = dataset_text(mixed[0])
     for secret in ("jane.doe@example.org", "415-555-0132", "4111 1111 1111 1111", "10.0.0.7", "2001:db8::7334"):
         assert secret not in text
     for placeholder in ("<EMAIL>", "<PHONE>", "<CREDIT_CARD>", "<IP_ADDRESS>"):
