@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, tiny_config
-from keel.observe.metrics import UNITS
+from keel.observe.metrics import FAMILIES, UNITS
 
 DEPLOY = ROOT / "deploy"
 
@@ -74,7 +74,8 @@ def test_promtool_accepts_the_scrape_config_and_alert_rules(prometheus):
 
 def test_grafana_dashboard_plots_only_metrics_the_hub_exports():
     dashboard = json.loads((DEPLOY / "grafana" / "keel-dashboard.json").read_text())
-    exported = {f"keel_{name}" for name in UNITS} | {"keel_step", "keel_last_update_timestamp_seconds"}
+    exported = {f"keel_{name}" for name in UNITS} | {f"keel_{family}_group" for family in FAMILIES}
+    exported |= {"keel_step", "keel_last_update_timestamp_seconds"}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             names = {word for word in target["expr"].replace("{", " ").split() if word.startswith("keel_")}

@@ -6,8 +6,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from keel.distributed.env import DistEnv
@@ -52,3 +54,34 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def parameter_group(name: str) -> str:
+    """A parameter's group: its name without layer indices and the trailing weight/bias (layers.attention.wq)."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    if len(parts) > 1 and parts[-1] in ("weight", "bias"):
+        parts.pop()
+    return ".".join(parts)
+
+
+def grad_norms_by_group(model: nn.Module) -> dict[str, float]:
+    """The L2 norm of each parameter group's gradients, over all ranks' shards (one small all-reduce under FSDP)."""
+    squares: dict[str, torch.Tensor] = {}
+    sharded = False
+    for name, param in unwrap(model).named_parameters():
+        grad = param.grad
+        if grad is None:
+            continue
+        if isinstance(grad, DTensor):
+            sharded = sharded or any(p.is_shard() for p in grad.placements)
+            grad = grad.to_local()
+        group = parameter_group(name)
+        square = grad.detach().float().pow(2).sum()
+        squares[group] = squares[group] + square if group in squares else square
+    if not squares:
+        return {}
+    names = sorted(squares)
+    total = torch.stack([squares[n] for n in names])
+    if sharded and dist.is_initialized():
+        dist.all_reduce(total)  # each rank holds a disjoint shard: the squares add up
+    return dict(zip(names, total.sqrt().tolist(), strict=True))

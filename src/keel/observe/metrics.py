@@ -12,6 +12,7 @@ UNITS: dict[str, str] = {
     "lr": "1",
     "grad_norm": "1",
     "tokens_per_s": "tokens/s",
+    "tokens_per_s_rank": "tokens/s",
     "tokens_seen": "tokens",
     "step_time_s": "s",
     "mfu": "fraction",
@@ -25,7 +26,19 @@ UNITS: dict[str, str] = {
     "eval_s": "s",
     "checkpoint_s": "s",
     "checkpoint_age_s": "s",
+    "rank_slowdown": "ratio",
+    "straggler_slowdown": "ratio",
+    "stragglers": "ranks",
 }
+
+# Families of metrics named `<family>/<member>`, whose members are known only at run time (parameter groups).
+FAMILIES: dict[str, str] = {"grad_norm": "1"}
+
+
+def unit_of(name: str) -> str | None:
+    """The unit of a metric name, a family member's included; None for a name Keel does not know."""
+    family, _, member = name.partition("/")
+    return FAMILIES.get(family) if member else UNITS.get(name)
 
 
 class Sink(Protocol):
@@ -44,9 +57,9 @@ class Metrics:
 
     def record(self, step: int, values: dict[str, float]) -> None:
         """Record named values for `step` in every sink."""
-        unknown = set(values) - set(UNITS)
+        unknown = [name for name in values if unit_of(name) is None]
         if unknown:
-            raise KeyError(f"unknown metric(s) {sorted(unknown)}; add them to keel.observe.metrics.UNITS")
+            raise KeyError(f"unknown metric(s) {sorted(unknown)}; add them to keel.observe.metrics.UNITS or FAMILIES")
         now = time.time()
         clean = {k: float(v) for k, v in values.items()}
         for sink in self.sinks:

@@ -1,4 +1,7 @@
-"""A Prometheus exporter per rank: every metric as a gauge `keel_<name>`, labelled by run, rank and host."""
+"""A Prometheus exporter per rank: every metric as a gauge `keel_<name>`, labelled by run, rank and host.
+
+A family member `<family>/<member>` is the gauge `keel_<family>_group` with the extra label `group="<member>"`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import time
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from keel.errors import LaunchError
-from keel.observe.metrics import UNITS
+from keel.observe.metrics import FAMILIES, UNITS
 
 
 class PrometheusSink:
@@ -22,9 +25,17 @@ class PrometheusSink:
             name: Gauge(f"keel_{name}", f"Keel {name} ({unit})", labels, registry=self.registry)
             for name, unit in UNITS.items()
         }
+        self._families = {
+            family: Gauge(
+                f"keel_{family}_group", f"Keel {family} per group ({unit})", [*labels, "group"], registry=self.registry
+            )
+            for family, unit in FAMILIES.items()
+        }
         self._step = Gauge("keel_step", "Last optimizer step recorded", labels, registry=self.registry)
         self._updated = Gauge(
-            "keel_last_update_timestamp_seconds", "Unix time of the last record (the heartbeat)", labels,
+            "keel_last_update_timestamp_seconds",
+            "Unix time of the last record (the heartbeat)",
+            labels,
             registry=self.registry,
         )
         try:
@@ -37,7 +48,11 @@ class PrometheusSink:
 
     def write(self, step: int, time_: float, values: dict[str, float]) -> None:
         for name, value in values.items():
-            self._gauges[name].labels(**self._labels).set(value)
+            family, _, member = name.partition("/")
+            if member:
+                self._families[family].labels(**self._labels, group=member).set(value)
+            else:
+                self._gauges[name].labels(**self._labels).set(value)
         self._step.labels(**self._labels).set(step)
         self._updated.labels(**self._labels).set(time_ or time.time())
 

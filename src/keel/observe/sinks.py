@@ -113,14 +113,18 @@ class ConsoleSink:
 
 
 def build_sinks(cfg: Config, run_dir: Path, env: DistEnv) -> list:
-    """The sinks `observe.*` turns on for this rank: run-dir files on rank 0, a Prometheus exporter on every rank."""
+    """The sinks `observe.*` turns on: run-dir files, console, TensorBoard, W&B on rank 0; Prometheus on every rank."""
     sinks: list = []
     if env.is_main:
-        sinks += [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps)]
+        sinks += [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps, cfg.observe.heartbeat_s)]
         if cfg.observe.console:
             sinks.append(ConsoleSink(cfg.train.steps))
         if cfg.observe.tensorboard:
             sinks.append(TensorBoardSink(run_dir / "tb"))
+        if cfg.observe.wandb:
+            from keel.observe.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(run_dir, cfg.run.name, cfg.observe.wandb_project, cfg.model_dump(mode="json")))
     if cfg.observe.prometheus:
         from keel.observe.prometheus import PrometheusSink
 

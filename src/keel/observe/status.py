@@ -17,34 +17,45 @@ RUN_STATES = ("starting", "running", "finished", "stopped", "crashed")
 
 
 class StatusSink:
-    """A metrics sink that rewrites status.json on every record, so its age is the heartbeat's age."""
+    """A metrics sink that rewrites status.json from its records, at most once per `interval_s`.
 
-    def __init__(self, run_dir: Path, total_steps: int):
+    Only records write it, so its age is the age of the training loop's last sign of life; the interval keeps
+    the atomic, fsynced rewrite off the per-step path (a stall timeout is minutes, the interval seconds).
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, interval_s: float = 10.0):
         self.run_dir = Path(run_dir)
-        self.total_steps = total_steps
+        self.interval_s = interval_s
         self._status: dict[str, Any] = {"state": "starting", "step": 0, "total_steps": total_steps}
+        self._written_at = 0.0
         self._write()
 
-    def write(self, step: int, time: float, values: dict[str, float]) -> None:
+    def write(self, step: int, time_: float, values: dict[str, float]) -> None:
+        starts = self._status["state"] != "running"
         self._status.update(state="running", step=step)
         for key in ("loss", "val_loss", "tokens_per_s", "eta_s"):
             if key in values:
                 self._status[key] = values[key]
-        self._write()
+        if starts or time.monotonic() - self._written_at >= self.interval_s:
+            self._write()
 
     def close(self) -> None:
-        pass
+        self._write()  # the last record, so a final state marked later keeps the last loss and step
 
     def _write(self) -> None:
         write_status(self.run_dir, self._status)
+        self._written_at = time.monotonic()
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     """Write status.json atomically, stamped with the time, host, process id and newest committed checkpoint."""
     steps = committed_steps(Path(run_dir) / "checkpoints")
     record = {
-        **status, "last_checkpoint_step": steps[-1] if steps else None,
-        "updated_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+        **status,
+        "last_checkpoint_step": steps[-1] if steps else None,
+        "updated_at": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=1))
 
