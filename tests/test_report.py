@@ -19,7 +19,14 @@ def test_report_embeds_plots_and_lists_incidents_of_a_resumed_run(tmp_path, data
     assert len(images) >= 5  # loss, lr, throughput, MFU, step time, memory
     for image in images:
         assert base64.b64decode(image.split('"')[0]).startswith(b"\x89PNG")
-    for alt in ("Loss", "Learning rate", "Throughput", "Model FLOPs utilisation", "Memory"):
+    for alt in (
+        "Loss",
+        "Learning rate",
+        "Throughput",
+        "Model FLOPs utilisation",
+        "Memory",
+        "Gradient norm per parameter group",
+    ):
         assert f'alt="{alt}"' in page
     assert ">resume<" in page and ">stop<" in page and "finished" in page
 

@@ -96,7 +96,9 @@ def write_report(run_dir: Path) -> Path:
     events = _read_jsonl(run_dir / "events.jsonl")
     t0 = min([r["time"] for r in records] + [e["time"] for e in events])
     incidents = recent_incidents(run_dir, limit=len(events) or 1)
-    images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in PANELS]
+    groups = sorted({name for r in records for name in r if name.startswith("grad_norm/")})
+    panels = [*PANELS, ("Gradient norm per parameter group", groups, "L2 norm")]
+    images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in panels]
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(run_dir, records)
     )
