@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import keel
 from keel.config import load_config
+from keel.data.loader import document_ids, position_ids
 from keel.errors import ConfigError
 from keel.models import MODELS, get_model_spec, model_args
 
@@ -165,3 +166,38 @@ def test_every_registered_model_documents_its_keys():
     for name, spec in MODELS.items():
         assert get_model_spec(name) is spec
         assert all(f.description for f in spec.args_cls.model_fields.values())
+
+
+def _packed_model_and_documents():
+    """A tiny model and one packed row [doc A, EOS, doc B] (EOS = 0), with its document ids and positions."""
+    # Large initial weights make attention peaked, so positions and masking change the logits clearly.
+    base = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 50, "init_std": 0.3}
+    spec, args = model_args(base)
+    torch.manual_seed(0)
+    model = spec.build(args)
+    doc_a, doc_b = torch.randint(1, 50, (5,)), torch.randint(1, 50, (7,))
+    packed = torch.cat([doc_a, torch.tensor([0]), doc_b])[None]
+    documents = document_ids(packed, eos_id=0)
+    return model, packed, doc_b[None], documents, position_ids(documents)
+
+
+def test_packed_document_with_mask_and_positions_equals_the_document_alone():
+    model, packed, doc_b, documents, positions = _packed_model_and_documents()
+    assert positions[0, 6:].tolist() == list(range(7)) and documents[0].tolist() == [0] * 6 + [1] * 7
+    alone = model(doc_b)
+    masked = model(packed, positions=positions, documents=documents)
+    torch.testing.assert_close(masked[:, 6:], alone)  # fp32 tolerances: atol 1e-5, rtol 1.3e-6
+    torch.testing.assert_close(masked[:, :6], model(packed[:, :6]))
+    # RoPE scores depend on relative positions only, so the mask alone isolates doc B too (up to rounding).
+    torch.testing.assert_close(model(packed, documents=documents)[:, 6:], alone)
+    # Without the mask doc B attends to doc A: the test can tell the difference.
+    assert not torch.allclose(model(packed, positions=positions)[:, 6:], alone, atol=1e-2)
+
+
+def test_positions_are_used_and_default_to_arange_exactly():
+    model, packed, _, documents, positions = _packed_model_and_documents()
+    default = model(packed)
+    assert torch.equal(model(packed, positions=torch.arange(packed.shape[1])[None]), default)
+    assert not torch.allclose(model(packed, positions=positions), default, atol=1e-2)
+    # One document is plain causal attention (through the masked kernel, so equal up to rounding).
+    torch.testing.assert_close(model(packed, documents=torch.zeros_like(packed)), default)

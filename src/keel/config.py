@@ -43,6 +43,14 @@ class DataConfig(Section):
         0, ge=0, description="Loader processes reading batches ahead (torchdata StatefulDataLoader); 0 reads inline."
     )
     prefetch_factor: int = Field(4, gt=0, description="Batches each loader worker keeps ready ahead of the step.")
+    # Independent switches, as Megatron's reset_position_ids and reset_attention_mask. RoPE sees only relative
+    # positions, so the mask alone already isolates documents; positions alone still attend across documents.
+    document_positions: bool = Field(
+        False, description="Restart position ids at 0 after each EOS in a sample (Megatron's reset_position_ids)."
+    )
+    document_mask: bool = Field(
+        False, description="Attend only within a document: block-diagonal causal mask (dense: slower attention)."
+    )
     licenses: dict[str, str] = Field(
         default_factory=dict, description='License tag per source glob, e.g. {"web/*.jsonl" = "CC-BY-4.0"}.'
     )

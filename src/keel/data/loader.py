@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -11,7 +12,45 @@ from keel.data.dataset import TokenDataset
 from keel.data.mixture import MixtureOrder
 from keel.errors import ConfigError, DataError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+
+class Batch(NamedTuple):
+    """A micro batch: inputs and targets [B, S], plus per-document positions and document ids [B, S] if asked for."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device`."""
+        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in self))
+
+
+def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per token, how many EOS tokens precede it in its row: the EOS ends its document, the next token starts one."""
+    eos = (inputs == eos_id).long()
+    return eos.cumsum(-1) - eos
+
+
+def position_ids(documents: torch.Tensor) -> torch.Tensor:
+    """Per token, its offset from the first token of its document within the row (0 at each document's start)."""
+    index = torch.arange(documents.shape[-1]).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
+def make_batch(rows: np.ndarray, eos_id: int, positions: bool = False, documents: bool = False) -> Batch:
+    """Split windows of seq_len + 1 tokens into a Batch, with per-document positions and ids where asked for."""
+    # A window that starts inside a document counts positions from the window start, as Megatron and torchtitan
+    # do: the true offset would cost a document-index search per sample, and RoPE within a document sees only
+    # differences of positions, which are the same either way.
+    tokens = torch.from_numpy(rows)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if not (positions or documents):
+        return Batch(inputs, targets)
+    ids = document_ids(inputs, eos_id)
+    return Batch(inputs, targets, position_ids(ids) if positions else None, ids if documents else None)
 
 
 class GlobalSampleOrder:
@@ -50,11 +89,12 @@ def num_samples(dataset: TokenDataset, seq_len: int) -> int:
     return count
 
 
-def read_samples(dataset: TokenDataset, sample_ids: list[int], seq_len: int) -> Batch:
-    """(inputs, targets) of shape [len(sample_ids), seq_len]: each window and the same window shifted by one."""
+def read_samples(
+    dataset: TokenDataset, sample_ids: list[int], seq_len: int, positions: bool = False, documents: bool = False
+) -> Batch:
+    """Inputs and targets [len(sample_ids), seq_len]: each window and the same window shifted by one."""
     rows = np.stack([dataset.read(i * seq_len, seq_len + 1) for i in sample_ids])
-    tokens = torch.from_numpy(rows)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return make_batch(rows, dataset.eos_id, positions, documents)
 
 
 class BatchLoader:
@@ -71,6 +111,8 @@ class BatchLoader:
         world_size: int,
         seed: int,
         weights: list[float] | None = None,
+        document_positions: bool = False,
+        document_mask: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -93,10 +135,12 @@ class BatchLoader:
         self.mixture = MixtureOrder(weights or [1.0] * len(self.datasets), seed)
         self.orders = [GlobalSampleOrder(num_samples(d, seq_len), seed + k) for k, d in enumerate(self.datasets)]
         self.order = self.orders[0]
+        # Only what the batch carries changes; which tokens make up each sample stays a function of the order.
+        self.document_positions, self.document_mask = document_positions, document_mask
         self._next_batch = 0
 
     def next_batch(self) -> list[Batch]:
-        """This rank's (inputs, targets) micro batches, each [micro_batch_size, seq_len], of the next global batch."""
+        """This rank's micro batches, each [micro_batch_size, seq_len], of the next global batch."""
         batch = self.batch_at(self._next_batch)
         self._next_batch += 1
         return batch
@@ -115,8 +159,8 @@ class BatchLoader:
 
     def _read(self, picks: list[tuple[int, int]]) -> Batch:
         rows = np.stack([self.datasets[k].read(i * self.seq_len, self.seq_len + 1) for k, i in picks])
-        tokens = torch.from_numpy(rows)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        # A mixture's datasets share one tokenizer (open_mixture checks), so one EOS id serves every row.
+        return make_batch(rows, self.datasets[0].eos_id, self.document_positions, self.document_mask)
 
     def state_dict(self) -> dict[str, int]:
         """The loader's whole state: how many global batches have been taken."""
@@ -131,7 +175,15 @@ class BatchLoader:
 
 
 def eval_batches(
-    dataset: TokenDataset, *, seq_len: int, batch_size: int, num_batches: int, rank: int, world_size: int
+    dataset: TokenDataset,
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    rank: int,
+    world_size: int,
+    document_positions: bool = False,
+    document_mask: bool = False,
 ) -> Iterator[Batch]:
     """This rank's slice of a fixed, unshuffled set of batches: the split's first samples, wrapping if it is small."""
     if batch_size % world_size:
@@ -143,4 +195,5 @@ def eval_batches(
     per_rank = batch_size // world_size
     for b in range(num_batches):
         first = b * batch_size + rank * per_rank
-        yield read_samples(dataset, [(first + k) % count for k in range(per_rank)], seq_len)
+        ids = [(first + k) % count for k in range(per_rank)]
+        yield read_samples(dataset, ids, seq_len, document_positions, document_mask)

@@ -80,12 +80,20 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (even, odd) feature pair of x [B, T, H, D] by its position's angle."""
+    """Rotate each (even, odd) feature pair of x [B, T, H, D] by its angle in cos, sin [B or 1, T, 1, D / 2]."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, T] from document ids [B, T]: causal, and only within the same document."""
+    # A dense mask rules out the flash SDPA kernel on CUDA (memory-efficient or math attention run instead, with
+    # B*T*T mask bytes in memory); flex_attention with a block mask, or varlen flash attention, is the fast path.
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
 
 
 class Attention(nn.Module):
@@ -99,7 +107,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         # Shape by head_dim, not head count, so a tensor-parallel shard (fewer local heads) works unchanged.
         q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
@@ -111,7 +121,10 @@ class Attention(nn.Module):
             # (pytorch#139586), so fp32 or cuDNN runs would fall back to math; equal heads suit every kernel.
             repeats = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -138,8 +151,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -180,15 +195,22 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T]."""
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; optional position ids and document ids [B, T] of packed data."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ConfigError(f"model.max_seq_len: {self.args.max_seq_len} is shorter than a {T}-token sequence")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if positions is None:
+            cos, sin = self.rope_cos[None, :T, None], self.rope_sin[None, :T, None]
+        else:
+            # Each token's own row of the tables: positions restart at every document of a packed sequence.
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
+        mask = None if documents is None else document_mask(documents)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
 
 
