@@ -66,7 +66,7 @@ def parameter_group(name: str) -> str:
 
 def grad_norms_by_group(model: nn.Module) -> dict[str, float]:
     """The L2 norm of each parameter group's gradients, over all ranks' shards (one small all-reduce under FSDP)."""
-    squares: dict[str, torch.Tensor] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
     sharded = False
     for name, param in unwrap(model).named_parameters():
         grad = param.grad
@@ -75,13 +75,12 @@ def grad_norms_by_group(model: nn.Module) -> dict[str, float]:
         if isinstance(grad, DTensor):
             sharded = sharded or any(p.is_shard() for p in grad.placements)
             grad = grad.to_local()
-        group = parameter_group(name)
-        square = grad.detach().float().pow(2).sum()
-        squares[group] = squares[group] + square if group in squares else square
-    if not squares:
+        grads.setdefault(parameter_group(name), []).append(grad.detach())
+    if not grads:
         return {}
-    names = sorted(squares)
-    total = torch.stack([squares[n] for n in names])
+    names = sorted(grads)
+    # Multi-tensor norms (the kernels clip_grad_norm_ uses), squared so that shards and groups add up.
+    squares = torch.stack([torch.nn.utils.get_total_norm(grads[n]).float() for n in names]).square()
     if sharded and dist.is_initialized():
-        dist.all_reduce(total)  # each rank holds a disjoint shard: the squares add up
-    return dict(zip(names, total.sqrt().tolist(), strict=True))
+        dist.all_reduce(squares)  # each rank holds a disjoint shard
+    return dict(zip(names, squares.sqrt().tolist(), strict=True))

@@ -18,6 +18,8 @@ UNITS: dict[str, str] = {
     "mfu": "fraction",
     "memory_rss_gb": "GB",
     "memory_cuda_peak_gb": "GB",
+    "memory_cuda_allocated_gb": "GB",
+    "memory_cuda_reserved_gb": "GB",
     "eta_s": "s",
     "data_wait_s": "s",
     "forward_s": "s",

@@ -21,7 +21,7 @@ PANELS = [
     ("Throughput", ["tokens_per_s"], "tokens/s"),
     ("Model FLOPs utilisation", ["mfu"], "fraction of peak"),
     ("Step time", ["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "checkpoint_s"], "s"),
-    ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb"], "GB"),
+    ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"], "GB"),
 ]
 
 
