@@ -19,14 +19,24 @@ def train(tmp_path, dataset, name, *extra, **sections):
 
 
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, dataset):
-    single = losses(train(tmp_path, dataset, "single"))
-    ddp = losses(train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp": "ddp"}))
-    fsdp = losses(train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp": "fsdp"}))
-    external = losses(train_under_external_torchrun(tmp_path, dataset, "external"))
+    runs = [
+        train(tmp_path, dataset, "single"),
+        train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp": "ddp"}),
+        train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp": "fsdp"}),
+        train_under_external_torchrun(tmp_path, dataset, "external"),
+    ]
+    single, ddp, fsdp, external = map(losses, runs)
     assert len(single) == len(ddp) == len(fsdp) == len(external) == 5
     for reference, *others in zip(single, ddp, fsdp, external, strict=True):
         assert others == pytest.approx([reference] * 3, rel=1e-5)
     assert single[-1] < single[0]
+    # Per-group gradient norms: the same on every world size (FSDP adds up its shards), and they make the global one.
+    groups = [{k: v for k, v in read_metrics(run)[0].items() if k.startswith("grad_norm/")} for run in runs]
+    assert {"grad_norm/tok_embeddings", "grad_norm/layers.attention.wq", "grad_norm/output"} <= set(groups[0])
+    for other in groups[1:]:
+        assert other == pytest.approx(groups[0], rel=1e-4)
+    total = sum(v * v for v in groups[0].values()) ** 0.5
+    assert total == pytest.approx(read_metrics(runs[0])[0]["grad_norm"], rel=1e-5)
 
 
 def train_under_external_torchrun(tmp_path, dataset, name):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keel.errors import ConfigError
 
@@ -149,7 +149,17 @@ class ObserveConfig(Section):
     stall_timeout_s: float = Field(
         600.0, gt=0, description="`keel status` calls a run stalled when its heartbeat is older than this."
     )
-
+    heartbeat_s: float = Field(
+        10.0, ge=0, description="Rewrite RUN_DIR/status.json at most this often (seconds); below stall_timeout_s."
+    )
+    straggler_every: int = Field(
+        50, ge=0, description="Every this many steps the ranks compare their speeds to find stragglers (0 = never)."
+    )
+    straggler_margin: float = Field(
+        0.2, gt=0, description="A rank this much slower than the median (0.2 = 20%) is reported as a straggler."
+    )
+    wandb: bool = Field(False, description="Log rank 0's metrics to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str = Field("keel", description="The Weights & Biases project runs are logged to.")
 
     @field_validator("profile_steps")
     @classmethod
@@ -158,6 +168,15 @@ class ObserveConfig(Section):
             if len(r) != 2 or not 0 < r[0] <= r[1]:
                 raise ValueError(f"each range must be [first, last] with 0 < first <= last, got {r}")
         return ranges
+
+    @model_validator(mode="after")
+    def _heartbeat_before_stall(self) -> ObserveConfig:
+        if self.heartbeat_s >= self.stall_timeout_s:
+            raise ValueError(
+                f"observe.heartbeat_s ({self.heartbeat_s}) must be below observe.stall_timeout_s "
+                f"({self.stall_timeout_s}), or every live run would look stalled"
+            )
+        return self
 
 
 class ModelConfig(BaseModel):

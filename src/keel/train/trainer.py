@@ -20,8 +20,8 @@ from keel.data.loader import BatchLoader, eval_batches
 from keel.data.mixture import open_mixture
 from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv, all_reduce_mean
-from keel.distributed.parallel import apply_data_parallel, clip_grad_norm, gradient_sync
-from keel.eval.loss import next_token_loss, validation_loss
+from keel.distributed.parallel import apply_data_parallel, clip_grad_norm, grad_norms_by_group, gradient_sync
+from keel.eval.loss import batch_loss, validation_loss
 from keel.models import model_args
 from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
@@ -30,6 +30,7 @@ from keel.observe.profiler import StepProfiler
 from keel.observe.sinks import build_sinks, rewind_jsonl
 from keel.observe.status import mark_state
 from keel.observe.step_timer import StepTimer
+from keel.observe.straggler import StragglerWatch
 from keel.train.optim import build_optimizer, lr_at, set_lr
 from keel.train.state import TrainState
 
@@ -80,6 +81,8 @@ class Trainer:
             rank=env.rank,
             world_size=env.world_size,
             seed=cfg.run.seed,
+            document_positions=cfg.data.document_positions,
+            document_mask=cfg.data.document_mask,
         )
         if cfg.data.num_workers:
             self.loader = PrefetchLoader(self.loader, cfg.data.num_workers, cfg.data.prefetch_factor)
@@ -97,6 +100,8 @@ class Trainer:
         self.peak_flops = peak_flops(env.device, self.dtype)
         self.timer = StepTimer(env.device)
         self.profiler = StepProfiler(cfg.observe.profile_steps, run_dir, env.rank, env.device)
+        self.stragglers = StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, self.events)
+        self._group_norms: dict[str, float] = {}
         self._last_save = time.perf_counter()  # a run that never saved is as exposed as one whose save is old
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -128,10 +133,12 @@ class Trainer:
             self.profiler.after_step(step)
             window_steps += 1
             values: dict[str, float] = {}
-            if step % self.cfg.observe.log_every == 0 or step == cfg.steps:
+            if self._records(step):
                 elapsed = time.perf_counter() - window_start
                 values = self._progress(step, float(all_reduce_mean(loss)), grad_norm, elapsed, window_steps)
                 window_start, window_steps = time.perf_counter(), 0
+                if self.stragglers.due(step):
+                    values.update(self.stragglers.check(step, values["step_time_s"], values["data_wait_s"]))
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 with self.timer.phase("eval"):
                     values["val_loss"] = self.evaluate()
@@ -150,9 +157,13 @@ class Trainer:
         finished = self.state.step == cfg.steps
         if finished:
             self.events("finish", step=self.state.step, tokens_seen=self.state.tokens_seen)
+        self.metrics.close()  # flushes the last heartbeat, which the final state below keeps
         if self.env.is_main:
             mark_state(self.cfg.run_dir, "finished" if finished else "stopped", step=self.state.step)
-        self.metrics.close()
+
+    def _records(self, step: int) -> bool:
+        """Whether this step's metrics are recorded: every observe.log_every, the last step, a straggler check."""
+        return step % self.cfg.observe.log_every == 0 or step == self.cfg.train.steps or self.stragglers.due(step)
 
     def _save(self, step: int) -> None:
         if self.cfg.checkpoint.async_save:
@@ -166,15 +177,16 @@ class Trainer:
         with self.timer.phase("data_wait"):
             micro_batches = self.loader.next_batch()
         loss_sum = torch.zeros((), device=self.env.device)
-        for i, (inputs, targets) in enumerate(micro_batches):
+        for i, batch in enumerate(micro_batches):
             with gradient_sync(self.model, enabled=i == len(micro_batches) - 1):
                 with self.timer.phase("forward"), self.autocast():
-                    logits = self.model(inputs.to(self.env.device, non_blocking=True))
-                    loss = next_token_loss(logits, targets.to(self.env.device, non_blocking=True))
+                    loss = batch_loss(self.model, batch, self.env.device)
                 with self.timer.phase("backward"):
                     (loss / len(micro_batches)).backward()
             loss_sum += loss.detach()
         with self.timer.phase("optimizer"):
+            if self._records(step):  # before clipping, like the global norm
+                self._group_norms = grad_norms_by_group(self.model)
             grad_norm = clip_grad_norm(self.model, self.cfg.train.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -191,6 +203,8 @@ class Trainer:
             num_batches=self.cfg.train.eval_batches,
             rank=self.env.rank,
             world_size=self.env.world_size,
+            document_positions=self.cfg.data.document_positions,
+            document_mask=self.cfg.data.document_mask,
         )
         return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.autocast)))
 
@@ -202,15 +216,19 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
+            "tokens_per_s_rank": tokens_per_s / self.env.world_size,  # this rank's share, over its own step time
             "tokens_seen": self.state.tokens_seen,
             "step_time_s": step_time,
             "eta_s": (self.cfg.train.steps - step) * step_time,
             "memory_rss_gb": psutil.Process().memory_info().rss / 1e9,
             "checkpoint_age_s": time.perf_counter() - self._last_save,
             **self.timer.take(steps),
+            **{f"grad_norm/{group}": norm for group, norm in self._group_norms.items()},
         }
         if self.peak_flops:
             values["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.env.world_size)
         if self.env.device.type == "cuda":
             values["memory_cuda_peak_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 1e9
+            values["memory_cuda_allocated_gb"] = torch.cuda.memory_allocated(self.env.device) / 1e9
+            values["memory_cuda_reserved_gb"] = torch.cuda.memory_reserved(self.env.device) / 1e9
         return values
