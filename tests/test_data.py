@@ -258,17 +258,23 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path, files: dict[str, bytes]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
-def test_failed_prepare_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_prepare_leaves_no_dataset_only_its_staging_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for i in range(2):
         (tmp_path / f"{i}.txt").write_text(f"text {i}")
 
     def crash(*_: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("keel.data.prepare._encode", crash)
-    with pytest.raises(RuntimeError):
-        prepare_dataset([str(tmp_path / "*.txt")], tmp_path / "out", vocab_size=300, log=_quiet)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.txt", "1.txt"]
+    with monkeypatch.context() as m:
+        m.setattr("keel.data.prepare._add", crash)
+        with pytest.raises(RuntimeError):
+            prepare_dataset([str(tmp_path / "*.txt")], tmp_path / "out", vocab_size=300, log=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.partial-")) == ["0.txt", "1.txt"]
+    logged: list[str] = []
+    prepare_dataset([str(tmp_path / "*.txt")], tmp_path / "out", vocab_size=300, log=logged.append)
+    assert any(line.startswith("resuming ") for line in logged) and not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_missing_tokenizer_is_an_error(tmp_path: Path) -> None:

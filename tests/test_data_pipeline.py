@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from conftest import dataset_text
 from keel.cli import app
-from keel.data.minhash import NearDedup, lsh_bands
+from keel.data.dedup_store import DedupStore
+from keel.data.minhash import MinHasher, lsh_bands
 from keel.data.pii import luhn_ok, scrub
 from keel.data.prepare import prepare_dataset
-from keel.data.stages import Pipeline, StageSettings, quality_failure
+from keel.data.stages import Pipeline, StageSettings, analyze, quality_failure
 from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError
 
@@ -143,12 +144,13 @@ def test_scrub_leaves_code_versions_and_dates_alone():
     assert scrub(text) == (text, 0)
 
 
-def test_near_dedup_catches_small_edits_but_not_different_documents():
+def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     rng = random.Random(3)
     docs = [_doc(rng, 300) for _ in range(40)]
-    near = NearDedup(0.8)
-    assert not any(near.is_duplicate(d) for d in docs)
-    assert near.is_duplicate(_near_copy(docs[7]))
+    hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d.sqlite", exact=False, near_threshold=0.8)
+    assert not any(store.check(0, i, None, hasher.signature(d)) for i, d in enumerate(docs))
+    assert store.check(1, 0, None, hasher.signature(_near_copy(docs[7]))) == "dedup_near"
+    assert store.is_dropped(1, 0) and not store.is_dropped(0, 7)
     assert lsh_bands(128, 0.8)[0] * lsh_bands(128, 0.8)[1] <= 128
 
 
@@ -161,8 +163,9 @@ def test_quality_filters_name_the_failing_filter():
 
 
 def test_normalization_is_counted_as_a_change():
-    p = Pipeline(StageSettings(normalize="NFC"))
-    assert p.process("cafe\u0301") == "caf\u00e9"
+    s = StageSettings(normalize="NFC")
+    p, a = Pipeline(s), analyze("cafe\u0301", s, None)
+    assert p.accept(0, 0, a) and a.text == "caf\u00e9"
     assert p.stats["normalize"] == {"documents_changed": 1, "bytes_changed": 6}
 
 

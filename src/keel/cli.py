@@ -88,7 +88,8 @@ def data_prepare(
     prepare_dataset(
         d.sources, Path(d.dataset), tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
         text_field=d.text_field, shard_tokens=d.shard_tokens, licenses=d.licenses,
-        stages=StageSettings.from_config(d), bad_input=d.bad_input, part=_parse_part(shard), log=log.info,
+        stages=StageSettings.from_config(d), bad_input=d.bad_input, part=_parse_part(shard), workers=d.workers,
+        log=log.info,
     )
 
 

@@ -35,6 +35,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.01, gt=0, lt=1, description="Share of documents held out for validation.")
     text_field: str = Field("text", min_length=1, description="Field of each JSON Lines record that holds the text.")
     shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file written by prepare.")
+    workers: int = Field(
+        0, ge=0, description="Processes for prepare's stages and tokenization (a pool); 0 uses every core."
+    )
     mixture: dict[str, float] = Field(
         default_factory=dict,
         description="Train on a weighted mixture {dataset_dir = weight} instead of data.dataset (which keeps val).",

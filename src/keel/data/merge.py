@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from keel.data.dataset import FORMAT, load_manifest, resolve_inside, write_manifest
+from keel.data.dedup_store import STORE, DedupStore
+from keel.data.lineage import document_spans, remove_documents
 from keel.data.prepare import check_new, commit_dataset
 from keel.errors import DataError
 
 
 def merge_datasets(parts: list[Path], out_dir: Path) -> dict:
-    """Concatenate the parts' shards split by split; sum their statistics; one tokenizer required."""
+    """Concatenate the parts' shards split by split, drop cross-part duplicates, sum statistics; one tokenizer."""
     if not parts:
         raise DataError("keel data merge: name the part datasets to merge")
     out_dir = Path(out_dir)
@@ -31,10 +33,58 @@ def merge_datasets(parts: list[Path], out_dir: Path) -> dict:
         shutil.copyfile(resolve_inside(parts[0], first["tokenizer"]["file"]), staging / first["tokenizer"]["file"])
         manifest = _merged(parts, manifests, staging)
         write_manifest(staging, manifest)
+        manifest = _dedup_across_parts(parts, manifests, staging, manifest)
         commit_dataset(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return manifest
+
+
+def _dedup_across_parts(parts: list[Path], manifests: list[dict], staging: Path, manifest: dict) -> dict:
+    """Drop documents of later parts that duplicate earlier parts' (exact and near, the parts' own settings)."""
+    stages = manifests[0]["settings"]["stages"]
+    exact, near = stages["dedup_exact"], stages["dedup_near_threshold"]
+    if not (exact or near):
+        return manifest
+    for path, m in zip(parts, manifests, strict=True):
+        if m["settings"]["stages"] != stages:
+            raise DataError(f"{path}: other stage settings than {parts[0]}; prepare every part with the same ones")
+        if "dedup_store" not in m:
+            raise DataError(f"{path}: no dedup keys in the manifest; prepare it again with `--shard i/N`")
+    # The keys of every kept document, on disk, in merged order: part 0's files first, then part 1's, ...
+    merged = DedupStore(staging / STORE, exact, near)
+    drop: dict[tuple[int, int], str] = {}
+    offset = 0
+    try:
+        for p, (path, m) in enumerate(zip(parts, manifests, strict=True)):
+            part = DedupStore(resolve_inside(path, m["dedup_store"]), exact, near, readonly=True)
+            for file, ordinal, digest, sig in part.kept():
+                stage = merged.check(file + offset, ordinal, digest, sig)
+                if stage is not None and p > 0:
+                    drop[(file + offset, ordinal)] = stage
+            part.close()
+            merged.commit()
+            offset += len(m["files"])
+    finally:
+        merged.close()
+        (staging / STORE).unlink(missing_ok=True)
+    if not drop:
+        return manifest
+    spans = [
+        d
+        for split in manifest["splits"]
+        for d in document_spans(staging, manifest, split)
+        if (d.file, d.ordinal) in drop
+    ]
+    remove_documents(staging, spans)  # rewrites only the shards that hold them, and records the removal
+    manifest = load_manifest(staging)
+    for d in spans:
+        entry = manifest["stages"].setdefault(f"merge.{drop[(d.file, d.ordinal)]}", {})
+        entry["documents_dropped"] = entry.get("documents_dropped", 0) + 1
+        entry["tokens_dropped"] = entry.get("tokens_dropped", 0) + d.end - d.start
+        manifest["sources"][manifest["files"][d.file]["source"]]["documents"] -= 1
+    write_manifest(staging, manifest)
     return manifest
 
 

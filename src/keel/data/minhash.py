@@ -1,4 +1,4 @@
-"""Near-duplicate detection with MinHash LSH (numpy; `datasketch` is not on our package index)."""
+"""MinHash signatures and LSH band keys for near-duplicate detection (numpy; `datasketch` is not on our index)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return min(pairs, key=lambda br: abs((1 / br[0]) ** (1 / br[1]) - threshold))
 
 
-class NearDedup:
-    """Streaming near-duplicate filter: a document whose estimated Jaccard with an earlier one >= threshold is seen."""
+class MinHasher:
+    """A fixed MinHash permutation family: the same signatures on every machine and in every process."""
 
     def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5, seed: int = 1):
         self.threshold, self.ngram = threshold, ngram
@@ -26,30 +26,22 @@ class NearDedup:
         self._a = rng.integers(1, int(_MERSENNE), num_perm, dtype=np.uint64)
         self._b = rng.integers(0, int(_MERSENNE), num_perm, dtype=np.uint64)
         self.bands, self.rows = lsh_bands(num_perm, threshold)
-        self._buckets: list[dict[bytes, int]] = [{} for _ in range(self.bands)]
-        # Signatures of kept documents, to confirm an LSH candidate before dropping anything.
-        self._signatures: list[np.ndarray] = []
 
-    def signature(self, text: str) -> np.ndarray:
-        """MinHash signature over word n-gram shingles (uint32 per permutation)."""
+    def signature(self, text: str) -> bytes:
+        """MinHash signature over word n-gram shingles (uint32 per permutation), as bytes."""
         words = _WORD.findall(text.lower())
         n = max(1, min(self.ngram, len(words)))
         shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
         x = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
         # uint64 products wrap; that is still a fixed pseudo-random permutation family, the same on every machine.
         hashed = (np.outer(x, self._a) + self._b) % _MERSENNE
-        return hashed.min(axis=0).astype(np.uint32)
+        return hashed.min(axis=0).astype(np.uint32).tobytes()
 
-    def is_duplicate(self, text: str) -> bool:
-        """True if text nearly duplicates a document kept earlier; otherwise remember it and return False."""
-        sig = self.signature(text)
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
-        for band, key in enumerate(keys):
-            earlier = self._buckets[band].get(key)
-            if earlier is not None and np.mean(self._signatures[earlier] == sig) >= self.threshold:
-                return True
-        doc = len(self._signatures)
-        self._signatures.append(sig)
-        for band, key in enumerate(keys):
-            self._buckets[band].setdefault(key, doc)
-        return False
+    def band_keys(self, signature: bytes) -> list[bytes]:
+        """The signature's LSH band keys: documents sharing any key are candidates for a similarity check."""
+        step = 4 * self.rows
+        return [signature[i * step : (i + 1) * step] for i in range(self.bands)]
+
+    def similar(self, a: bytes, b: bytes) -> bool:
+        """True if the estimated Jaccard similarity of two signatures reaches the threshold."""
+        return bool(np.mean(np.frombuffer(a, np.uint32) == np.frombuffer(b, np.uint32)) >= self.threshold)

@@ -45,6 +45,36 @@ class ShardWriter:
             if self._filled == self.shard_tokens:
                 self._close()
 
+    def checkpoint(self) -> dict:
+        """Make the open shard's tokens durable and return what `resume` needs to continue exactly here."""
+        state: dict = {"shards": [dict(s) for s in self.shards], "open": None}
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            state["open"] = {
+                "filled": self._filled,
+                "starts": np.concatenate(self._starts or [np.zeros(0, np.int64)]).tolist(),
+                "origins": np.concatenate(self._origins or [np.zeros((0, 2), np.int64)]).tolist(),
+            }
+        return state
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint: finished shards stay as they are; the open one is cut back to its length."""
+        self.shards = [dict(s) for s in state["shards"]]
+        opened = state["open"]
+        if opened is None:
+            return
+        self._open(mode="r+b")
+        assert self._file is not None
+        # Tokens written after the checkpoint are cut off; they are written again from the checkpoint's position.
+        self._file.truncate(opened["filled"] * self.dtype.itemsize)
+        self._file.seek(0)
+        while chunk := self._file.read(8 << 20):
+            self._hash.update(chunk)
+        self._filled = opened["filled"]
+        self._starts = [np.array(opened["starts"], dtype=np.int64)]
+        self._origins = [np.array(opened["origins"], dtype=np.int64).reshape(-1, 2)]
+
     def finish(self) -> dict:
         """Close the last shard; return the split's manifest entry (tokens, documents, shards)."""
         if self._file is not None:
@@ -55,9 +85,9 @@ class ShardWriter:
             "shards": self.shards,
         }
 
-    def _open(self) -> None:
+    def _open(self, mode: str = "wb") -> None:
         name = f"{self.split}/{len(self.shards):05d}"
-        self._file = open(self.root / f"{name}.bin", "wb")
+        self._file = open(self.root / f"{name}.bin", mode)
         self._hash = hashlib.sha256()
         self._filled = 0
         self._starts = []

@@ -7,8 +7,10 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
-from keel.data.minhash import NearDedup
+from keel.data.dedup_store import DedupStore
+from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
 
 _WORD = re.compile(r"\w+")
@@ -67,50 +69,64 @@ def quality_failure(text: str, s: StageSettings) -> str | None:
     return None
 
 
+class Analysis(NamedTuple):
+    """The stateless stages' verdict on one document (computed in a pool worker); dedup is decided later, in order."""
+
+    text: str | None  # after every stateless stage; None if a quality filter dropped it
+    failure: str | None  # the quality filter that dropped it
+    normalized_bytes: int  # bytes of the original text if normalization changed it, else 0
+    size: int  # bytes of the normalized text (what dedup and PII statistics count)
+    digest: bytes | None  # exact-dedup key
+    signature: bytes | None  # MinHash signature for near dedup
+    pii_replaced: int
+
+
+def analyze(text: str, s: StageSettings, hasher: MinHasher | None, keys: bool = True) -> Analysis:
+    """Run normalize, the quality filters and PII scrubbing; with keys, also compute the dedup keys."""
+    normalized_bytes = 0
+    if s.normalize != "none":
+        new = unicodedata.normalize(s.normalize, text)
+        if new != text:
+            normalized_bytes = len(text.encode())
+        text = new
+    size = len(text.encode())
+    reason = quality_failure(text, s)
+    if reason is not None:
+        return Analysis(None, reason, normalized_bytes, size, None, None, 0)
+    digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if keys and s.dedup_exact else None
+    signature = hasher.signature(text) if keys and hasher is not None else None
+    replaced = 0
+    if s.pii:
+        text, replaced = scrub(text)
+    return Analysis(text, None, normalized_bytes, size, digest, signature, replaced)
+
+
 @dataclass
 class Pipeline:
-    """One pass of the stages over a document stream; the same input order always gives the same decisions."""
+    """Counts every stage's changes and drops, and applies dedup in document order (the one stateful stage)."""
 
     settings: StageSettings
+    store: DedupStore | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
-    _seen: set[bytes] = field(default_factory=set)
-    _near: NearDedup | None = None
 
-    def __post_init__(self) -> None:
-        if self.settings.dedup_near_threshold:
-            self._near = NearDedup(self.settings.dedup_near_threshold)
+    def accept(self, file: int, ordinal: int, a: Analysis) -> bool:
+        """Count the document's stage outcomes; True if it survives every stage, dedup included."""
+        if a.normalized_bytes:
+            self._count("normalize", "changed", a.normalized_bytes)
+        if a.failure is not None:
+            self._count(f"filter.{a.failure}", "dropped", a.size)
+            return False
+        if self.store is not None:
+            dropped = self.store.check(file, ordinal, a.digest, a.signature)
+            if dropped is not None:
+                self._count(dropped, "dropped", a.size)
+                return False
+        if a.pii_replaced:
+            self._count("pii", "changed", a.size)
+            self.stats["pii"]["replacements"] = self.stats["pii"].get("replacements", 0) + a.pii_replaced
+        return True
 
-    def process(self, text: str) -> str | None:
-        """The document after every stage, or None if a stage drops it."""
-        s = self.settings
-        if s.normalize != "none":
-            new = unicodedata.normalize(s.normalize, text)
-            if new != text:
-                self._count("normalize", "changed", text)
-            text = new
-        reason = quality_failure(text, s)
-        if reason is not None:
-            return self._drop(f"filter.{reason}", text)
-        if s.dedup_exact:
-            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if digest in self._seen:
-                return self._drop("dedup_exact", text)
-            self._seen.add(digest)
-        if self._near is not None and self._near.is_duplicate(text):
-            return self._drop("dedup_near", text)
-        if s.pii:
-            new, replaced = scrub(text)
-            if replaced:
-                self._count("pii", "changed", text)
-                self.stats["pii"]["replacements"] = self.stats["pii"].get("replacements", 0) + replaced
-            text = new
-        return text
-
-    def _drop(self, stage: str, text: str) -> None:
-        self._count(stage, "dropped", text)
-        return None
-
-    def _count(self, stage: str, what: str, text: str) -> None:
+    def _count(self, stage: str, what: str, size: int) -> None:
         entry = self.stats.setdefault(stage, {})
         entry[f"documents_{what}"] = entry.get(f"documents_{what}", 0) + 1
-        entry[f"bytes_{what}"] = entry.get(f"bytes_{what}", 0) + len(text.encode())
+        entry[f"bytes_{what}"] = entry.get(f"bytes_{what}", 0) + size

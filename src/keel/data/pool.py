@@ -1,0 +1,140 @@
+"""The stateless document work of `keel data prepare` (stages, dedup keys, tokenization) over a process pool."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from keel.data.minhash import MinHasher
+from keel.data.stages import Analysis, StageSettings, analyze
+from keel.data.tokenizer import encoding_pieces, eos_id, load_tokenizer
+from keel.errors import ConfigError
+
+TASK_CHARS = 1_000_000  # text per pool task: large enough that pickling is cheap next to the work
+
+
+class Doc(NamedTuple):
+    """A raw document sent to a worker: where it is from and whether its processed text must come back."""
+
+    file: int
+    ordinal: int
+    text: str
+    want_text: bool = False
+
+
+class Done(NamedTuple):
+    """A worker's result for one document: the stage verdict and, when tokenizing, its ids ending in EOS."""
+
+    file: int
+    ordinal: int
+    analysis: Analysis
+    ids: np.ndarray | None
+
+
+class Job(NamedTuple):
+    """What a pass asks of the workers: the stage settings, the tokenizer to encode with, whether to hash for dedup."""
+
+    settings: StageSettings
+    tokenizer: str | None
+    keys: bool
+
+
+_state: dict = {}
+
+
+def _single_threaded() -> None:
+    # Each worker is one core's worth; the tokenizer's own thread pool would only oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _load(job: Job) -> None:
+    """Build a job's tokenizer and hasher once per process; the next pass's job replaces them."""
+    if _state.get("job") == job:
+        return
+    tok = None
+    if job.tokenizer is not None:
+        tok = load_tokenizer(job.tokenizer)
+        tok.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document is text, not a boundary
+    threshold = job.settings.dedup_near_threshold
+    _state.update(job=job, tok=tok, hasher=MinHasher(threshold) if threshold else None)
+
+
+def _run(job: Job, task: list[Doc]) -> list[Done]:
+    _load(job)
+    tok = _state["tok"]
+    out = []
+    for doc in task:
+        a = analyze(doc.text, job.settings, _state["hasher"], job.keys)
+        out.append(Done(doc.file, doc.ordinal, a if doc.want_text or tok else a._replace(text=None), None))
+    if tok is None:
+        return out
+    kept = [d for d in out if d.analysis.text is not None]
+    pieces = [list(encoding_pieces(d.analysis.text)) for d in kept]
+    encodings = iter(tok.encode_batch_fast([p for doc in pieces for p in doc], add_special_tokens=False))
+    eos, ids = eos_id(tok), {}
+    for d, doc_pieces in zip(kept, pieces, strict=True):
+        tokens: list[int] = []
+        for _ in doc_pieces:
+            tokens.extend(next(encodings).ids)
+        tokens.append(eos)
+        ids[(d.file, d.ordinal)] = np.array(tokens, dtype=np.uint32)
+    # The text is not needed once tokenized; leaving it behind halves what crosses the process boundary.
+    return [d._replace(analysis=d.analysis._replace(text=None), ids=ids.get((d.file, d.ordinal))) for d in out]
+
+
+def resolve_workers(requested: int, total_bytes: int) -> int:
+    """Processes to use: every core for 0, never more than there are tasks' worth of input."""
+    if requested < 0:
+        raise ConfigError(f"data.workers ({requested}) must be 0 (every core) or a positive process count")
+    wanted = requested or os.cpu_count() or 1
+    return max(1, min(wanted, -(-total_bytes // TASK_CHARS)))
+
+
+def tasks(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
+    """Group documents into tasks of about TASK_CHARS characters, in order."""
+    task, chars = [], 0
+    for doc in docs:
+        task.append(doc)
+        chars += len(doc.text)
+        if chars >= TASK_CHARS:
+            yield task
+            task, chars = [], 0
+    if task:
+        yield task
+
+
+class StagePool:
+    """Runs tasks in `workers` processes (inline for 1) and yields results in task order, a bounded window ahead."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor = None
+        if workers > 1:
+            # forkserver / spawn: a fork of a process with threads (the tokenizer's, torch's) can deadlock.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
+
+    def map(self, job: Job, work: Iterable[list[Doc]]) -> Iterator[list[Done]]:
+        """Results of each task, in the order the tasks were given."""
+        if self._executor is None:
+            yield from (_run(job, task) for task in work)
+            return
+        pending: deque[Future] = deque()
+        for task in work:
+            pending.append(self._executor.submit(_run, job, task))
+            if len(pending) >= 2 * self.workers:  # bounded: the reader never runs far ahead of the workers
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        """Stop the worker processes (work still queued is dropped)."""
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)

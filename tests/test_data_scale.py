@@ -1,0 +1,220 @@
+"""keel data prepare at scale: a process pool, crash-resume, on-disk dedup state, dedup across --shard parts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from keel.cli import app
+from keel.data.dataset import load_manifest
+from keel.data.dedup_store import DedupStore
+from keel.data.merge import merge_datasets
+from keel.data.prepare import prepare_dataset
+from keel.data.stages import StageSettings
+
+WORDS = [f"w{i}" for i in range(2000)]
+STAGES = StageSettings(normalize="NFC", min_words=5, dedup_exact=True, dedup_near_threshold=0.8, pii=True)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _doc(rng: random.Random, words: int = 150) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def _near_copy(text: str) -> str:
+    words = text.split()
+    words[len(words) // 2] = "changed"
+    return " ".join(words)
+
+
+def _corpus(root: Path, files: int = 8, docs: int = 30, seed: int = 0) -> list[str]:
+    """JSON Lines files with an exact and a near duplicate inside the corpus; returns the source globs."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    first = _doc(rng)
+    for f in range(files):
+        texts = [_doc(rng) for _ in range(docs)] + ([first] if f == 0 else [])
+        if f == files - 1:
+            texts += [first, _near_copy(first), "mail a.b@example.org " + _doc(rng, 20)]
+        (root / f"{f:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return [str(root / "*.jsonl")]
+
+
+def _tokenizer(tmp_path: Path, sources: list[str]) -> str:
+    prepare_dataset(sources, tmp_path / "tok", vocab_size=400, log=_quiet)
+    return str(tmp_path / "tok" / "tokenizer.json")
+
+
+def _fingerprint(dataset: Path) -> dict[str, str]:
+    """The SHA-256 of every file of a dataset, by relative path."""
+    return {
+        p.relative_to(dataset).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(dataset.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_pool_of_two_workers_writes_the_same_bytes_as_one(tmp_path, monkeypatch):
+    sources = _corpus(tmp_path / "raw")
+    tok = _tokenizer(tmp_path, sources)
+    monkeypatch.setattr("keel.data.pool.TASK_CHARS", 4000)  # many small tasks, so both workers get some
+    logs: dict[int, list[str]] = {1: [], 2: []}
+    for n in (1, 2):
+        prepare_dataset(
+            sources, tmp_path / f"w{n}", tokenizer=tok, shard_tokens=3000, stages=STAGES, workers=n, log=logs[n].append
+        )
+    assert any("2 processes" in line for line in logs[2]) and any("1 processes" in line for line in logs[1])
+    assert _fingerprint(tmp_path / "w1") == _fingerprint(tmp_path / "w2")
+    manifest = load_manifest(tmp_path / "w2")
+    assert manifest["stages"]["dedup_exact"]["documents_dropped"] == 1
+    assert manifest["stages"]["dedup_near"]["documents_dropped"] == 1
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+
+
+_CRASHY = """
+import sys, time
+import keel.data.pool, keel.data.prepare
+from keel.data.prepare import prepare_dataset
+from keel.data.stages import StageSettings
+keel.data.pool.TASK_CHARS = 3000
+original = keel.data.prepare._add
+def slow_add(*args):
+    original(*args)
+    time.sleep(0.15)  # slow enough that the parent can kill it between finished shards
+keel.data.prepare._add = slow_add
+stages = StageSettings(dedup_exact=True, dedup_near_threshold=0.8)
+prepare_dataset([sys.argv[1]], sys.argv[2], tokenizer=sys.argv[3], shard_tokens=1500, stages=stages, workers=1)
+"""
+
+
+def _done_shards(progress: Path) -> list[dict]:
+    try:
+        state = json.loads(progress.read_text())
+    except (OSError, ValueError):
+        return []
+    return [s for w in (state.get("writers") or {}).values() for s in w["shards"]]
+
+
+def test_prepare_killed_mid_run_resumes_without_rewriting_finished_shards(tmp_path):
+    sources = _corpus(tmp_path / "raw", files=10, docs=40)
+    tok = _tokenizer(tmp_path, sources)
+    stages = StageSettings(dedup_exact=True, dedup_near_threshold=0.8)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHY, sources[0], str(out), tok], env=env)
+    deadline, done = time.monotonic() + 120, []
+    while len(done) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        done = [s for p in tmp_path.glob(".out.partial-*/progress.json") for s in _done_shards(p)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(done) >= 2 and not out.exists(), "the run finished or never got 2 shards done before the kill"
+    [staging] = tmp_path.glob(".out.partial-*")
+    before = {s[k]: os.stat(staging / s[k]) for s in done for k in ("file", "index", "origins")}
+
+    logged: list[str] = []
+    prepare_dataset(sources, out, tokenizer=tok, shard_tokens=1500, stages=stages, log=logged.append)
+    resumed = [line for line in logged if line.startswith("resuming ")]
+    assert resumed and resumed[0].endswith("shards already done") and "found " not in " ".join(logged)
+    assert int(resumed[0].split(": ")[-1].split()[0]) >= len(done)
+    for name, st in before.items():
+        now = os.stat(out / name)
+        assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size), name
+
+    prepare_dataset(sources, tmp_path / "whole", tokenizer=tok, shard_tokens=1500, stages=stages, log=_quiet)
+    assert _fingerprint(out) == _fingerprint(tmp_path / "whole")
+
+
+def test_changed_settings_after_a_crash_start_fresh_and_say_so(tmp_path, monkeypatch):
+    sources = _corpus(tmp_path / "raw", files=2, docs=5)
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr("keel.data.prepare._add", crash)
+        with pytest.raises(RuntimeError):
+            prepare_dataset(sources, tmp_path / "out", vocab_size=300, log=_quiet)
+    logged: list[str] = []
+    prepare_dataset(sources, tmp_path / "out", vocab_size=300, shard_tokens=999, log=logged.append)
+    assert any("with other settings or sources: starting fresh" in line for line in logged)
+    assert not any(line.startswith("resuming") for line in logged)
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_dedup_state_lives_on_disk_and_ram_does_not_grow_with_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.dedup_store.CACHE_KIB", 2048)
+    store = DedupStore(tmp_path / "d.sqlite", exact=True, near_threshold=0.8)
+    rng = random.Random(0)
+
+    def feed(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            store.check(0, i, rng.randbytes(16), rng.randbytes(512))  # random keys: every document is kept
+        store.commit()
+
+    feed(0, 6000)  # past the 2 MB page cache
+    rss = psutil.Process().memory_info().rss
+    feed(6000, 26000)
+    growth = psutil.Process().memory_info().rss - rss
+    # In RAM, 20,000 more documents would hold >= 10 MB of signatures alone (plus band keys and hashes).
+    assert growth < 4e6, f"RSS grew {growth / 1e6:.1f} MB for 20,000 documents"
+    assert (tmp_path / "d.sqlite").stat().st_size > 20_000 * 512
+    assert not [v for v in vars(store).values() if isinstance(v, (list, dict, set))]
+
+
+def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
+    rng = random.Random(7)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    texts = [_doc(rng) for _ in range(40)]
+    # Parts take every other file: files 0, 2 go to part 0; files 1, 3 to part 1.
+    files = [texts[:10], texts[10:20], texts[20:30], texts[30:40] + [texts[3], _near_copy(texts[25])]]
+    for i, docs in enumerate(files):
+        (raw / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    sources = [str(raw / "*.jsonl")]
+    tok = _tokenizer(tmp_path, sources)
+    stages = StageSettings(dedup_exact=True, dedup_near_threshold=0.8)
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        m = prepare_dataset(
+            sources, part, tokenizer=tok, val_fraction=0.2, shard_tokens=1000, stages=stages, part=(i, 2), log=_quiet
+        )
+        assert "dedup_exact" not in m["stages"] and (part / "dedup.sqlite").is_file()
+    merged = merge_datasets(parts, tmp_path / "merged")
+    assert merged["stages"]["merge.dedup_exact"]["documents_dropped"] == 1
+    assert merged["stages"]["merge.dedup_near"]["documents_dropped"] == 1
+    assert sum(e["documents"] for e in merged["splits"].values()) == 40
+    assert sum(s["documents"] for s in merged["sources"]) == 40
+    last = len(merged["files"]) - 1  # 3.jsonl, part 1's second file; lines 11 and 12 are the planted copies
+    kept = {(f, o) for f, o in _origins(tmp_path / "merged", merged)}
+    assert (last, 11) not in kept and (last, 12) not in kept and (last, 10) in kept
+    rewritten = merged["removals"][0]["shards"]
+    assert 1 <= len(rewritten) < sum(len(e["shards"]) for e in merged["splits"].values())
+    out = CliRunner().invoke(app, ["data", "verify", str(tmp_path / "merged")])
+    assert out.exit_code == 0, out.output
+    shown = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "merged")]).output
+    assert "stage merge.dedup_exact: documents_dropped 1" in shown
+
+
+def _origins(root: Path, manifest: dict) -> list[tuple[int, int]]:
+    import numpy as np
+
+    out = []
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            out += [tuple(map(int, row)) for row in np.load(root / shard["origins"]).reshape(-1, 2)]
+    return out
