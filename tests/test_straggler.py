@@ -55,9 +55,11 @@ def test_a_rank_slowed_by_a_busy_neighbour_is_named_a_straggler(tmp_path, datase
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     named = [e for e in events if e["event"] == "straggler"]
     assert {e["rank"] for e in named} == {1}, named
-    assert len(named) >= 2 and all(e["host"] == socket.gethostname() for e in named)
+    assert len(named) >= 2 and all(e["rank_host"] == socket.gethostname() for e in named)
     assert all(e["cause"] == "slow device" and e["slowdown"] > 1.2 for e in named)
     checks = [r for r in read_metrics(run) if "stragglers" in r]
     assert [r["step"] for r in checks] == [3, 6, 9]
     assert sum(r["stragglers"] for r in checks) == len(named)
     assert "straggler at step" in result.stderr + result.stdout
+    shown = run_keel("status", "runs/tiny", cwd=tmp_path).stdout
+    assert "straggler (step=" in shown and "rank=1" in shown and f"rank_host={socket.gethostname()}" in shown

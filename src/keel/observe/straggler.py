@@ -55,7 +55,7 @@ class StragglerWatch:
                 "straggler",
                 step=step,
                 rank=r,
-                host=self.hosts[r],
+                rank_host=self.hosts[r],
                 slowdown=round(slowdown, 3),
                 cause=cause,
                 probe_s=round(probes[r], 6),
