@@ -115,6 +115,7 @@ class StagePool:
     def __init__(self, workers: int):
         self.workers = workers
         self._executor = None
+        _state.clear()  # inline runs share this process: never reuse a tokenizer loaded for another dataset
         if workers > 1:
             # forkserver / spawn: a fork of a process with threads (the tokenizer's, torch's) can deadlock.
             methods = multiprocessing.get_all_start_methods()
@@ -136,5 +137,6 @@ class StagePool:
 
     def close(self) -> None:
         """Stop the worker processes (work still queued is dropped)."""
+        _state.clear()
         if self._executor is not None:
             self._executor.shutdown(cancel_futures=True)
