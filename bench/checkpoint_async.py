@@ -64,8 +64,10 @@ def main() -> None:
     print(f"synchronous save blocks the step:  {s * 1e3:8.1f} ms (median)")
     print(f"asynchronous save blocks the step: {a * 1e3:8.1f} ms (median)")
     print(f"ratio async / sync: {a / s:.3f}")
-    print(f"the {opts.after} steps during the async write took {statistics.median(slowdown) * 1e3:+.1f} ms in all "
-          "(median; the writer shares the CPU)")
+    print(
+        f"the {opts.after} steps during the async write took {statistics.median(slowdown) * 1e3:+.1f} ms in all "
+        "(median; the writer shares the CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,25 @@ WORDS = (
 ).split()
 
 
+RANDOM_WORDS = [f"w{i}" for i in range(3000)]
+
+
+def quiet(_: str) -> None:
+    """A log callback that drops every line."""
+
+
+def random_document(rng: random.Random, words: int = 120) -> str:
+    """Words drawn at random from a large vocabulary: two such documents are never near duplicates."""
+    return " ".join(rng.choice(RANDOM_WORDS) for _ in range(words))
+
+
+def near_copy(text: str) -> str:
+    """The text with its middle word changed: a planted near duplicate."""
+    words = text.split()
+    words[len(words) // 2] = "changed"
+    return " ".join(words)
+
+
 def synthetic_corpus(directory: Path, documents: int = 300, seed: int = 0) -> Path:
     """Write a deterministic small corpus of text files and a JSON Lines file."""
     rng = random.Random(seed)
@@ -42,8 +61,9 @@ def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dataset")
     corpus = synthetic_corpus(root / "corpus")
     out = root / "prepared"
-    prepare_dataset([str(corpus / "*.txt"), str(corpus / "*.jsonl")], out, vocab_size=512, val_fraction=0.1,
-                    log=lambda msg: None)
+    prepare_dataset(
+        [str(corpus / "*.txt"), str(corpus / "*.jsonl")], out, vocab_size=512, val_fraction=0.1, log=lambda msg: None
+    )
     return out
 
 

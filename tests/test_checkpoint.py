@@ -179,11 +179,17 @@ def test_keel_checkpoint_verify_prints_a_line_per_checkpoint_and_exits_2_on_a_co
 
 
 def test_verify_of_a_dir_without_checkpoints_is_one_line_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "keel", "checkpoint", "verify", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "keel", "checkpoint", "verify", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"keel: error: {tmp_path}: no checkpoints under checkpoints/; " \
-                                    "is it a Keel run dir that has saved?"
+    assert (
+        result.stderr.strip() == f"keel: error: {tmp_path}: no checkpoints under checkpoints/; "
+        "is it a Keel run dir that has saved?"
+    )
 
 
 @pytest.mark.parametrize("override", ["checkpoint.keep_every=-1", "checkpoint.async_save=maybe"])
@@ -221,8 +227,12 @@ except CheckpointError as e:
 
 
 def test_file_size_limit_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-c", EFBIG_CHILD, str(tmp_path), str(Path(__file__).parent)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", EFBIG_CHILD, str(tmp_path), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     message = result.stdout.strip()
     assert "cannot save step 1: file too large" in message and "step_0 is kept" in message, message

@@ -156,8 +156,14 @@ def losses(run: Path) -> list[float]:
 def kill_trials(tmp_path: Path, dataset: Path, nproc: int, trials: int, delay: tuple[float, float]) -> dict:
     from conftest import tiny_config
 
-    config = tiny_config(tmp_path / "kill.toml", dataset, run={"name": "kill", "seed": 0}, train={"steps": 1000},
-                         checkpoint={"every": 1, "keep": 2}, observe={"console": False})
+    config = tiny_config(
+        tmp_path / "kill.toml",
+        dataset,
+        run={"name": "kill", "seed": 0},
+        train={"steps": 1000},
+        checkpoint={"every": 1, "keep": 2},
+        observe={"console": False},
+    )
     cmd = [sys.executable, __file__, str(tmp_path), str(config), str(trials), str(nproc), *map(str, delay)]
     # One thread per process: on a shared 2-core machine, oversubscribed threads make a tiny step 10x slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -22,13 +22,26 @@ def reference(tmp_path, dataset, monkeypatch):
 
 def chain(tmp_path, dataset, legs: list[tuple[int, str, int]]):
     """Train `legs` of (processes, dp, stop_after) one after another, each resuming the previous one's checkpoint."""
-    config = tiny_config(tmp_path / "chain.toml", dataset, run={"name": "chain", "seed": 0}, train={"steps": STEPS},
-                         checkpoint={"every": 0, "async_save": True})
+    config = tiny_config(
+        tmp_path / "chain.toml",
+        dataset,
+        run={"name": "chain", "seed": 0},
+        train={"steps": STEPS},
+        checkpoint={"every": 0, "async_save": True},
+    )
     run = tmp_path / "runs" / "chain"
     for i, (nproc, dp, stop_after) in enumerate(legs):
         first = ["train", str(config)] if i == 0 else ["train", "--resume", str(run)]
-        result = run_keel(*first, "--nproc", str(nproc), "--set", f"parallel.dp={dp}",
-                          "--set", f"train.stop_after={stop_after}", cwd=tmp_path)
+        result = run_keel(
+            *first,
+            "--nproc",
+            str(nproc),
+            "--set",
+            f"parallel.dp={dp}",
+            "--set",
+            f"train.stop_after={stop_after}",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     return run
 
@@ -43,9 +56,7 @@ def assert_continues(run, ref, legs):
     assert events[-1]["event"] == "finish" and events[-1]["tokens_seen"] == STEPS * 8 * 32
 
 
-def test_resume_on_another_process_count_and_from_ddp_to_fsdp_continues_the_loss_curve(
-    tmp_path, dataset, monkeypatch
-):
+def test_resume_on_another_process_count_and_from_ddp_to_fsdp_continues_the_loss_curve(tmp_path, dataset, monkeypatch):
     ref = reference(tmp_path, dataset, monkeypatch)
     legs = [(2, "ddp", 4), (1, "fsdp", STEPS)]
     assert_continues(chain(tmp_path, dataset, legs), ref, legs)

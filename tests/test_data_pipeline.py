@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from conftest import dataset_text
+from conftest import dataset_text, near_copy, quiet, random_document
 from keel.cli import app
 from keel.data.dedup_store import DedupStore
 from keel.data.minhash import MinHasher, lsh_bands
@@ -23,34 +23,19 @@ from keel.data.stages import Pipeline, StageSettings, analyze, quality_failure
 from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError
 
-VOCAB = [f"w{i}" for i in range(3000)]
 PII_DOC = "contact jane.doe@example.org or +1 415-555-0132, card 4111 1111 1111 1111, host 10.0.0.7 and 2001:db8::7334"
 STAGES = StageSettings(
     normalize="NFC", min_words=5, max_repeated_line_fraction=0.5, dedup_exact=True, dedup_near_threshold=0.8, pii=True
 )
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
-def _doc(rng: random.Random, words: int = 120) -> str:
-    return " ".join(rng.choice(VOCAB) for _ in range(words))
-
-
-def _near_copy(text: str) -> str:
-    words = text.split()
-    words[len(words) // 2] = "changed"
-    return " ".join(words)
-
-
 def _write_mixed(root: Path) -> dict[str, list[str]]:
     """A .jsonl.gz, a .jsonl.zst and a .parquet with planted exact and near duplicates and PII."""
     rng = random.Random(1)
-    base = [_doc(rng) for _ in range(30)]
-    web = base[:10] + [base[0], _near_copy(base[1]), PII_DOC + " " + _doc(rng, 20)]
+    base = [random_document(rng) for _ in range(30)]
+    web = base[:10] + [base[0], near_copy(base[1]), PII_DOC + " " + random_document(rng, 20)]
     books = base[10:20] + [base[2]]  # an exact duplicate across sources
-    code = base[20:30] + [_near_copy(base[21]), "too short", "x\nx\nx\nx\nx\nx and some more words here"]
+    code = base[20:30] + [near_copy(base[21]), "too short", "x\nx\nx\nx\nx\nx and some more words here"]
     root.mkdir(parents=True, exist_ok=True)
     with gzip.open(root / "web.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("".join(json.dumps({"text": t}) + "\n" for t in web))
@@ -82,7 +67,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         shard_tokens=2000,
         licenses=licenses,
         stages=STAGES,
-        log=_quiet,
+        log=quiet,
     )
     return root / "ds", manifest
 
@@ -146,10 +131,10 @@ def test_scrub_leaves_code_versions_and_dates_alone():
 
 def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     rng = random.Random(3)
-    docs = [_doc(rng, 300) for _ in range(40)]
+    docs = [random_document(rng, 300) for _ in range(40)]
     hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d.sqlite", exact=False, near_threshold=0.8)
     assert not any(store.check(0, i, None, hasher.signature(d)) for i, d in enumerate(docs))
-    assert store.check(1, 0, None, hasher.signature(_near_copy(docs[7]))) == "dedup_near"
+    assert store.check(1, 0, None, hasher.signature(near_copy(docs[7]))) == "dedup_near"
     assert store.is_dropped(1, 0) and not store.is_dropped(0, 7)
     assert lsh_bands(128, 0.8)[0] * lsh_bands(128, 0.8)[1] <= 128
 
@@ -172,7 +157,7 @@ def test_normalization_is_counted_as_a_change():
 def _bad_corpus(root: Path) -> list[str]:
     rng = random.Random(5)
     root.mkdir()
-    lines = [json.dumps({"text": _doc(rng, 30)}) for _ in range(6)]
+    lines = [json.dumps({"text": random_document(rng, 30)}) for _ in range(6)]
     lines[2] = '{"text": "unterminated'
     lines[4] = json.dumps({"other": "x"})
     (root / "a.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
@@ -182,13 +167,13 @@ def _bad_corpus(root: Path) -> list[str]:
 def test_malformed_line_names_file_and_line_and_leaves_nothing(tmp_path):
     sources = _bad_corpus(tmp_path / "raw")
     with pytest.raises(DataError, match=r"a\.jsonl\.gz:3: not valid JSON"):
-        prepare_dataset(sources, tmp_path / "ds", vocab_size=300, log=_quiet)
+        prepare_dataset(sources, tmp_path / "ds", vocab_size=300, log=quiet)
     assert not (tmp_path / "ds").exists()
 
 
 def test_skip_mode_counts_bad_records_by_kind(tmp_path):
     sources = _bad_corpus(tmp_path / "raw")
-    manifest = prepare_dataset(sources, tmp_path / "ds", vocab_size=300, val_fraction=0.3, bad_input="skip", log=_quiet)
+    manifest = prepare_dataset(sources, tmp_path / "ds", vocab_size=300, val_fraction=0.3, bad_input="skip", log=quiet)
     assert manifest["skipped"] == {"invalid_json": 1, "missing_field": 1}
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 4
 
@@ -196,16 +181,16 @@ def test_skip_mode_counts_bad_records_by_kind(tmp_path):
 def test_parquet_without_the_text_column_is_an_error_naming_the_file(tmp_path):
     pq.write_table(pa.table({"body": ["a b c", "d e f"]}), tmp_path / "x.parquet")
     with pytest.raises(DataError, match=r"x\.parquet: no column 'text' \(has: body\); set data.text_field"):
-        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", vocab_size=300, log=_quiet)
+        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", vocab_size=300, log=quiet)
 
 
 def test_license_for_an_unknown_glob_is_a_config_error(tmp_path):
     pq.write_table(pa.table({"text": ["a b c", "d e f"]}), tmp_path / "x.parquet")
     with pytest.raises(ConfigError, match="data.licenses: 'nope/\\*' is not one of data.sources"):
-        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", licenses={"nope/*": "MIT"}, log=_quiet)
+        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", licenses={"nope/*": "MIT"}, log=quiet)
 
 
 def test_corpus_emptied_by_the_stages_says_how_many_were_dropped(tmp_path):
     pq.write_table(pa.table({"text": ["same text here", "same text here"]}), tmp_path / "x.parquet")
     with pytest.raises(DataError, match=r"empty corpus; 2 documents were dropped"):
-        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", stages=StageSettings(min_words=10), log=_quiet)
+        prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", stages=StageSettings(min_words=10), log=quiet)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from conftest import near_copy, quiet, random_document
 from keel.cli import app
 from keel.data.dataset import load_manifest
 from keel.data.dedup_store import DedupStore
@@ -23,39 +24,24 @@ from keel.data.merge import merge_datasets
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
 
-WORDS = [f"w{i}" for i in range(2000)]
 STAGES = StageSettings(normalize="NFC", min_words=5, dedup_exact=True, dedup_near_threshold=0.8, pii=True)
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
-def _doc(rng: random.Random, words: int = 150) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words))
-
-
-def _near_copy(text: str) -> str:
-    words = text.split()
-    words[len(words) // 2] = "changed"
-    return " ".join(words)
 
 
 def _corpus(root: Path, files: int = 8, docs: int = 30, seed: int = 0) -> list[str]:
     """JSON Lines files with an exact and a near duplicate inside the corpus; returns the source globs."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
-    first = _doc(rng)
+    first = random_document(rng, 150)
     for f in range(files):
-        texts = [_doc(rng) for _ in range(docs)] + ([first] if f == 0 else [])
+        texts = [random_document(rng, 150) for _ in range(docs)] + ([first] if f == 0 else [])
         if f == files - 1:
-            texts += [first, _near_copy(first), "mail a.b@example.org " + _doc(rng, 20)]
+            texts += [first, near_copy(first), "mail a.b@example.org " + random_document(rng, 20)]
         (root / f"{f:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return [str(root / "*.jsonl")]
 
 
 def _tokenizer(tmp_path: Path, sources: list[str]) -> str:
-    prepare_dataset(sources, tmp_path / "tok", vocab_size=400, log=_quiet)
+    prepare_dataset(sources, tmp_path / "tok", vocab_size=400, log=quiet)
     return str(tmp_path / "tok" / "tokenizer.json")
 
 
@@ -135,7 +121,7 @@ def test_prepare_killed_mid_run_resumes_without_rewriting_finished_shards(tmp_pa
         now = os.stat(out / name)
         assert (now.st_ino, now.st_mtime_ns, now.st_size) == (st.st_ino, st.st_mtime_ns, st.st_size), name
 
-    prepare_dataset(sources, tmp_path / "whole", tokenizer=tok, shard_tokens=1500, stages=stages, log=_quiet)
+    prepare_dataset(sources, tmp_path / "whole", tokenizer=tok, shard_tokens=1500, stages=stages, log=quiet)
     assert _fingerprint(out) == _fingerprint(tmp_path / "whole")
 
 
@@ -148,7 +134,7 @@ def test_changed_settings_after_a_crash_start_fresh_and_say_so(tmp_path, monkeyp
     with monkeypatch.context() as m:
         m.setattr("keel.data.prepare._add", crash)
         with pytest.raises(RuntimeError):
-            prepare_dataset(sources, tmp_path / "out", vocab_size=300, log=_quiet)
+            prepare_dataset(sources, tmp_path / "out", vocab_size=300, log=quiet)
     logged: list[str] = []
     prepare_dataset(sources, tmp_path / "out", vocab_size=300, shard_tokens=999, log=logged.append)
     assert any("with other settings or sources: starting fresh" in line for line in logged)
@@ -180,9 +166,9 @@ def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
     rng = random.Random(7)
     raw = tmp_path / "raw"
     raw.mkdir()
-    texts = [_doc(rng) for _ in range(40)]
+    texts = [random_document(rng, 150) for _ in range(40)]
     # Parts take every other file: files 0, 2 go to part 0; files 1, 3 to part 1.
-    files = [texts[:10], texts[10:20], texts[20:30], texts[30:40] + [texts[3], _near_copy(texts[25])]]
+    files = [texts[:10], texts[10:20], texts[20:30], texts[30:40] + [texts[3], near_copy(texts[25])]]
     for i, docs in enumerate(files):
         (raw / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     sources = [str(raw / "*.jsonl")]
@@ -191,7 +177,7 @@ def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
         m = prepare_dataset(
-            sources, part, tokenizer=tok, val_fraction=0.2, shard_tokens=1000, stages=stages, part=(i, 2), log=_quiet
+            sources, part, tokenizer=tok, val_fraction=0.2, shard_tokens=1000, stages=stages, part=(i, 2), log=quiet
         )
         assert "dedup_exact" not in m["stages"] and (part / "dedup.sqlite").is_file()
     merged = merge_datasets(parts, tmp_path / "merged")

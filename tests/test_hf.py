@@ -98,8 +98,14 @@ def assert_round_trip_exact(run, hf_dir):
 
 def test_train_init_from_hf_starts_from_the_exported_weights(exported, tmp_path, dataset):
     run, hf_dir = exported
-    new = train(tmp_path, dataset, "continued", model={"tie_embeddings": True},
-                train={"steps": 1, "eval_every": 1}, checkpoint={"init_from_hf": str(hf_dir)})
+    new = train(
+        tmp_path,
+        dataset,
+        "continued",
+        model={"tie_embeddings": True},
+        train={"steps": 1, "eval_every": 1},
+        checkpoint={"init_from_hf": str(hf_dir)},
+    )
     # The same weights on the same validation batches: the new run's step-0 loss is the old run's last, exactly.
     before = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r][-1]
     assert [r["val_loss"] for r in read_metrics(new) if r["step"] == 0] == [before]
@@ -107,8 +113,12 @@ def test_train_init_from_hf_starts_from_the_exported_weights(exported, tmp_path,
 
 def test_init_from_hf_with_another_shape_is_a_one_line_error_naming_the_key(exported, tmp_path, dataset):
     run, hf_dir = exported
-    config = tiny_config(tmp_path / "bad.toml", dataset, model={"tie_embeddings": True, "n_layers": 3},
-                         checkpoint={"init_from_hf": str(hf_dir)})
+    config = tiny_config(
+        tmp_path / "bad.toml",
+        dataset,
+        model={"tie_embeddings": True, "n_layers": 3},
+        checkpoint={"init_from_hf": str(hf_dir)},
+    )
     result = run_keel("train", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -66,8 +66,10 @@ def query(port: int, expr: str) -> list[dict]:
 
 def test_promtool_accepts_the_scrape_config_and_alert_rules(prometheus):
     promtool = str(Path(prometheus).with_name("promtool"))
-    for args in (["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                 ["check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")]):
+    for args in (
+        ["check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
+        ["check", "rules", str(DEPLOY / "prometheus" / "alerts.yml")],
+    ):
         result = subprocess.run([promtool, *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -85,7 +87,10 @@ def test_grafana_dashboard_plots_only_metrics_the_hub_exports():
 def test_prometheus_scrapes_loss_and_throughput_of_a_two_process_run(tmp_path, dataset, prometheus):
     exporters, server = free_ports(2), free_ports(1)
     config = tiny_config(
-        tmp_path / "c.toml", dataset, train={"steps": 100000}, parallel={"nproc": 2, "dp": "ddp"},
+        tmp_path / "c.toml",
+        dataset,
+        train={"steps": 100000},
+        parallel={"nproc": 2, "dp": "ddp"},
         observe={"prometheus": True, "prometheus_port": exporters, "console": False},
     )
     (tmp_path / "prometheus.yml").write_text(
@@ -93,13 +98,22 @@ def test_prometheus_scrapes_loss_and_throughput_of_a_two_process_run(tmp_path, d
         f"      - targets: ['127.0.0.1:{exporters}', '127.0.0.1:{exporters + 1}']\n"
     )
     training = subprocess.Popen(
-        [sys.executable, "-m", "keel", "train", str(config)], cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "keel", "train", str(config)],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     scraper = subprocess.Popen(
-        [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{server}"],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{server}",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline, loss, speed = time.time() + 120, [], []

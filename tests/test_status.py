@@ -27,8 +27,11 @@ def test_finished_run_reports_finished_with_its_last_checkpoint(tmp_path, datase
 def test_running_run_turns_stalled_when_its_heartbeat_stops(tmp_path, dataset):
     config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 100000})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keel", "train", str(config)], cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "keel", "train", str(config)],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 120

@@ -14,8 +14,11 @@ from keel.observe.step_timer import PHASES, StepTimer
 
 def test_phases_of_a_real_run_add_up_to_its_step_time(tmp_path, dataset):
     config = tiny_config(
-        tmp_path / "c.toml", dataset, train={"steps": 30, "eval_every": 10, "global_batch_size": 16},
-        checkpoint={"every": 10}, observe={"log_every": 5},
+        tmp_path / "c.toml",
+        dataset,
+        train={"steps": 30, "eval_every": 10, "global_batch_size": 16},
+        checkpoint={"every": 10},
+        observe={"log_every": 5},
     )
     assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
     records = [r for r in read_metrics(tmp_path / "runs" / "tiny") if "step_time_s" in r]

@@ -71,8 +71,7 @@ def data_prepare(
 ) -> None:
     """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
     from keel.config import load_config
-    from keel.data.prepare import prepare_dataset
-    from keel.data.stages import StageSettings
+    from keel.data.prepare import prepare_from_config
     from keel.observe.logs import setup_logging
 
     extra = list(overrides or [])
@@ -84,13 +83,7 @@ def data_prepare(
     if not cfg.data.sources:
         raise KeelError("no sources to prepare: set data.sources in the config or pass --source GLOB")
     log = setup_logging(None, 0)
-    d = cfg.data
-    prepare_dataset(
-        d.sources, Path(d.dataset), tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-        text_field=d.text_field, shard_tokens=d.shard_tokens, licenses=d.licenses,
-        stages=StageSettings.from_config(d), bad_input=d.bad_input, part=_parse_part(shard), workers=d.workers,
-        log=log.info,
-    )
+    prepare_from_config(cfg.data, log.info, _parse_part(shard))
 
 
 def _parse_part(shard: str | None) -> tuple[int, int] | None:

@@ -117,8 +117,9 @@ class Checkpointer:
             if self.env.is_main:
                 self._commit(path, step, started, blocked_s=blocked)
 
-        self._pending = PendingSave(step, upload, self._async_group, commit,
-                                    lambda e: self._failed(e, path, step, previous))
+        self._pending = PendingSave(
+            step, upload, self._async_group, commit, lambda e: self._failed(e, path, step, previous)
+        )
         return path
 
     def wait(self) -> None:
@@ -182,8 +183,9 @@ class Checkpointer:
         self._apply_retention()
         size = sum(f["bytes"] for f in record["files"].values())
         seconds = round(time.perf_counter() - started, 3)
-        self._on_event("checkpoint", step=step, path=str(path), seconds=seconds, blocked_s=round(blocked_s, 3),
-                       bytes=size)
+        self._on_event(
+            "checkpoint", step=step, path=str(path), seconds=seconds, blocked_s=round(blocked_s, 3), bytes=size
+        )
 
     def _verify(self, path: Path) -> str | None:
         """None when the checkpoint at `path` verifies on every rank, else what is wrong (checksums on rank 0)."""

@@ -28,8 +28,9 @@ _MISSING = object()
 
 def _mapping(spec: ModelSpec) -> HFMapping:
     if spec.hf is None:
-        raise ConfigError(f"model.name: model {spec.name!r} has no Hugging Face mapping (ModelSpec.hf) to export "
-                          "or import with")
+        raise ConfigError(
+            f"model.name: model {spec.name!r} has no Hugging Face mapping (ModelSpec.hf) to export or import with"
+        )
     return spec.hf
 
 
@@ -54,8 +55,12 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     config = {**mapping.config(args), "dtype": dtype, "torch_dtype": dtype, "bos_token_id": eos, "eos_token_id": eos}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": None, "pad_token": None,
-        "model_max_length": config["max_position_embeddings"], "clean_up_tokenization_spaces": False,
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": None,
+        "pad_token": None,
+        "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
     }
     # Write beside the target and rename into place, so a failed export never leaves a half-written model.
     tmp = out.with_name(f".{out.name}.tmp")
@@ -103,11 +108,15 @@ def check_hf_config(config: dict[str, Any], mapping: HFMapping, args: BaseModel,
     for hf_key, keel_key in mapping.checked.items():
         found, want = _lookup(config, hf_key), _lookup(expected, hf_key)
         if found is _MISSING:
-            raise ConfigError(f"checkpoint.init_from_hf: {file} has no {hf_key}, so it cannot be checked against "
-                              f"model.{keel_key}; is it a Llama-format config?")
+            raise ConfigError(
+                f"checkpoint.init_from_hf: {file} has no {hf_key}, so it cannot be checked against "
+                f"model.{keel_key}; is it a Llama-format config?"
+            )
         if found != want:
-            raise ConfigError(f"model.{keel_key}: {file} has {hf_key} = {found!r}, the config gives {want!r}; "
-                              f"set model.{keel_key} to match (or point checkpoint.init_from_hf elsewhere)")
+            raise ConfigError(
+                f"model.{keel_key}: {file} has {hf_key} = {found!r}, the config gives {want!r}; "
+                f"set model.{keel_key} to match (or point checkpoint.init_from_hf elsewhere)"
+            )
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -116,8 +125,12 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = (f"it holds only pickled weights ({', '.join(pickles)}), which Keel refuses because unpickling can "
-                "run code; convert them to safetensors" if pickles else "export or save the model as safetensors")
+        hint = (
+            f"it holds only pickled weights ({', '.join(pickles)}), which Keel refuses because unpickling can "
+            "run code; convert them to safetensors"
+            if pickles
+            else "export or save the model as safetensors"
+        )
         raise CheckpointError(f"checkpoint.init_from_hf: {directory} has no *.safetensors files; {hint}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
@@ -141,6 +154,8 @@ def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, director
     own = model.state_dict()
     for name, tensor in state.items():
         if name in own and tensor.shape != own[name].shape:
-            raise CheckpointError(f"checkpoint.init_from_hf: {directory} tensor for {name} has shape "
-                                  f"{list(tensor.shape)}, the model's is {list(own[name].shape)}")
+            raise CheckpointError(
+                f"checkpoint.init_from_hf: {directory} tensor for {name} has shape "
+                f"{list(tensor.shape)}, the model's is {list(own[name].shape)}"
+            )
     model.load_state_dict(state)

@@ -7,7 +7,7 @@ def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0) -> lis
     """Committed steps (oldest first) that retention removes; the newest is never among them."""
     if not committed:
         return []
-    kept = set(sorted(committed)[-max(keep, 1):])
+    kept = set(sorted(committed)[-max(keep, 1) :])
     if keep_every:
         kept |= {s for s in committed if s % keep_every == 0}
     return [s for s in sorted(committed) if s not in kept]

@@ -7,8 +7,11 @@ from pathlib import Path
 
 from keel.errors import CheckpointError
 
-_FULL = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large for the file-size limit",
-         errno.EDQUOT: "disk quota exceeded"}
+_FULL = {
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file too large for the file-size limit",
+    errno.EDQUOT: "disk quota exceeded",
+}
 
 
 def _causes(exc: BaseException) -> list[BaseException]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from keel.config import DataConfig
 from keel.data.dataset import FORMAT, MANIFEST, write_manifest
 from keel.data.dedup_store import STORE, DedupStore
 from keel.data.journal import PROGRESS, fsync_path, open_staging, run_key, write_progress
@@ -26,6 +27,25 @@ from keel.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError, KeelError
 
 PROGRESS_SECONDS = 30.0  # a long tokenization says how far it got this often
+
+
+def prepare_from_config(d: DataConfig, log: Callable[[str], None], part: tuple[int, int] | None = None) -> dict:
+    """Prepare the dataset a [data] config section describes (its sources, stages, licenses and workers)."""
+    return prepare_dataset(
+        d.sources,
+        Path(d.dataset),
+        tokenizer=d.tokenizer,
+        vocab_size=d.vocab_size,
+        val_fraction=d.val_fraction,
+        text_field=d.text_field,
+        shard_tokens=d.shard_tokens,
+        licenses=d.licenses,
+        stages=StageSettings.from_config(d),
+        bad_input=d.bad_input,
+        part=part,
+        workers=d.workers,
+        log=log,
+    )
 
 
 def prepare_dataset(

@@ -53,7 +53,12 @@ def sample_text(
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     ids = tokenizer.encode(prompt).ids
     new = generate(
-        model, ids, max_tokens, max_seq_len=cfg.train.seq_len, temperature=temperature,
-        stop_token=eos_id(tokenizer), generator=torch.Generator().manual_seed(seed),
+        model,
+        ids,
+        max_tokens,
+        max_seq_len=cfg.train.seq_len,
+        temperature=temperature,
+        stop_token=eos_id(tokenizer),
+        generator=torch.Generator().manual_seed(seed),
     )
     return prompt + tokenizer.decode(new)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from keel.config import load_config
 from keel.data.dataset import load_manifest
-from keel.data.prepare import prepare_dataset
+from keel.data.prepare import prepare_from_config
 from keel.eval.generate import sample_text
 from keel.launch.train import train
 from keel.observe.logs import setup_logging
@@ -62,12 +62,8 @@ def run_demo(overrides: list[str], nproc: int) -> None:
         load_manifest(dataset)
         log.info(f"using the dataset already prepared in {dataset}")
     else:
-        d = cfg.data
-        log.info(f"preparing {d.sources[0]} into {dataset}")
-        prepare_dataset(
-            d.sources, dataset, tokenizer=d.tokenizer, vocab_size=d.vocab_size, val_fraction=d.val_fraction,
-            text_field=d.text_field, shard_tokens=d.shard_tokens, log=log.info,
-        )
+        log.info(f"preparing {cfg.data.sources[0]} into {dataset}")
+        prepare_from_config(cfg.data, log.info)
     _set_aside(cfg.run_dir)
     train(config, overrides, None, nproc)
     setup_logging(None, 0)

@@ -31,12 +31,16 @@ def worker_env(nproc: int) -> dict[str, str]:
 def launch_workers(run_dir: Path, nproc: int, resume: bool, device: str) -> int:
     """Run the training workers for `run_dir` under torchrun and return its exit code."""
     if device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise LaunchError(
-            f"parallel.nproc {nproc} exceeds the {torch.cuda.device_count()} visible GPUs; lower --nproc"
-        )
+        raise LaunchError(f"parallel.nproc {nproc} exceeds the {torch.cuda.device_count()} visible GPUs; lower --nproc")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", WORKER_MODULE, str(run_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        WORKER_MODULE,
+        str(run_dir),
     ]
     if resume:
         cmd.append("--resume")

@@ -253,13 +253,20 @@ def build(args: LlamaArgs) -> Llama:
 
 
 # Keel parameter names -> Hugging Face LlamaForCausalLM's; per-block names are under layers.{i}. / model.layers.{i}.
-_HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+_HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _HF_BLOCK_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
 }
 
@@ -295,14 +302,25 @@ def _convert(args: LlamaArgs, state: StateDict, to_hf: bool) -> StateDict:
 def hf_config(args: LlamaArgs) -> dict[str, Any]:
     """config.json keys of the equivalent LlamaForCausalLM."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-        "intermediate_size": args.hidden, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_embeddings, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
         "initializer_range": args.init_std,
         # transformers 5 reads rope_parameters; 4.x and other tools read the top-level rope_theta.
-        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
     }
 
 
@@ -311,9 +329,16 @@ HF = HFMapping(
     to_hf=lambda args, state: _convert(args, state, to_hf=True),
     from_hf=lambda args, state: _convert(args, state, to_hf=False),
     checked={
-        "model_type": "name", "hidden_size": "dim", "intermediate_size": "ffn_hidden", "num_hidden_layers": "n_layers",
-        "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "vocab_size": "vocab_size",
-        "rms_norm_eps": "norm_eps", "rope_parameters.rope_theta": "rope_theta", "tie_word_embeddings": "tie_embeddings",
+        "model_type": "name",
+        "hidden_size": "dim",
+        "intermediate_size": "ffn_hidden",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "vocab_size": "vocab_size",
+        "rms_norm_eps": "norm_eps",
+        "rope_parameters.rope_theta": "rope_theta",
+        "tie_word_embeddings": "tie_embeddings",
     },
 )
 
