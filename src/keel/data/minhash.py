@@ -1,4 +1,10 @@
-"""MinHash signatures and LSH band keys for near-duplicate detection (numpy; `datasketch` is not on our index)."""
+"""MinHash signatures and LSH band keys for near-duplicate detection.
+
+Not `datasketch`: its LSH index lives in process memory (or Redis / Cassandra), while prepare must keep
+bounded memory and resume after a crash, so the index is our sqlite `DedupStore`; what remains, the
+signature, is the same universal-hash family (a*x+b mod 2**61-1) in a few lines of numpy, where the
+package would bring scipy along.
+"""
 
 from __future__ import annotations
 
