@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -142,6 +143,45 @@ def test_bad_hf_directories_are_refused_with_errors_naming_the_file(exported, tm
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
         load_hf_weights(model, spec, args, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}},
+            "rope_parameters has rope_type 'llama3' (RoPE scaling)",
+        ),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling has rope_type 'linear' (RoPE scaling)"),
+        ({"attention_bias": True}, "attention_bias is true; Keel's llama has no bias terms"),
+        ({"hidden_act": "gelu"}, "hidden_act is 'gelu'; Keel's llama uses silu"),
+    ],
+)
+def test_hf_configs_with_features_the_model_lacks_are_refused_before_any_weight_loads(
+    exported, tmp_path, change, reason
+):
+    run, hf_dir = exported
+    model, cfg = load_model(run)
+    spec, args = model_args(cfg.model_section())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    config = {**json.loads((hf_dir / "config.json").read_text()), **change}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=re.escape(reason)) as error:
+        load_hf_weights(model, spec, args, tmp_path / "hf")
+    assert "\n" not in str(error.value) and "import a model without it" in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hf_configs_from_transformers_4_without_rope_scaling_are_accepted(exported, tmp_path):
+    run, hf_dir = exported
+    model, cfg = load_model(run)
+    spec, args = model_args(cfg.model_section())
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    load_hf_weights(model, spec, args, tmp_path / "hf")
 
 
 def test_export_mistakes_are_one_line_errors(exported, tmp_path):

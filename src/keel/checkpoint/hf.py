@@ -104,6 +104,9 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 
 def check_hf_config(config: dict[str, Any], mapping: HFMapping, args: BaseModel, file: Path) -> None:
     """Every shape key of an HF config.json must agree with the [model] section; else name the key to change."""
+    reason = mapping.unsupported(config)
+    if reason is not None:
+        raise ConfigError(f"checkpoint.init_from_hf: {file}: {reason}; import a model without it")
     expected = mapping.config(args)
     for hf_key, keel_key in mapping.checked.items():
         found, want = _lookup(config, hf_key), _lookup(expected, hf_key)

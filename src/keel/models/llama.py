@@ -324,6 +324,22 @@ def hf_config(args: LlamaArgs) -> dict[str, Any]:
     }
 
 
+def hf_unsupported(config: dict[str, Any]) -> str | None:
+    """What in an HF Llama config.json this model does not implement, so its weights would compute other logits."""
+    # transformers 5 nests RoPE settings in rope_parameters, 4.x in rope_scaling (null when unscaled).
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+        if kind != "default":
+            return f"{key} has rope_type {kind!r} (RoPE scaling); Keel's llama implements only unscaled RoPE"
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            return f"{key} is true; Keel's llama has no bias terms"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"hidden_act is {config['hidden_act']!r}; Keel's llama uses silu (SwiGLU)"
+    return None
+
+
 HF = HFMapping(
     config=hf_config,
     to_hf=lambda args, state: _convert(args, state, to_hf=True),
@@ -340,6 +356,7 @@ HF = HFMapping(
         "rope_parameters.rope_theta": "rope_theta",
         "tie_word_embeddings": "tie_embeddings",
     },
+    unsupported=hf_unsupported,
 )
 
 SPEC = ModelSpec(

@@ -21,6 +21,8 @@ class HFMapping:
     to_hf: Callable[[Any, StateDict], StateDict]  # (args, Keel state dict) -> HF names and layouts
     from_hf: Callable[[Any, StateDict], StateDict]  # (args, HF state dict) -> Keel's; the exact inverse of to_hf
     checked: dict[str, str]  # config.json key (dotted for nested) -> the [model] key it must agree with on import
+    # config.json -> why the model cannot reproduce it (a feature it lacks), or None; checked before any weight loads
+    unsupported: Callable[[dict[str, Any]], str | None] = lambda config: None
 
 
 @dataclass(frozen=True)
