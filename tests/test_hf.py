@@ -145,6 +145,15 @@ def test_bad_hf_directories_are_refused_with_errors_naming_the_file(exported, tm
         load_hf_weights(model, spec, args, tmp_path)
 
 
+def hf_copy_with_config(hf_dir, out, change, drop=None):
+    """A copy of an exported HF directory whose config.json has `change` applied (and key `drop` removed)."""
+    shutil.copytree(hf_dir, out)
+    config = {**json.loads((hf_dir / "config.json").read_text()), **change}
+    config.pop(drop, None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -164,11 +173,9 @@ def test_hf_configs_with_features_the_model_lacks_are_refused_before_any_weight_
     model, cfg = load_model(run)
     spec, args = model_args(cfg.model_section())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    shutil.copytree(hf_dir, tmp_path / "hf")
-    config = {**json.loads((hf_dir / "config.json").read_text()), **change}
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    edited = hf_copy_with_config(hf_dir, tmp_path / "hf", change)
     with pytest.raises(ConfigError, match=re.escape(reason)) as error:
-        load_hf_weights(model, spec, args, tmp_path / "hf")
+        load_hf_weights(model, spec, args, edited)
     assert "\n" not in str(error.value) and "import a model without it" in str(error.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -177,11 +184,8 @@ def test_hf_configs_from_transformers_4_without_rope_scaling_are_accepted(export
     run, hf_dir = exported
     model, cfg = load_model(run)
     spec, args = model_args(cfg.model_section())
-    shutil.copytree(hf_dir, tmp_path / "hf")
-    config = json.loads((hf_dir / "config.json").read_text())
-    del config["rope_parameters"]
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
-    load_hf_weights(model, spec, args, tmp_path / "hf")
+    edited = hf_copy_with_config(hf_dir, tmp_path / "hf", {"rope_scaling": None}, drop="rope_parameters")
+    load_hf_weights(model, spec, args, edited)
 
 
 def test_export_mistakes_are_one_line_errors(exported, tmp_path):
