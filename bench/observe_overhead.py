@@ -21,7 +21,7 @@ from common import run_overrides, stdlib_dataset
 
 from keel.config import load_config
 from keel.distributed.env import init_distributed
-from keel.train.run import start_run
+from keel.train.preflight import start_run
 from keel.train.trainer import Trainer
 
 ALL_ON = ["observe.log_every=1", "observe.console=true", "observe.tensorboard=true", "observe.prometheus=true"]

@@ -19,10 +19,10 @@ from common import MODEL, run_overrides, stdlib_dataset
 
 from keel.config import load_config
 from keel.distributed.env import init_distributed
-from keel.eval.loss import next_token_loss
 from keel.models import model_args
+from keel.models.loss import next_token_loss
 from keel.observe.mfu import measured_matmul_flops
-from keel.train.run import start_run
+from keel.train.preflight import start_run
 from keel.train.trainer import Trainer
 
 

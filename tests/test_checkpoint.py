@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.checkpoint.checkpointer import Checkpointer
+from keel.checkpoint.checkpointer import Checkpointer, steps_to_delete
 from keel.checkpoint.commit import committed_steps, read_commit, verify_files
-from keel.checkpoint.model_state import ModelOptimizerState
-from keel.checkpoint.retention import steps_to_delete
-from keel.checkpoint.rng import load_rng, save_rng
+from keel.checkpoint.state import ModelOptimizerState, load_rng, save_rng
 from keel.cli import main as keel_main
 from keel.config import load_config
 from keel.distributed.env import DistEnv

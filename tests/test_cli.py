@@ -39,7 +39,7 @@ def test_bad_cli_input_is_one_line_with_exit_code_2(tmp_path, args, fragments):
         ("train.steps=0", "train.steps: Input should be greater than 0"),
         ("model.dim=65", "model.dim"),
         ("model.bogus=1", "model.bogus"),
-        ("train.global_batch_size=7", "train.global_batch_size 7 does not split over 2 processes"),
+        ("train.global_batch_size=7", "train.global_batch_size 7 does not split over 2 data-parallel ranks"),
         ("train.seq_len=4096", "train.seq_len 4096 exceeds model.max_seq_len 64"),
         ("data.dataset='/nonexistent/data'", "/nonexistent/data"),
     ],

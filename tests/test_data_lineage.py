@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from conftest import dataset_text
 from keel.cli import app
 from keel.data.dataset import load_manifest
+from keel.data.inspect import verify_dataset
 from keel.data.lineage import find_documents, remove_documents, sample_ids, shards_of
 from keel.data.prepare import prepare_dataset
-from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError, KeelError
 
 

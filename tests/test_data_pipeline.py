@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from conftest import dataset_text, near_copy, quiet, random_document
 from keel.cli import app
 from keel.data.dedup_store import DedupStore
+from keel.data.inspect import verify_dataset
 from keel.data.minhash import MinHasher, lsh_bands
 from keel.data.pii import luhn_ok, scrub
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import Pipeline, StageSettings, analyze, quality_failure
-from keel.data.verify import verify_dataset
 from keel.errors import ConfigError, DataError
 
 PII_DOC = "contact jane.doe@example.org or +1 415-555-0132, card 4111 1111 1111 1111, host 10.0.0.7 and 2001:db8::7334"

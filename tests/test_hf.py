@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import TINY_MODEL, read_metrics, run_keel, tiny_config
 from keel.checkpoint.commit import write_commit
 from keel.checkpoint.hf import export_hf, load_hf_weights
-from keel.checkpoint.restore import load_model
+from keel.checkpoint.inference import load_model
 from keel.config import build_config, save_config
 from keel.errors import CheckpointError, ConfigError
 from keel.models import model_args

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_keel, tiny_config
+from keel.observe.heartbeat import StatusSink, read_status
 from keel.observe.metrics import Metrics, unit_of
-from keel.observe.status import StatusSink, read_status
 
 
 class Collect:

@@ -112,7 +112,7 @@ def test_same_seed_builds_identical_weights_and_tied_embeddings_share_storage():
     ("section", "message"),
     [
         ({"name": "gpt5"}, "model.name: unknown model 'gpt5'; known: llama"),
-        ({"dims": 3}, "model.dims: unknown key for model 'llama'"),
+        ({"dims": 3}, "model.dims: unknown key (see `keel train --help-config` for the keys)"),
         ({"n_layers": -1}, "model.n_layers: Input should be greater than 0 (got -1)"),
         ({"dim": 66, "n_heads": 4}, "model.dim: 66 must be a multiple of model.n_heads (4)"),
         ({"n_heads": 4, "n_kv_heads": 3}, "model.n_heads: 4 must be a multiple of model.n_kv_heads (3)"),

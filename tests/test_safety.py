@@ -15,8 +15,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from keel.checkpoint.checkpointer import Checkpointer
 from keel.checkpoint.commit import write_commit
 from keel.checkpoint.hf import load_hf_weights
-from keel.checkpoint.restore import load_model
-from keel.checkpoint.safety import SafeFileSystemReader, SafeLoadPlanner
+from keel.checkpoint.inference import load_model
+from keel.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 from keel.config import build_config, save_config
 from keel.distributed.env import DistEnv
 from keel.errors import CheckpointError

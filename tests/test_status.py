@@ -9,8 +9,8 @@ import sys
 import time
 
 from conftest import run_keel, tiny_config
-from keel.observe.report_status import run_state
-from keel.observe.status import read_status
+from keel.observe.heartbeat import read_status
+from keel.observe.status_view import run_state
 
 
 def test_finished_run_reports_finished_with_its_last_checkpoint(tmp_path, dataset):

@@ -113,7 +113,7 @@ def data_inspect(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
 ) -> None:
     """Summarize a prepared dataset: splits, sources and licenses, stage statistics, skipped records."""
-    from keel.data.verify import inspect_lines
+    from keel.data.inspect import inspect_lines
 
     print("\n".join(inspect_lines(dataset)))
 
@@ -123,7 +123,7 @@ def data_verify(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
 ) -> None:
     """Re-hash the tokenizer and every shard against the manifest; exit 2 if any differs."""
-    from keel.data.verify import verify_dataset
+    from keel.data.inspect import verify_dataset
 
     lines, ok = verify_dataset(dataset)
     print("\n".join(lines))
@@ -178,7 +178,7 @@ def checkpoint_verify(
     run_dir: Annotated[Path, typer.Argument(help="Run directory whose checkpoints to check.")],
 ) -> None:
     """Check every checkpoint's files against its commit record (sizes, SHA-256); exit 2 if any is corrupt."""
-    from keel.checkpoint.verify import verify_run
+    from keel.checkpoint.commit import verify_run
 
     lines, ok = verify_run(run_dir)
     print("\n".join(lines))
@@ -210,10 +210,12 @@ def status(
 ) -> None:
     """Show whether a run is running, stalled, finished, stopped or crashed, and its recent incidents."""
     from keel.config import load_config
-    from keel.observe.report_status import describe_run
+    from keel.observe.status_view import describe_run
+    from keel.rundir import RunDir
 
-    if stall_timeout is None and (run_dir / "config.toml").is_file():
-        stall_timeout = load_config(run_dir / "config.toml").observe.stall_timeout_s
+    run = RunDir(run_dir)
+    if stall_timeout is None and run.is_run():
+        stall_timeout = load_config(run.config).observe.stall_timeout_s
     print(describe_run(run_dir, stall_timeout or 600.0))
 
 

@@ -11,6 +11,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from keel.errors import ConfigError
+from keel.io import atomic_write_text
 
 
 class Section(BaseModel):
@@ -176,7 +177,7 @@ class ObserveConfig(Section):
     def _heartbeat_before_stall(self) -> ObserveConfig:
         if self.heartbeat_s >= self.stall_timeout_s:
             raise ValueError(
-                f"observe.heartbeat_s ({self.heartbeat_s}) must be below observe.stall_timeout_s "
+                f"heartbeat_s: {self.heartbeat_s} must be below observe.stall_timeout_s "
                 f"({self.stall_timeout_s}), or every live run would look stalled"
             )
         return self
@@ -212,17 +213,45 @@ class Config(Section):
 ROOT_SECTIONS = tuple(Config.model_fields)
 
 
-def _format_error(err: ValidationError, prefix: str = "") -> str:
+def split_batch(global_batch: int, dp_size: int, micro: int | None = None) -> int:
+    """Sequences per data-parallel rank and step; a batch that does not split evenly is a ConfigError."""
+    if global_batch % dp_size:
+        raise ConfigError(
+            f"train.global_batch_size {global_batch} does not split over {dp_size} data-parallel ranks; "
+            "make it a multiple of the process count"
+        )
+    per_rank = global_batch // dp_size
+    if micro is not None and per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size {micro} does not divide the per-rank batch {per_rank} "
+            "(train.global_batch_size / data-parallel ranks)"
+        )
+    return per_rank
+
+
+def _names_section(model: type[BaseModel], loc: list[str]) -> bool:
+    """Whether `loc` leads to a whole section (a model) of `model` rather than to one of its fields."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    return True
+
+
+def validation_message(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """The first problem of a ValidationError of `model` as one line `key: what is wrong` (keys under `prefix`)."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join([prefix, *loc] if prefix else loc)
     if first["type"] == "extra_forbidden":
-        return f"{prefix}{key}: unknown key (see `keel train --help-config` for the keys)"
+        return f"{key}: unknown key (see `keel train --help-config` for the keys)"
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "value_error":
-        msg = first["msg"].removeprefix("Value error, ")
-        return f"{key}: {msg}" if key else msg
-    got = first.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{prefix}{key}: {first['msg']}{shown}"
+        # A check across a section's fields has no field location; its message starts with the key it blames.
+        return (f"{key}.{msg}" if key else msg) if _names_section(model, loc) else f"{key}: {msg}"
+    shown = "" if isinstance(first.get("input"), dict) else f" (got {first.get('input')!r})"
+    return f"{key}: {msg}{shown}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -268,7 +297,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format_error(e)}") from None
+        raise ConfigError(f"{source}: {validation_message(e, Config)}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -306,9 +335,7 @@ def dump_toml(data: dict[str, dict[str, Any]]) -> str:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as TOML, atomically."""
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text(dump_toml(config.model_dump()), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, dump_toml(config.model_dump()))
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

@@ -14,22 +14,21 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from keel.checkpoint.async_save import InFlightSave
 from keel.checkpoint.commit import (
-    COMMIT_FILE,
+    checkpoint_dirs,
     committed_steps,
     read_commit,
     remove_checkpoint,
     verify_files,
     write_commit,
 )
-from keel.checkpoint.pending import PendingSave
-from keel.checkpoint.retention import steps_to_delete
-from keel.checkpoint.rng import load_rng, save_rng
-from keel.checkpoint.safety import SafeLoadPlanner, safe_reader
-from keel.checkpoint.save_errors import save_failed
-from keel.checkpoint.scalars import from_tensors, to_tensors
+from keel.checkpoint.safe_load import SafeLoadPlanner, safe_reader
+from keel.checkpoint.state import from_tensors, load_rng, save_rng, to_tensors
 from keel.distributed.env import DistEnv, all_agree, barrier
 from keel.errors import CheckpointError
+from keel.io import FULL_DISK, first_line
+from keel.rundir import checkpoint_name
 
 log = logging.getLogger("keel")
 
@@ -40,11 +39,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def step_dir_name(step: int) -> str:
-    """The directory name of the checkpoint taken after `step`."""
-    return f"step_{step}"
 
 
 # DCP warns when it runs without a process group; one process is a supported case here, and async
@@ -68,7 +62,7 @@ class Checkpointer:
         self.keep, self.keep_every = keep, keep_every
         self._on_event = on_event or (lambda kind, **fields: None)
         self._objects: dict[str, Stateful] = {}
-        self._pending: PendingSave | None = None
+        self._in_flight: InFlightSave | None = None
         self._async_group: dist.ProcessGroup | None = None
 
     def register(self, name: str, obj: Stateful) -> None:
@@ -80,7 +74,7 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The newest committed checkpoint, or None."""
         steps = committed_steps(self.root)
-        return self.root / step_dir_name(steps[-1]) if steps else None
+        return self.root / checkpoint_name(steps[-1]) if steps else None
 
     def save(self, step: int) -> Path:
         """Write a checkpoint of every registered object after `step` and commit it (a collective call)."""
@@ -117,16 +111,16 @@ class Checkpointer:
             if self.env.is_main:
                 self._commit(path, step, started, blocked_s=blocked)
 
-        self._pending = PendingSave(
+        self._in_flight = InFlightSave(
             step, upload, self._async_group, commit, lambda e: self._failed(e, path, step, previous)
         )
         return path
 
     def wait(self) -> None:
         """Wait for the save in flight, if any, to be committed; raise its CheckpointError if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.wait()
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.wait()
 
     def restore(self, path: Path) -> int:
         """Load every registered object from the committed checkpoint at `path` after verifying it; returns its step."""
@@ -139,7 +133,7 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies, reporting and skipping corrupt ones; None if none."""
         steps = committed_steps(self.root)
         for step in reversed(steps):
-            path = self.root / step_dir_name(step)
+            path = self.root / checkpoint_name(step)
             problem = self._verify(path)
             if problem is None:
                 return path, self._load(path)
@@ -155,7 +149,7 @@ class Checkpointer:
     def _begin(self, step: int) -> tuple[Path, float, Path | None]:
         if not self._objects:
             raise ValueError("nothing is registered with the Checkpointer")
-        path = self.root / step_dir_name(step)
+        path = self.root / checkpoint_name(step)
         started = time.perf_counter()
         previous = self.latest()
         try:
@@ -208,7 +202,7 @@ class Checkpointer:
             dcp.load(templates, storage_reader=reader, planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as e:
             raise CheckpointError(
-                f"{path}: cannot load into this model and optimizer ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"{path}: cannot load into this model and optimizer ({first_line(e)}); "
                 "was it saved with another model config?"
             ) from None
         for name, obj in self._objects.items():
@@ -219,9 +213,44 @@ class Checkpointer:
     def _apply_retention(self) -> None:
         steps = committed_steps(self.root)
         for old in steps_to_delete(steps, self.keep, self.keep_every):
-            remove_checkpoint(self.root / step_dir_name(old))
-        newest = steps[-1]
-        for stale in self.root.glob("step_*"):
-            uncommitted = not (stale / COMMIT_FILE).exists()
-            if uncommitted and stale.name.removeprefix("step_").isdigit() and int(stale.name[5:]) < newest:
+            remove_checkpoint(self.root / checkpoint_name(old))
+        for step, stale in checkpoint_dirs(self.root):
+            if step < steps[-1] and step not in steps:  # the remains of a crashed save, older than the newest commit
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0) -> list[int]:
+    """Committed steps (oldest first) that retention removes: all but the last K and every M-th; never the newest."""
+    if not committed:
+        return []
+    kept = set(sorted(committed)[-max(keep, 1) :])
+    if keep_every:
+        kept |= {s for s in committed if s % keep_every == 0}
+    return [s for s in sorted(committed) if s not in kept]
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, its causes and contexts, and the per-rank failures DCP wraps (it raises their summary)."""
+    seen, stack, found = set(), [exc], []
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        stack += [e.__cause__, e.__context__]
+        for wrapped in getattr(e, "failures", {}).values():
+            stack.append(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+    return found
+
+
+def save_failed(exc: BaseException, path: Path, step: int, previous: Path | None) -> CheckpointError:
+    """The one-line CheckpointError for a save of `step` into `path` that raised `exc`: a full disk is named."""
+    kept = f"the previous checkpoint {previous.name} is kept" if previous else "no earlier checkpoint exists"
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return CheckpointError(
+                f"{path}: cannot save step {step}: {FULL_DISK[e.errno]}; {kept}; free space under {path.parent} "
+                "or lower checkpoint.keep"
+            )
+    return CheckpointError(f"{path}: saving step {step} failed ({first_line(exc)}); {kept}")

@@ -2,51 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from keel.errors import CheckpointError
+from keel.io import atomic_write_json, sha256_file
+from keel.rundir import CHECKPOINT_PREFIX, RunDir, step_of
 
 COMMIT_FILE = "commit.json"
 FORMAT = "keel-checkpoint/1"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see the old content or the new, never a part: tmp, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_commit(path: Path, *, step: int, world_size: int) -> dict[str, Any]:
+def write_commit(path: Path, *, step: int, world_size: int, **extra: Any) -> dict[str, Any]:
     """Record the step and every file's size and checksum in `path/commit.json`, atomically, last."""
     files = {}
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMMIT_FILE):
         files[f.relative_to(path).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    record = {"format": FORMAT, "step": step, "world_size": world_size, "created_at": time.time(), "files": files}
-    atomic_write_text(path / COMMIT_FILE, json.dumps(record, indent=1))
+    record = {
+        "format": FORMAT,
+        "step": step,
+        "world_size": world_size,
+        "created_at": time.time(),
+        **extra,
+        "files": files,
+    }
+    atomic_write_json(path / COMMIT_FILE, record)
     return record
 
 
@@ -83,11 +66,34 @@ def verify_files(path: Path, record: dict[str, Any], checksums: bool = True) -> 
             raise CheckpointError(f"{path}: {rel} fails its checksum; the file is corrupt")
 
 
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_<N>` directory under `root`, committed or not, oldest first."""
+    found = [(step_of(d), d) for d in Path(root).glob(f"{CHECKPOINT_PREFIX}*") if d.is_dir()]
+    return sorted((step, d) for step, d in found if step is not None)
+
+
 def committed_steps(root: Path) -> list[int]:
     """Steps of the committed checkpoints under `root`, oldest first."""
-    steps = []
-    for d in Path(root).glob("step_*"):
-        suffix = d.name.removeprefix("step_")
-        if suffix.isdigit() and (d / COMMIT_FILE).is_file():
-            steps.append(int(suffix))
-    return sorted(steps)
+    return [step for step, d in checkpoint_dirs(root) if (d / COMMIT_FILE).is_file()]
+
+
+def verify_run(run_dir: Path) -> tuple[list[str], bool]:
+    """`keel checkpoint verify`: a line per checkpoint (ok, CORRUPT, uncommitted); whether all committed are intact."""
+    dirs = checkpoint_dirs(RunDir(run_dir).checkpoints)
+    if not dirs:
+        raise CheckpointError(f"{run_dir}: no checkpoints under checkpoints/; is it a Keel run dir that has saved?")
+    lines, all_ok = [], True
+    for _, d in dirs:
+        if not (d / COMMIT_FILE).exists():
+            lines.append(f"{d.name}: uncommitted (an interrupted save; resume ignores it)")
+            continue
+        try:
+            record = read_commit(d)
+            verify_files(d, record)
+        except CheckpointError as e:
+            all_ok = False
+            lines.append(f"{d.name}: CORRUPT: {e}")
+            continue
+        size = sum(f["bytes"] for f in record["files"].values())
+        lines.append(f"{d.name}: ok ({len(record['files'])} files, {size:,} bytes, world size {record['world_size']})")
+    return lines, all_ok

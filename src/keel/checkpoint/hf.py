@@ -14,11 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from keel.checkpoint.restore import checkpoint_path, load_model
+from keel.checkpoint.inference import checkpoint_path, load_model
 from keel.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
 from keel.errors import CheckpointError, ConfigError
 from keel.models import model_args
 from keel.models.spec import HFMapping, ModelSpec
+from keel.rundir import RunDir
 
 FORMATS = ("hf",)
 CONFIG_FILE = "config.json"
@@ -39,8 +40,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: unknown export format; use --format hf")
-    if not (run_dir / "config.toml").is_file():
-        raise CheckpointError(f"{run_dir}: not a Keel run dir (no config.toml); pass the directory `keel train` wrote")
+    run = RunDir(run_dir).require()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: already exists and is not an empty directory; choose a new directory")
     path = checkpoint_path(run_dir, step)
@@ -48,7 +48,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     spec, args = model_args(cfg.model_section())
     mapping = _mapping(spec)
     state = mapping.to_hf(args, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    tokenizer = load_tokenizer(run.tokenizer)
     eos = eos_id(tokenizer)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     # transformers 5 reads dtype, 4.x torch_dtype; both name the stored dtype, so either loads without a cast.
@@ -69,7 +69,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "keel_checkpoint": str(path)})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+    shutil.copyfile(run.tokenizer, tmp / "tokenizer.json")
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

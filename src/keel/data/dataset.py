@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
 from keel.errors import DataError
+from keel.io import atomic_write_json, sha256_file
 
 FORMAT = "keel-dataset/1"
 MANIFEST = "manifest.json"
@@ -18,12 +17,7 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 def write_manifest(dataset_dir: Path, manifest: dict) -> None:
     """Write manifest.json atomically: a reader sees the old state or the whole new one, never a torn file."""
-    tmp = dataset_dir / f"{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dataset_dir / MANIFEST)
+    atomic_write_json(dataset_dir / MANIFEST, manifest)
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
@@ -55,7 +49,7 @@ def manifest_sha256(dataset_dir: str | Path) -> str:
     """The SHA-256 of the dataset's manifest.json, which names every shard by its hash: the dataset's identity."""
     path = Path(dataset_dir) / MANIFEST
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.strerror})") from None
 

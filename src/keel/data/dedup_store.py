@@ -6,9 +6,9 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from keel.data.journal import fsync_path
 from keel.data.minhash import MinHasher
 from keel.errors import DataError
+from keel.io import fsync_path
 
 STORE = "dedup.sqlite"
 CACHE_KIB = 16 * 1024  # sqlite's page cache: the store's whole RAM footprint, whatever the document count

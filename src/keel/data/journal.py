@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from keel.io import atomic_write_json
+
 PROGRESS = "progress.json"
 
 
@@ -45,19 +47,4 @@ def read_progress(staging: Path) -> dict | None:
 
 def write_progress(staging: Path, progress: dict) -> None:
     """Replace the progress file atomically and durably: after a crash it holds the old or the new state."""
-    tmp = staging / f"{PROGRESS}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(progress, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, staging / PROGRESS)
-    fsync_path(staging)
-
-
-def fsync_path(path: Path) -> None:
-    """Make a file's contents, or a directory's renames and new entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write_json(staging / PROGRESS, progress, indent=None)

@@ -8,9 +8,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from keel.config import split_batch
 from keel.data.dataset import TokenDataset
 from keel.data.mixture import MixtureOrder
-from keel.errors import ConfigError, DataError
+from keel.errors import DataError
 
 
 class Batch(NamedTuple):
@@ -116,17 +117,7 @@ class BatchLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if global_batch_size % world_size:
-            raise ConfigError(
-                f"train.global_batch_size ({global_batch_size}) must be a multiple of the "
-                f"data-parallel world size ({world_size})"
-            )
-        self.per_rank = global_batch_size // world_size
-        if self.per_rank % micro_batch_size:
-            raise ConfigError(
-                f"train.micro_batch_size ({micro_batch_size}) must divide the per-rank batch "
-                f"(train.global_batch_size / world size = {self.per_rank})"
-            )
+        self.per_rank = split_batch(global_batch_size, world_size, micro_batch_size)
         self.datasets = dataset if isinstance(dataset, list) else [dataset]
         self.seq_len = seq_len
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -186,13 +177,8 @@ def eval_batches(
     document_mask: bool = False,
 ) -> Iterator[Batch]:
     """This rank's slice of a fixed, unshuffled set of batches: the split's first samples, wrapping if it is small."""
-    if batch_size % world_size:
-        raise ConfigError(
-            f"the evaluation batch size ({batch_size}) must be a multiple of the data-parallel world size "
-            f"({world_size}); change train.global_batch_size"
-        )
+    per_rank = split_batch(batch_size, world_size)
     count = num_samples(dataset, seq_len)
-    per_rank = batch_size // world_size
     for b in range(num_batches):
         first = b * batch_size + rank * per_rank
         ids = [(first + k) % count for k in range(per_rank)]

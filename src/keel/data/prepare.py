@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -17,7 +16,7 @@ from tokenizers import Tokenizer
 from keel.config import DataConfig
 from keel.data.dataset import FORMAT, MANIFEST, write_manifest
 from keel.data.dedup_store import STORE, DedupStore
-from keel.data.journal import PROGRESS, fsync_path, open_staging, run_key, write_progress
+from keel.data.journal import PROGRESS, open_staging, run_key, write_progress
 from keel.data.pool import Doc, Done, Job, StagePool, resolve_workers, tasks
 from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, doc_hashes, raw_documents, scan
 from keel.data.shards import ShardWriter
@@ -25,6 +24,7 @@ from keel.data.sources import Sources, expand_sources
 from keel.data.stages import Pipeline, StageSettings
 from keel.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError, KeelError
+from keel.io import fsync_path, sha256_file
 
 PROGRESS_SECONDS = 30.0  # a long tokenization says how far it got this often
 
@@ -95,7 +95,7 @@ def prepare_dataset(
         {
             "format": FORMAT,
             "settings": settings,
-            "tokenizer": vocab_size if tokenizer is None else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest(),
+            "tokenizer": vocab_size if tokenizer is None else sha256_file(Path(tokenizer)),
             "licenses": licenses or {},
             "part": part,
             "includes": found.includes,
@@ -237,7 +237,7 @@ def _write(
         "dtype": dtype,
         "tokenizer": {
             "file": "tokenizer.json",
-            "sha256": hashlib.sha256((staging / "tokenizer.json").read_bytes()).hexdigest(),
+            "sha256": sha256_file(staging / "tokenizer.json"),
             "vocab_size": vocab,
             "eos_id": eos,
         },

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from keel.checkpoint.restore import load_model
+from keel.checkpoint.inference import load_model
 from keel.data.tokenizer import eos_id, load_tokenizer
+from keel.rundir import RunDir
 
 
 @torch.no_grad()
@@ -50,7 +51,7 @@ def sample_text(
 ) -> str:
     """Load the run's newest (or given) checkpoint in this process and continue `prompt`."""
     model, cfg = load_model(run_dir, step)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    tokenizer = load_tokenizer(RunDir(run_dir).tokenizer)
     ids = tokenizer.encode(prompt).ids
     new = generate(
         model,

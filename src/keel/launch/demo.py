@@ -13,9 +13,11 @@ from keel.config import load_config
 from keel.data.dataset import load_manifest
 from keel.data.prepare import prepare_from_config
 from keel.eval.generate import sample_text
+from keel.io import read_jsonl
 from keel.launch.train import train
 from keel.observe.logs import setup_logging
 from keel.observe.report import write_report
+from keel.rundir import RunDir
 
 log = logging.getLogger("keel")
 
@@ -67,7 +69,7 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     _set_aside(cfg.run_dir)
     train(config, overrides, None, nproc)
     setup_logging(None, 0)
-    val = [json.loads(line)["val_loss"] for line in open(cfg.run_dir / "metrics.jsonl") if "val_loss" in line]
+    val = [r["val_loss"] for r in read_jsonl(RunDir(cfg.run_dir).metrics) if "val_loss" in r]
     log.info(f"validation loss: {val[0]:.3f} at the first evaluation -> {val[-1]:.3f} at the last")
     log.info("sample (prompt 'def '):\n" + sample_text(cfg.run_dir, "def ", 80))
     log.info(f"plots: {write_report(cfg.run_dir)}")

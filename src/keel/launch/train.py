@@ -9,9 +9,9 @@ from keel.config import Config, load_config
 from keel.distributed.env import all_agree, init_distributed, shutdown
 from keel.errors import KeelError, LaunchError
 from keel.launch.torchrun import launch_workers, under_launcher
+from keel.observe.heartbeat import mark_state, read_status
 from keel.observe.logs import setup_logging
-from keel.observe.status import mark_state, read_status
-from keel.train.run import reopen_run, start_run
+from keel.train.preflight import reopen_run, start_run
 from keel.train.worker import run_worker
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from keel.config import validation_message
 from keel.errors import ConfigError
 from keel.models import llama
 from keel.models.spec import ModelSpec
@@ -28,11 +29,4 @@ def model_args(section: dict[str, Any]) -> tuple[ModelSpec, BaseModel]:
     try:
         return spec, spec.args_cls.model_validate(values)
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise ConfigError(f"model.{key}: unknown key for model {spec.name!r}") from None
-        message = first["msg"].removeprefix("Value error, ")
-        shown = f" (got {first['input']!r})" if key and not isinstance(first.get("input"), dict) else ""
-        # Cross-field checks have no location; their messages start with the key they blame.
-        raise ConfigError(f"model.{key}: {message}{shown}" if key else f"model.{message}") from None
+        raise ConfigError(validation_message(e, spec.args_cls, "model")) from None

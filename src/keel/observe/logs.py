@@ -6,6 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
+from keel.rundir import RunDir
+
 
 def setup_logging(run_dir: Path | None, rank: int) -> logging.Logger:
     """Configure the `keel` logger for this process and return it."""
@@ -20,8 +22,9 @@ def setup_logging(run_dir: Path | None, rank: int) -> logging.Logger:
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
     if run_dir is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
+        run = RunDir(run_dir)
+        run.logs.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run.rank_log(rank), encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file)
     return logger

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from keel.rundir import RunDir
+
 log = logging.getLogger("keel")
 
 
@@ -16,7 +18,7 @@ class StepProfiler:
 
     def __init__(self, ranges: list[list[int]], run_dir: Path, rank: int, device: torch.device):
         self.ranges = sorted((first, last) for first, last in ranges)
-        self.out = Path(run_dir) / "profiles"
+        self.out = RunDir(run_dir).profiles
         self.rank = rank
         self.cuda = device.type == "cuda"
         self._active: profile | None = None

@@ -8,11 +8,12 @@ import io
 import json
 import statistics
 from pathlib import Path
-from typing import Any
 
 from keel.errors import KeelError
-from keel.observe.report_status import recent_incidents
-from keel.observe.status import read_status
+from keel.io import read_jsonl
+from keel.observe.heartbeat import read_status
+from keel.observe.status_view import recent_incidents
+from keel.rundir import RunDir
 
 # (title, metrics drawn as lines, y-axis label); a panel is left out when the run recorded none of its metrics.
 PANELS = [
@@ -23,12 +24,6 @@ PANELS = [
     ("Step time", ["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "checkpoint_s"], "s"),
     ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"], "GB"),
 ]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _plot(title: str, names: list[str], unit: str, records: list[dict], events: list[dict], t0: float) -> str | None:
@@ -90,10 +85,11 @@ def _summary(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html (plots as embedded PNGs, incidents marked) and return its path."""
     run_dir = Path(run_dir)
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    records = read_jsonl(run.metrics)
     if not records:
         raise KeelError(f"{run_dir}: no metrics.jsonl records to plot; is this a run dir that has trained?")
-    events = _read_jsonl(run_dir / "events.jsonl")
+    events = read_jsonl(run.events)
     t0 = min([r["time"] for r in records] + [e["time"] for e in events])
     incidents = recent_incidents(run_dir, limit=len(events) or 1)
     groups = sorted({name for r in records for name in r if name.startswith("grad_norm/")})
@@ -120,6 +116,6 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;t
 <h2>Incidents</h2><table><tr><th>minute</th><th>event</th><th>details</th></tr>{event_rows}</table>
 </body></html>
 """
-    out = run_dir / "report.html"
+    out = run.report
     out.write_text(page, encoding="utf-8")
     return out

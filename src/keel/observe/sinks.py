@@ -9,7 +9,9 @@ from typing import TextIO
 
 from keel.config import Config
 from keel.distributed.env import DistEnv
-from keel.observe.status import StatusSink
+from keel.io import atomic_write_text, jsonl_lines
+from keel.observe.heartbeat import StatusSink
+from keel.rundir import RunDir
 
 
 class JsonlSink:
@@ -36,21 +38,14 @@ def rewind_jsonl(path: Path, step: int) -> int:
     The dropped lines are appended to `<name>.rolled_back.jsonl` beside it, so nothing written is lost;
     returns how many were moved.
     """
-    if not path.exists():
-        return 0
     keep, drop = [], []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            after = json.loads(line).get("step", 0) > step
-        except json.JSONDecodeError:
-            after = True  # a line torn by a kill mid-write belongs to the dead attempt
-        (drop if after else keep).append(line if line.endswith("\n") else line + "\n")
+    for line, record in jsonl_lines(path):
+        # A line torn by a kill mid-write belongs to the dead attempt.
+        (drop if record is None or record.get("step", 0) > step else keep).append(line)
     if drop:
         with open(path.with_suffix(".rolled_back.jsonl"), "a", encoding="utf-8") as f:
             f.writelines(drop)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, "".join(keep))
     return len(drop)
 
 
@@ -115,12 +110,13 @@ class ConsoleSink:
 def build_sinks(cfg: Config, run_dir: Path, env: DistEnv) -> list:
     """The sinks `observe.*` turns on: run-dir files, console, TensorBoard, W&B on rank 0; Prometheus on every rank."""
     sinks: list = []
+    run = RunDir(run_dir)
     if env.is_main:
-        sinks += [JsonlSink(run_dir / "metrics.jsonl"), StatusSink(run_dir, cfg.train.steps, cfg.observe.heartbeat_s)]
+        sinks += [JsonlSink(run.metrics), StatusSink(run_dir, cfg.train.steps, cfg.observe.heartbeat_s)]
         if cfg.observe.console:
             sinks.append(ConsoleSink(cfg.train.steps))
         if cfg.observe.tensorboard:
-            sinks.append(TensorBoardSink(run_dir / "tb"))
+            sinks.append(TensorBoardSink(run.tensorboard))
         if cfg.observe.wandb:
             from keel.observe.wandb_sink import WandbSink
 

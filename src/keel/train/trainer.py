@@ -13,7 +13,7 @@ import torch
 from keel.checkpoint.checkpointer import Checkpointer
 from keel.checkpoint.commit import committed_steps
 from keel.checkpoint.hf import load_hf_weights
-from keel.checkpoint.model_state import ModelOptimizerState
+from keel.checkpoint.state import ModelOptimizerState
 from keel.config import Config
 from keel.data.dataset import TokenDataset
 from keel.data.loader import BatchLoader, eval_batches
@@ -21,16 +21,18 @@ from keel.data.mixture import open_mixture
 from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv, all_reduce_mean
 from keel.distributed.parallel import apply_data_parallel, clip_grad_norm, grad_norms_by_group, gradient_sync
-from keel.eval.loss import batch_loss, validation_loss
+from keel.eval.validation import validation_loss
 from keel.models import model_args
+from keel.models.loss import batch_loss
 from keel.observe.events import EventLog
+from keel.observe.heartbeat import mark_state
 from keel.observe.metrics import Metrics
 from keel.observe.mfu import peak_flops
 from keel.observe.profiler import StepProfiler
 from keel.observe.sinks import build_sinks, rewind_jsonl
-from keel.observe.status import mark_state
 from keel.observe.step_timer import StepTimer
 from keel.observe.straggler import StragglerWatch
+from keel.rundir import RunDir
 from keel.train.optim import build_optimizer, lr_at, set_lr
 from keel.train.state import TrainState
 
@@ -49,12 +51,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
-        run_dir = cfg.run_dir
+        run = RunDir(cfg.run_dir)
         spec, args = model_args(cfg.model_section())
         torch.manual_seed(cfg.run.seed)
         with torch.device(env.device):
             model = spec.build(args)
-        if cfg.checkpoint.init_from_hf and not committed_steps(run_dir / "checkpoints"):
+        if cfg.checkpoint.init_from_hf and not committed_steps(run.checkpoints):
             # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
             load_hf_weights(model, spec, args, Path(cfg.checkpoint.init_from_hf))
         if cfg.train.compile:
@@ -88,18 +90,18 @@ class Trainer:
             self.loader = PrefetchLoader(self.loader, cfg.data.num_workers, cfg.data.prefetch_factor)
         self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
-        self.events = EventLog(run_dir / "events.jsonl" if env.is_main else None)
-        self.metrics = Metrics(build_sinks(cfg, run_dir, env))
+        self.events = EventLog(run.events if env.is_main else None)
+        self.metrics = Metrics(build_sinks(cfg, run.root, env))
         ckpt = cfg.checkpoint
         self.checkpointer = Checkpointer(
-            run_dir / "checkpoints", env, ckpt.keep, on_event=self.events, keep_every=ckpt.keep_every
+            run.checkpoints, env, ckpt.keep, on_event=self.events, keep_every=ckpt.keep_every
         )
         self.checkpointer.register("model", ModelOptimizerState(self.model, self.optimizer))
         self.checkpointer.register("trainer", self.state)
         self.checkpointer.register("data", self.loader)
         self.peak_flops = peak_flops(env.device, self.dtype)
         self.timer = StepTimer(env.device)
-        self.profiler = StepProfiler(cfg.observe.profile_steps, run_dir, env.rank, env.device)
+        self.profiler = StepProfiler(cfg.observe.profile_steps, run.root, env.rank, env.device)
         self.stragglers = StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, self.events)
         self._group_norms: dict[str, float] = {}
         self._last_save = time.perf_counter()  # a run that never saved is as exposed as one whose save is old
@@ -116,7 +118,7 @@ class Trainer:
             log.info("no committed checkpoint yet: starting from step 0")
             return
         latest, step = restored
-        dropped = rewind_jsonl(self.cfg.run_dir / "metrics.jsonl", step) if self.env.is_main else 0
+        dropped = rewind_jsonl(RunDir(self.cfg.run_dir).metrics, step) if self.env.is_main else 0
         self.events("resume", step=step, world_size=self.env.world_size, metrics_rolled_back=dropped)
         log.info(f"resumed from {latest} (step {step})")
 

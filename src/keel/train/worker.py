@@ -14,15 +14,15 @@ from pathlib import Path
 from keel.config import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
+from keel.observe.heartbeat import mark_state
 from keel.observe.logs import setup_logging
-from keel.observe.status import mark_state
-from keel.train.run import CONFIG_FILE
+from keel.rundir import RunDir
 from keel.train.trainer import Trainer
 
 
 def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
     """Train the run in `run_dir` (its resolved config.toml) on this process."""
-    cfg = load_config(run_dir / CONFIG_FILE)
+    cfg = load_config(RunDir(run_dir).config)
     setup_logging(run_dir, env.rank)
     try:
         trainer = Trainer(cfg, env)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     code = 0
     try:
-        cfg = load_config(args.run_dir / CONFIG_FILE)
+        cfg = load_config(RunDir(args.run_dir).config)
         env = init_distributed(cfg.train.device)
         run_worker(args.run_dir, env, args.resume)
     except KeelError as e:

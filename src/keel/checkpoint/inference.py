@@ -1,4 +1,4 @@
-"""Load a trained model from a run dir into one process, whatever world size saved it."""
+"""Load a trained model from a run dir into one process, whatever world size saved it (generate, export)."""
 
 from __future__ import annotations
 
@@ -9,30 +9,31 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from keel.checkpoint.checkpointer import step_dir_name
 from keel.checkpoint.commit import committed_steps, read_commit, verify_files
-from keel.checkpoint.safety import SafeLoadPlanner, safe_reader
+from keel.checkpoint.safe_load import SafeLoadPlanner, safe_reader
 from keel.config import Config, load_config
 from keel.errors import CheckpointError
 from keel.models import model_args
+from keel.rundir import RunDir
 
 
 def checkpoint_path(run_dir: Path, step: int | None = None) -> Path:
     """The committed checkpoint of `run_dir` at `step` (newest when None)."""
-    steps = committed_steps(Path(run_dir) / "checkpoints")
+    run = RunDir(run_dir).require()
+    steps = committed_steps(run.checkpoints)
     if not steps:
         raise CheckpointError(f"{run_dir}: no committed checkpoint under checkpoints/; train the run first")
     if step is None:
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"{run_dir}: no committed checkpoint at step {step}; committed steps: {steps}")
-    return Path(run_dir) / "checkpoints" / step_dir_name(step)
+    return run.checkpoint(step)
 
 
 def load_model(run_dir: Path, step: int | None = None, device: str = "cpu") -> tuple[nn.Module, Config]:
     """Build the run's model and load its weights from a verified, committed checkpoint."""
-    cfg = load_config(Path(run_dir) / "config.toml")
     path = checkpoint_path(run_dir, step)
+    cfg = load_config(RunDir(run_dir).config)
     verify_files(path, read_commit(path))
     spec, args = model_args(cfg.model_section())
     with torch.device(device):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from keel.data.dataset import load_manifest, resolve_inside
-
-CHUNK = 8 << 20  # hash in 8 MB reads: bounded memory for shards of any size
+from keel.io import sha256_file
 
 
 def inspect_lines(dataset_dir: Path) -> list[str]:
@@ -43,12 +41,9 @@ def verify_dataset(dataset_dir: Path) -> tuple[list[str], bool]:
     entries = [(m["tokenizer"]["file"], m["tokenizer"]["sha256"])]
     entries += [(s["file"], s["sha256"]) for e in m["splits"].values() for s in e["shards"]]
     for name, expected in entries:
-        digest = hashlib.sha256()
-        with open(resolve_inside(Path(dataset_dir), name), "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != expected:
+        digest = sha256_file(resolve_inside(Path(dataset_dir), name))
+        if digest != expected:
             ok = False
-            lines.append(f"CORRUPT {name}: sha256 {digest.hexdigest()[:16]}..., manifest says {expected[:16]}...")
+            lines.append(f"CORRUPT {name}: sha256 {digest[:16]}..., manifest says {expected[:16]}...")
     lines.append(f"{'ok' if ok else 'FAILED'}: {len(entries)} files checked in {dataset_dir}")
     return lines, ok

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keel.checkpoint.commit import atomic_write_text, committed_steps
+from keel.checkpoint.commit import committed_steps
+from keel.io import atomic_write_json
+from keel.rundir import RunDir
 
-STATUS_FILE = "status.json"
 # States a run writes itself; "stalled" is only ever inferred by a reader from an old heartbeat.
 RUN_STATES = ("starting", "running", "finished", "stopped", "crashed")
 
@@ -49,7 +50,8 @@ class StatusSink:
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:
     """Write status.json atomically, stamped with the time, host, process id and newest committed checkpoint."""
-    steps = committed_steps(Path(run_dir) / "checkpoints")
+    run = RunDir(run_dir)
+    steps = committed_steps(run.checkpoints)
     record = {
         **status,
         "last_checkpoint_step": steps[-1] if steps else None,
@@ -57,7 +59,7 @@ def write_status(run_dir: Path, status: dict[str, Any]) -> None:
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
-    atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=1))
+    atomic_write_json(run.status, record)
 
 
 def mark_state(run_dir: Path, state: str, **fields: Any) -> None:
@@ -70,6 +72,7 @@ def mark_state(run_dir: Path, state: str, **fields: Any) -> None:
 def read_status(run_dir: Path) -> dict[str, Any]:
     """The last heartbeat of a run, or {} if it has none (or a torn one from another writer)."""
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+        status = json.loads(RunDir(run_dir).status.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+    return status if isinstance(status, dict) else {}

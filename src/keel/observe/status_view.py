@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from keel.errors import KeelError
+from keel.io import read_jsonl
+from keel.observe.heartbeat import read_status
 from keel.observe.sinks import format_metrics
-from keel.observe.status import read_status
+from keel.rundir import RunDir
 
 # Events that are routine progress, not incidents worth an operator's eye.
 ROUTINE_EVENTS = {"checkpoint"}
@@ -26,10 +26,7 @@ def run_state(status: dict[str, Any], stall_timeout_s: float, now: float | None 
 
 def recent_incidents(run_dir: Path, limit: int = 5) -> list[dict[str, Any]]:
     """The last `limit` non-routine events of a run."""
-    path = Path(run_dir) / "events.jsonl"
-    if not path.exists():
-        return []
-    events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    events = read_jsonl(RunDir(run_dir).events)
     return [e for e in events if e.get("event") not in ROUTINE_EVENTS][-limit:]
 
 
@@ -45,8 +42,7 @@ def _ago(seconds: float) -> str:
 def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
     """A few lines an operator reads to know how a run is doing."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise KeelError(f"{run_dir}: not a Keel run dir (no config.toml); pass the directory `keel train` made")
+    RunDir(run_dir).require()
     status = read_status(run_dir)
     if not status:
         return f"{run_dir}: no heartbeat yet (status.json missing); the run has not started training"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keel.config import Config, build_config, load_config, save_config
+from keel.config import Config, build_config, load_config, save_config, split_batch
 from keel.data.dataset import load_manifest, manifest_sha256
 from keel.errors import ConfigError, DataError
 from keel.models import model_args
-
-CONFIG_FILE = "config.toml"
+from keel.rundir import RunDir
 
 
 def resolve(cfg: Config) -> Config:
@@ -37,47 +36,32 @@ def resolve(cfg: Config) -> Config:
     raw["data"].update(dataset=str(dataset), manifest_sha256=digest)
     raw["run"]["dir"] = str(cfg.run_dir.resolve())
     resolved = build_config(raw)
-    check_batch(resolved, resolved.parallel.nproc)
+    split_batch(resolved.train.global_batch_size, resolved.parallel.nproc, resolved.train.micro_batch_size)
     return resolved
-
-
-def check_batch(cfg: Config, world_size: int) -> None:
-    """The global batch must split evenly over ranks and micro-batches."""
-    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    if global_batch % world_size:
-        raise ConfigError(
-            f"train.global_batch_size {global_batch} does not split over {world_size} processes; "
-            "make it a multiple of parallel.nproc"
-        )
-    if micro is not None and (global_batch // world_size) % micro:
-        raise ConfigError(
-            f"train.micro_batch_size {micro} does not divide the per-rank batch "
-            f"{global_batch // world_size} (train.global_batch_size / parallel.nproc)"
-        )
 
 
 def start_run(cfg: Config) -> Config:
     """Resolve a fresh run's config and create its run dir; never overwrite an existing run."""
     cfg = resolve(cfg)
-    run_dir = cfg.run_dir
-    if (run_dir / CONFIG_FILE).exists():
+    run = RunDir(cfg.run_dir)
+    if run.is_run():
         raise ConfigError(
-            f"run dir {run_dir} already holds a run; continue it with `keel train --resume {run_dir}` "
+            f"run dir {run.root} already holds a run; continue it with `keel train --resume {run.root}` "
             "or choose another run.name"
         )
-    for sub in ("checkpoints", "logs"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(cfg.data.dataset) / "tokenizer.json", run_dir / "tokenizer.json")
-    save_config(cfg, run_dir / CONFIG_FILE)
+    for sub in (run.checkpoints, run.logs):
+        sub.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(cfg.data.dataset) / "tokenizer.json", run.tokenizer)
+    save_config(cfg, run.config)
     return cfg
 
 
 def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
     """Load a run dir's resolved config for a resume, with `--set` overrides applied and recorded."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there, so it is not a Keel run dir")
-    cfg = load_config(run_dir / CONFIG_FILE, [*overrides, f"run.dir={str(run_dir.resolve())!r}"])
+    run = RunDir(run_dir)
+    if not run.is_run():
+        raise ConfigError(f"--resume {run.root}: no {run.config.name} there, so it is not a Keel run dir")
+    cfg = load_config(run.config, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
     cfg = resolve(cfg)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    save_config(cfg, run.config)
     return cfg

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 
-class PendingSave:
+class InFlightSave:
     """Waits for this rank's DCP upload, agrees with every rank on the dedicated group, then runs `commit`.
 
     The agreement is a collective on the checkpoint's own gloo group, so it never meets the
