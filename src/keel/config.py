@@ -255,13 +255,15 @@ def validation_message(err: ValidationError, model: type[BaseModel], prefix: str
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse one `--set key.path=value`; the value is read as TOML, or as a bare string."""
+    """Parse one `--set key.path=value`; the value is read as TOML, or as a bare string (None when empty)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {item!r}: the key must be SECTION.NAME, e.g. train.steps")
+    if not raw.strip():
+        return parts, None  # `--set key=` puts the key back to its default
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -278,7 +280,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
-        node[parts[-1]] = value
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
     return data
 
 

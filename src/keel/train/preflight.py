@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keel.config import Config, build_config, load_config, save_config, split_batch
+from keel.config import Config, apply_overrides, build_config, read_toml, save_config, split_batch
 from keel.data.dataset import load_manifest, manifest_sha256
 from keel.errors import ConfigError, DataError
 from keel.models import model_args
@@ -61,7 +61,10 @@ def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
     run = RunDir(run_dir)
     if not run.is_run():
         raise ConfigError(f"--resume {run.root}: no {run.config.name} there, so it is not a Keel run dir")
-    cfg = load_config(run.config, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
-    cfg = resolve(cfg)
+    table = read_toml(run.config)
+    # train.stop_after belongs to the invocation that set it: a resume runs on unless it is given again.
+    table.get("train", {}).pop("stop_after", None)
+    table = apply_overrides(table, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
+    cfg = resolve(build_config(table, str(run.config)))
     save_config(cfg, run.config)
     return cfg

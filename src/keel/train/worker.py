@@ -14,7 +14,7 @@ from pathlib import Path
 from keel.config import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
-from keel.observe.heartbeat import mark_state
+from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
@@ -28,16 +28,11 @@ def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
         trainer = Trainer(cfg, env)
         if resume:
             trainer.restore()
-        trainer.fit()
-    except KeyboardInterrupt:
-        if env.is_main:
-            mark_state(run_dir, "stopped", reason="interrupted")
+    except BaseException as e:
+        if env.is_main:  # once the loop runs, its lifecycle callback says why it ended
+            mark_failed(run_dir, e)
         raise
-    except Exception as e:
-        # The heartbeat must say why the run ended; otherwise it would only look stalled, later.
-        if env.is_main:
-            mark_state(run_dir, "crashed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise
+    trainer.fit()
 
 
 def die_with_parent() -> None:
