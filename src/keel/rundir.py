@@ -99,8 +99,8 @@ class RunDir:
         """True once a run has passed preflight here (its config.toml exists)."""
         return self.config.is_file()
 
-    def require(self) -> RunDir:
-        """This run dir, or a KeelError if it holds no run."""
+    def require(self, error: type[KeelError] = KeelError) -> RunDir:
+        """This run dir, or `error` if it holds no run."""
         if not self.is_run():
-            raise KeelError(f"{self.root}: not a Keel run dir (no config.toml); pass the directory `keel train` made")
+            raise error(f"{self.root}: not a Keel run dir (no config.toml); pass the directory `keel train` made")
         return self

@@ -40,7 +40,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: unknown export format; use --format hf")
-    run = RunDir(run_dir).require()
+    run = RunDir(run_dir).require(CheckpointError)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: already exists and is not an empty directory; choose a new directory")
     path = checkpoint_path(run_dir, step)

@@ -19,7 +19,7 @@ from keel.rundir import RunDir
 
 def checkpoint_path(run_dir: Path, step: int | None = None) -> Path:
     """The committed checkpoint of `run_dir` at `step` (newest when None)."""
-    run = RunDir(run_dir).require()
+    run = RunDir(run_dir).require(CheckpointError)
     steps = committed_steps(run.checkpoints)
     if not steps:
         raise CheckpointError(f"{run_dir}: no committed checkpoint under checkpoints/; train the run first")
