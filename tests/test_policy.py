@@ -14,7 +14,7 @@ SRC = ROOT / "src" / "keel"
 LAYERS = [
     {"config", "errors", "io", "rundir", "callback"},
     {"models", "data", "distributed"},
-    {"checkpoint", "observe", "eval"},
+    {"checkpoint", "resilience", "observe", "eval"},
     {"train", "launch"},
     {"cli", "__main__"},
 ]

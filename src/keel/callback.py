@@ -51,6 +51,7 @@ class StepOutcome:
     step_time_s: float  # wall time of the step itself (data wait, forward, backward, optimizer)
     data_wait_s: float  # the part of it spent waiting for the batch
     last: bool  # the step is train.steps
+    discarded: bool = False  # a rollback undid the step: later callbacks neither record nor save it
     values: dict[str, float] = field(default_factory=dict)  # metrics to record for this step; callbacks add to it
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +184,50 @@ class ObserveConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a collective may wait for the other ranks before it fails the process."
+    )
+
+
+class ResilienceConfig(Section):
+    max_restarts: int = Field(
+        3, ge=0, description="Times failed workers are restarted; each restart resumes from the newest checkpoint."
+    )
+    preempt_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        description="Signals that preempt a run: all ranks stop at one step, commit a checkpoint and exit.",
+    )
+    hang_timeout_s: float = Field(
+        600.0, ge=0, description="A step running longer than this is a hang: stacks dumped, rank restarted (0 = off)."
+    )
+    nonfinite: Literal["skip", "rollback", "stop"] = Field(
+        "rollback",
+        description="On a non-finite loss or gradient norm the update is skipped; repeats then roll back or stop.",
+    )
+    nonfinite_patience: int = Field(
+        3, gt=0, description="Consecutive non-finite steps before nonfinite=rollback reloads the last checkpoint."
+    )
+    spike_factor: float = Field(
+        3.0, ge=0, description="A loss above this times the running median is a spike: roll back (0 = off)."
+    )
+    spike_window: int = Field(
+        50, ge=4, le=1024, description="Steps in the running median the spike check compares with."
+    )
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in a run before it stops with an error.")
+    inject: str = Field(
+        "", description="Faults to inject, for tests, e.g. 'kill:rank=1:step=30, nan:step=50' (see README)."
+    )
+
+    @field_validator("preempt_signals")
+    @classmethod
+    def _signals(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name.startswith("SIG") or not hasattr(signal, name) or name in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"{name!r} is not a signal that can be caught (e.g. SIGTERM, SIGUSR1)")
+        return names
+
+
 class ModelConfig(BaseModel):
     """The [model] section: `name` picks the registry entry, the other keys are that model's arguments."""
 
@@ -199,6 +244,8 @@ class Config(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
 
     @property
     def run_dir(self) -> Path:

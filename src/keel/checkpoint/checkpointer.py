@@ -23,7 +23,7 @@ from keel.checkpoint.commit import (
     verify_files,
     write_commit,
 )
-from keel.checkpoint.safe_load import SafeLoadPlanner, safe_reader
+from keel.checkpoint.safe_load import SafeLoadPlanner, read_metadata, safe_reader
 from keel.checkpoint.state import from_tensors, load_rng, save_rng, to_tensors
 from keel.distributed.env import DistEnv, all_agree, barrier
 from keel.errors import CheckpointError
@@ -62,22 +62,31 @@ class Checkpointer:
         self.keep, self.keep_every = keep, keep_every
         self._on_event = on_event or (lambda kind, **fields: None)
         self._objects: dict[str, Stateful] = {}
+        self._optional: set[str] = set()
         self._in_flight: InFlightSave | None = None
         self._async_group: dist.ProcessGroup | None = None
 
-    def register(self, name: str, obj: Stateful) -> None:
-        """Include `obj` in every checkpoint under `name`; any capability can register itself."""
+    def register(self, name: str, obj: Stateful, optional: bool = False) -> None:
+        """Include `obj` in every checkpoint under `name`; any capability can register itself.
+
+        An optional object keeps its current state when a checkpoint (from an older Keel) lacks it.
+        """
         if name in self._objects:
             raise ValueError(f"a stateful object named {name!r} is already registered")
         self._objects[name] = obj
+        if optional:
+            self._optional.add(name)
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint, or None."""
         steps = committed_steps(self.root)
         return self.root / checkpoint_name(steps[-1]) if steps else None
 
-    def save(self, step: int) -> Path:
-        """Write a checkpoint of every registered object after `step` and commit it (a collective call)."""
+    def save(self, step: int, healthy: bool = True) -> Path:
+        """Write a checkpoint of every registered object after `step` and commit it (a collective call).
+
+        `healthy` is recorded in the commit record: False for a step whose update the loss guard refused.
+        """
         self.wait()
         path, started, previous = self._begin(step)
         try:
@@ -86,11 +95,11 @@ class Checkpointer:
             raise self._failed(e, path, step, previous) from None
         barrier()
         if self.env.is_main:
-            self._commit(path, step, started, blocked_s=time.perf_counter() - started)
+            self._commit(path, step, started, time.perf_counter() - started, healthy)
         barrier()
         return path
 
-    def save_async(self, step: int) -> Path:
+    def save_async(self, step: int, healthy: bool = True) -> Path:
         """Stage a checkpoint after `step` and return while it is written; it is committed once every rank is done.
 
         Only one save is in flight: a new save (and `wait`) first waits for the previous one.
@@ -109,7 +118,7 @@ class Checkpointer:
 
         def commit() -> None:
             if self.env.is_main:
-                self._commit(path, step, started, blocked_s=blocked)
+                self._commit(path, step, started, blocked, healthy)
 
         self._in_flight = InFlightSave(
             step, upload, self._async_group, commit, lambda e: self._failed(e, path, step, previous)
@@ -129,9 +138,12 @@ class Checkpointer:
             raise CheckpointError(problem)
         return self._load(path)
 
-    def restore_latest(self) -> tuple[Path, int] | None:
-        """Load the newest committed checkpoint that verifies, reporting and skipping corrupt ones; None if none."""
+    def restore_latest(self, healthy_only: bool = False) -> tuple[Path, int] | None:
+        """Load the newest committed checkpoint that verifies (and is healthy, if asked), reporting and skipping
+        corrupt ones; None if there is none."""
         steps = committed_steps(self.root)
+        if healthy_only:
+            steps = [s for s in steps if _healthy(self.root / checkpoint_name(s))]
         for step in reversed(steps):
             path = self.root / checkpoint_name(step)
             problem = self._verify(path)
@@ -172,8 +184,8 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)  # uncommitted, so never loaded; removing it frees the space
         return save_failed(exc, path, step, previous)
 
-    def _commit(self, path: Path, step: int, started: float, blocked_s: float) -> None:
-        record = write_commit(path, step=step, world_size=self.env.world_size)
+    def _commit(self, path: Path, step: int, started: float, blocked_s: float, healthy: bool) -> None:
+        record = write_commit(path, step=step, world_size=self.env.world_size, healthy=healthy)
         self._apply_retention()
         size = sum(f["bytes"] for f in record["files"].values())
         seconds = round(time.perf_counter() - started, 3)
@@ -196,8 +208,10 @@ class Checkpointer:
 
     def _load(self, path: Path) -> int:
         record = read_commit(path)
-        templates = self._state()
         reader = safe_reader(path)  # refuses metadata that would unpickle anything but DCP's own classes
+        saved = {key.split(".", 1)[0] for key in read_metadata(path).state_dict_metadata}
+        absent = {name for name in self._optional if name not in saved}
+        templates = {name: state for name, state in self._state().items() if name not in absent}
         try:
             dcp.load(templates, storage_reader=reader, planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as e:
@@ -206,24 +220,35 @@ class Checkpointer:
                 "was it saved with another model config?"
             ) from None
         for name, obj in self._objects.items():
-            obj.load_state_dict(from_tensors(templates[name], obj.state_dict()))
+            if name not in absent:
+                obj.load_state_dict(from_tensors(templates[name], obj.state_dict()))
         load_rng(path, self.env.rank, int(record.get("world_size", self.env.world_size)), self.env.world_size)
         return int(record["step"])
 
     def _apply_retention(self) -> None:
         steps = committed_steps(self.root)
-        for old in steps_to_delete(steps, self.keep, self.keep_every):
+        healthy = [s for s in steps if _healthy(self.root / checkpoint_name(s))]
+        for old in steps_to_delete(steps, self.keep, self.keep_every, protect=healthy[-1:]):
             remove_checkpoint(self.root / checkpoint_name(old))
         for step, stale in checkpoint_dirs(self.root):
             if step < steps[-1] and step not in steps:  # the remains of a crashed save, older than the newest commit
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0) -> list[int]:
-    """Committed steps (oldest first) that retention removes: all but the last K and every M-th; never the newest."""
+def _healthy(path: Path) -> bool:
+    """Whether a committed checkpoint was taken at a step the loss guard accepted (older records: yes)."""
+    try:
+        return bool(read_commit(path).get("healthy", True))
+    except CheckpointError:
+        return False
+
+
+def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0, protect: list[int] = ()) -> list[int]:
+    """Committed steps (oldest first) that retention removes: all but the last K, every M-th and `protect`
+    (the newest healthy checkpoint); never the newest."""
     if not committed:
         return []
-    kept = set(sorted(committed)[-max(keep, 1) :])
+    kept = set(sorted(committed)[-max(keep, 1) :]) | set(protect)
     if keep_every:
         kept |= {s for s in committed if s % keep_every == 0}
     return [s for s in sorted(committed) if s not in kept]

@@ -27,10 +27,12 @@ class CheckpointSchedule(Callback):
 
     def after_step(self, outcome: StepOutcome) -> None:
         step = outcome.step
+        if outcome.discarded:
+            return
         if (self.every and step % self.every == 0) or outcome.last or self.control.stopping:
             with self.timer.phase("checkpoint"):
                 save = self.checkpointer.save_async if self.async_save else self.checkpointer.save
-                path = save(step)
+                path = save(step, healthy=outcome.updated)
             self.saved(step, path)
 
     def on_exit(self, state: str) -> None:

@@ -54,7 +54,7 @@ class Validation(Callback):
             self.record(0, {"val_loss": self.evaluate()})  # the untrained baseline every curve starts from
 
     def after_step(self, outcome: StepOutcome) -> None:
-        if self.every and (outcome.step % self.every == 0 or outcome.last):
+        if self.every and not outcome.discarded and (outcome.step % self.every == 0 or outcome.last):
             with self.timer.phase("eval"):
                 outcome.values["val_loss"] = self.evaluate()
 

@@ -14,7 +14,7 @@ from keel.io import atomic_write_json, first_line
 from keel.rundir import RunDir
 
 # States a run writes itself; "stalled" is only ever inferred by a reader from an old heartbeat.
-RUN_STATES = ("starting", "running", "finished", "stopped", "crashed")
+RUN_STATES = ("starting", "running", "finished", "stopped", "preempted", "crashed")
 
 
 class StatusSink:

@@ -31,6 +31,7 @@ UNITS: dict[str, str] = {
     "rank_slowdown": "ratio",
     "straggler_slowdown": "ratio",
     "stragglers": "ranks",
+    "goodput_ratio": "fraction",
 }
 
 # Families of metrics named `<family>/<member>`, whose members are known only at run time (parameter groups).
@@ -66,6 +67,10 @@ class Metrics:
         clean = {k: float(v) for k, v in values.items()}
         for sink in self.sinks:
             sink.write(step, now, clean)
+
+    def rewind(self, step: int) -> int:
+        """Move records after `step` aside in every sink that keeps them (a resume or a rollback); how many."""
+        return sum(sink.rewind(step) for sink in self.sinks if hasattr(sink, "rewind"))
 
     def close(self) -> None:
         """Flush and close every sink."""

@@ -54,7 +54,7 @@ class ProgressRecorder(Callback):
 
     def after_step(self, outcome: StepOutcome) -> None:
         self._window_steps += 1
-        if not self.due(outcome.step):
+        if outcome.discarded or not self.due(outcome.step):
             return
         step_time = (time.perf_counter() - self._window_start) / self._window_steps
         tokens_per_s = self.tokens_per_step / step_time

@@ -12,6 +12,12 @@ from keel.observe.mfu import peak_flops
 from keel.observe.profiler import StepProfiler
 from keel.observe.progress import ProgressRecorder
 from keel.observe.straggler import StragglerWatch
+from keel.resilience.goodput import GoodputLedger
+from keel.resilience.inject import FaultInjector, parse_faults
+from keel.resilience.loss_guard import LossGuard
+from keel.resilience.preemption import Preemption
+from keel.resilience.watchdog import HangWatchdog
+from keel.rundir import RunDir
 
 if TYPE_CHECKING:
     from keel.train.trainer import Trainer
@@ -31,13 +37,31 @@ class StopAfter(Callback):
 def build_callbacks(t: Trainer) -> list[Callback]:
     """Every capability of the run, in hook order.
 
-    The order is the contract: metrics are measured before evaluation and checkpointing add their time;
-    stop requests come before the checkpoint schedule, which saves the step a stop ends on; the lifecycle
-    comes last, so the run's final state is written after the last save is committed.
+    The order is the contract: faults are injected first and the loss guard rolls back before anything
+    records or saves the step it discards; metrics are measured before evaluation and checkpointing add their
+    time; stop requests (stop_after, preemption) come before the checkpoint schedule, which saves the step a
+    stop ends on; the ledger and the lifecycle come last, after the last save is committed.
     """
-    cfg, env = t.cfg, t.env
+    cfg, env, run = t.cfg, t.env, RunDir(t.cfg.run_dir)
+    guard = LossGuard(
+        cfg.resilience,
+        env,
+        t.events,
+        t.checkpointer,
+        t.loader,
+        t.timer,
+        cfg.train.global_batch_size,
+        rewind_metrics=t.metrics.rewind,
+    )
+    ledger = GoodputLedger(run, t.events, t.timer)
+    t.checkpointer.register("loss_guard", guard, optional=True)
+    t.checkpointer.register("goodput", ledger, optional=True)
+    faults = parse_faults(cfg.resilience.inject, env.world_size)
     return [
-        StepProfiler(cfg.observe.profile_steps, cfg.run_dir, env.rank, env.device),
+        HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
+        *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer)] if faults else []),
+        StepProfiler(cfg.observe.profile_steps, run.root, env.rank, env.device),
+        guard,
         ProgressRecorder(
             every=cfg.observe.log_every,
             env=env,
@@ -53,6 +77,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events),
         Validation(t.model, t.val_data, cfg, env, t.autocast, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
+        Preemption(env, t.control, t.timer),
         CheckpointSchedule(
             t.checkpointer,
             cfg.checkpoint.every,
@@ -61,7 +86,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             t.timer,
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
+        ledger,
         RunLifecycle(
-            cfg.run_dir, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
+            run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
         ),
     ]

@@ -9,6 +9,7 @@ from keel.config import Config, apply_overrides, build_config, read_toml, save_c
 from keel.data.dataset import load_manifest, manifest_sha256
 from keel.errors import ConfigError, DataError
 from keel.models import model_args
+from keel.resilience.inject import parse_faults
 from keel.rundir import RunDir
 
 
@@ -36,6 +37,10 @@ def resolve(cfg: Config) -> Config:
     raw["data"].update(dataset=str(dataset), manifest_sha256=digest)
     raw["run"]["dir"] = str(cfg.run_dir.resolve())
     resolved = build_config(raw)
+    try:
+        parse_faults(resolved.resilience.inject, resolved.parallel.nproc)
+    except ValueError as e:
+        raise ConfigError(f"resilience.inject: {e}") from None
     split_batch(resolved.train.global_batch_size, resolved.parallel.nproc, resolved.train.micro_batch_size)
     return resolved
 

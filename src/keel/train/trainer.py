@@ -25,7 +25,7 @@ from keel.models import model_args
 from keel.models.loss import batch_loss
 from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
-from keel.observe.sinks import build_sinks, rewind_jsonl
+from keel.observe.sinks import build_sinks
 from keel.observe.step_timer import StepTimer
 from keel.rundir import RunDir
 from keel.train.capabilities import build_callbacks
@@ -66,7 +66,7 @@ class Trainer:
         self.loader = self._build_loader()
         self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
-        self.events = EventLog(run.events if env.is_main else None)
+        self.events = EventLog(run.events, main=env.is_main)
         self.metrics = Metrics(build_sinks(cfg, run.root, env))
         ckpt = cfg.checkpoint
         self.checkpointer = Checkpointer(
@@ -118,16 +118,17 @@ class Trainer:
         step = restored[1] if restored else 0
         # Records of the attempt that died after its last checkpoint (all of them, if it never saved) move aside.
         keep_up_to = step if restored else -1
-        dropped = rewind_jsonl(RunDir(self.cfg.run_dir).metrics, keep_up_to) if self.env.is_main else 0
+        dropped = self.metrics.rewind(keep_up_to)
         self.events("resume", step=step, world_size=self.env.world_size, metrics_rolled_back=dropped)
         log.info(f"resumed from {restored[0]} (step {step})" if restored else "no committed checkpoint: from step 0")
 
-    def fit(self) -> None:
-        """Train until `train.steps`, or until a callback asks to stop; the callbacks do everything else."""
+    def fit(self) -> str:
+        """Train until `train.steps`, or until a callback asks to stop; returns how it ended (finished, ...)."""
         total = self.cfg.train.steps
         self.call("on_train_start", self.state.step)
         try:
-            for step in range(self.state.step + 1, total + 1):
+            while self.state.step < total:  # a rollback may set the step back
+                step = self.state.step + 1
                 self.call("before_step", step)
                 outcome = self.train_step(step)
                 self.call("after_step", outcome)
@@ -138,7 +139,9 @@ class Trainer:
         except BaseException as e:
             self.call("on_error", e)
             raise
-        self.call("on_exit", "finished" if self.state.step == total else self.control.exit_state)
+        state = "finished" if self.state.step == total else self.control.exit_state
+        self.call("on_exit", state)
+        return state
 
     def train_step(self, step: int) -> StepOutcome:
         """One optimizer step over a global batch: accumulate micro-batches, let the callbacks agree, clip, update."""

@@ -16,23 +16,28 @@ from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
 from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
+from keel.resilience.preemption import install_handlers
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
 
 
-def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
-    """Train the run in `run_dir` (its resolved config.toml) on this process."""
+def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
+    """Train the run in `run_dir` (its resolved config.toml) on this process; returns how the loop ended."""
     cfg = load_config(RunDir(run_dir).config)
+    install_handlers(cfg.resilience.preempt_signals)  # first: a signal during start-up must not kill the rank
     setup_logging(run_dir, env.rank)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     try:
         trainer = Trainer(cfg, env)
-        if resume:
+        if attempt:
+            trainer.events("restart", attempt=attempt, world_size=env.world_size)
+        if resume or attempt:  # a restarted worker continues from the newest committed checkpoint by itself
             trainer.restore()
     except BaseException as e:
         if env.is_main:  # once the loop runs, its lifecycle callback says why it ended
             mark_failed(run_dir, e)
         raise
-    trainer.fit()
+    return trainer.fit()
 
 
 def die_with_parent() -> None:
