@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from keel.callback import Callback, StepOutcome
+from keel.errors import KeelError
 from keel.io import read_jsonl
 from keel.observe.events import EventLog
 from keel.observe.step_timer import StepTimer
@@ -146,3 +147,47 @@ class GoodputLedger(Callback):
         fields = {name: round(seconds, 3) for name, seconds in self.totals.items()}
         extra = {"final": final} if final else {}
         self.events("goodput", step=step, ratio=round(goodput_ratio(self.totals), 4), **fields, **extra)
+
+
+@dataclass(frozen=True)
+class RunLedger:
+    """A run's ledger as its events tell it: the newest record's totals and what happened since."""
+
+    totals: dict[str, float]
+    since_s: float  # seconds of activity after the newest record (unsaved work, or lost if the run is gone)
+    final: str | None  # how the run ended, if the newest record was its last
+    records: list[dict[str, Any]]  # every goodput record, oldest first (for the timeline)
+
+
+def run_ledger(run: RunDir) -> RunLedger:
+    """The ledger of a run dir, from its goodput events; a KeelError if it has none yet."""
+    events = read_jsonl(run.events)
+    records = [e for e in events if e.get("event") == "goodput"]
+    if not records:
+        raise KeelError(
+            f"{run.root}: no goodput records yet; a run writes them at every checkpoint and when it ends"
+        )
+    last = records[-1]
+    latest = max([e["time"] for e in events] + [r["time"] for r in read_jsonl(run.metrics)[-1:]])
+    totals = {name: float(last.get(name, 0.0)) for name in CATEGORIES}
+    return RunLedger(totals, max(0.0, latest - last["time"]), last.get("final"), records)
+
+
+def ledger_lines(run: RunDir, running: bool) -> list[str]:
+    """`keel goodput`: the table of categories, their shares, and the goodput ratio."""
+    ledger = run_ledger(run)
+    totals = dict(ledger.totals)
+    if ledger.final is None and ledger.since_s > 0 and not running:
+        totals["lost"] += ledger.since_s  # work after the newest checkpoint of a run that is gone
+    held = sum(totals.values()) - totals["idle"]
+    lines = [
+        f"{run.root}: goodput {goodput_ratio(totals):.1%} "
+        f"({totals['productive']:,.1f} s productive of {held:,.1f} s on its machines; idle not counted)"
+    ]
+    for name in CATEGORIES:
+        share = f"{totals[name] / held:6.1%}" if held > 0 and name != "idle" else "      "
+        lines.append(f"  {name:<11} {totals[name]:>12,.1f} s  {share}")
+    if ledger.final is None and ledger.since_s > 0:
+        kind = "running since, not yet in a checkpoint" if running else "counted as lost"
+        lines.append(f"  ({ledger.since_s:,.1f} s after the newest record: {kind})")
+    return lines
