@@ -134,8 +134,8 @@ def losses(run_dir: Path) -> list[float]:
 
 @contextmanager
 def read_only(directory: Path) -> Iterator[Path]:
-    """Make an existing directory read-only for the block: a read-only bind mount as root (whom chmod does not
-    stop), else chmod 555; skips the test where neither works."""
+    """Make an existing directory read-only for the block: chmod 555, or a read-only bind mount as root."""
+    # Root writes whatever the permissions, so only a read-only mount stops it; where mounting fails, skip.
     if os.geteuid() != 0:
         directory.chmod(0o555)
         try:

@@ -115,8 +115,7 @@ def describe_os_error(e: OSError, action: str, where: Path | str | None = None) 
 def filesystem_errors(
     action: str, error: type[KeelError] = KeelError, where: Path | str | None = None
 ) -> Iterator[None]:
-    """Turn an OSError raised inside into `error` with one line naming the path, or `where` if it names none
-    (a failed write to an open file); see describe_os_error."""
+    """Turn an OSError raised inside into `error`: one line naming its path, or `where` if it names none."""
     try:
         yield
     except OSError as e:

@@ -315,9 +315,10 @@ def check_readable(found: Sources) -> None:
 
 def check_output(out_dir: Path) -> None:
     """Refuse, before any work, an out_dir that holds anything or cannot be made (under a file, read-only, ...)."""
-    check_new(out_dir)
-    # The staging dir and the final rename are made in out_dir's parent, so that must be writable too.
-    check_writable_dir(out_dir.parent if out_dir.exists() else out_dir, "dataset directory", DataError)
+    with filesystem_errors("check the dataset directory", DataError, where=out_dir):
+        check_new(out_dir)
+        # The staging dir and the final rename are made in out_dir's parent, so that must be writable too.
+        check_writable_dir(out_dir.parent if out_dir.exists() else out_dir, "dataset directory", DataError)
 
 
 def check_new(out_dir: Path) -> None:
