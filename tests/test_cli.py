@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_keel, tiny_config
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("keel: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from conftest import assert_one_line_error, run_keel, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -62,5 +52,5 @@ def test_starting_over_an_existing_run_is_refused_and_keeps_it(tmp_path, dataset
 def test_help_config_lists_every_key_with_its_doc(tmp_path):
     result = run_keel("train", "--help-config", cwd=tmp_path)
     assert result.returncode == 0
-    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads"):
+    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads", "prepare.sources"):
         assert key in result.stdout

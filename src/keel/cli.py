@@ -61,9 +61,11 @@ def train(
 
 @data_app.command("prepare")
 def data_prepare(
-    config: Annotated[Path | None, typer.Argument(help="TOML config whose [data] section describes the data.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML config: [prepare] says how, data.dataset where to write.")
+    ] = None,
     overrides: SetOption = None,
-    source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets data.sources).")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets prepare.sources).")] = None,
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write (sets data.dataset).")] = None,
     shard: Annotated[
         str | None, typer.Option(help="Prepare only part i of N of the input files, as 'i/N'; join with merge.")
@@ -76,14 +78,15 @@ def data_prepare(
 
     extra = list(overrides or [])
     if source:
-        extra.append(f"data.sources={json.dumps(source)}")
+        extra.append(f"prepare.sources={json.dumps(source)}")
     if out is not None:
         extra.append(f"data.dataset={json.dumps(str(out))}")
     cfg = load_config(config, extra)
-    if not cfg.data.sources:
-        raise KeelError("no sources to prepare: set data.sources in the config or pass --source GLOB")
+    if not cfg.prepare.sources:
+        raise KeelError("no sources to prepare: set prepare.sources in the config or pass --source GLOB")
+    part = _parse_part(shard)
     log = setup_logging(None, 0)
-    prepare_from_config(cfg.data, log.info, _parse_part(shard))
+    prepare_from_config(cfg, log.info, part)
 
 
 def _parse_part(shard: str | None) -> tuple[int, int] | None:
@@ -104,7 +107,7 @@ def data_merge(
     from keel.data.merge import merge_datasets
 
     m = merge_datasets(parts, out)
-    sizes = ", ".join(f"{split} {entry['tokens']:,} tokens" for split, entry in m["splits"].items())
+    sizes = ", ".join(f"{split} {entry.tokens:,} tokens" for split, entry in m.splits.items())
     print(f"merged {len(parts)} parts into {out}: {sizes}")
 
 
@@ -145,8 +148,8 @@ def data_lineage(
     seq_len: Annotated[int, typer.Option(help="train.seq_len, to list the sample ids.", min=1)] = 256,
 ) -> None:
     """List the shards and sample ids that hold a source file's documents (or one of them)."""
-    from keel.data.dataset import load_manifest
     from keel.data.lineage import find_documents, sample_ids, shards_of
+    from keel.data.manifest import load_manifest
 
     manifest = load_manifest(dataset)
     for d in find_documents(dataset, source, ordinal):
@@ -167,8 +170,6 @@ def data_remove(
     from keel.data.lineage import find_documents, remove_documents
 
     spans = find_documents(dataset, source, ordinal)
-    if not spans:
-        raise KeelError(f"{dataset}: no document {ordinal} of {source} (it may have been filtered or removed)")
     changed = remove_documents(dataset, spans)
     print(f"removed {len(spans)} documents; rewrote {len(changed)} shards: {', '.join(changed)}")
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from keel.config import Config, build_config, load_config, save_config, split_batch
-from keel.data.dataset import load_manifest, manifest_sha256
+from keel.data.manifest import load_manifest, manifest_sha256
 from keel.errors import ConfigError, DataError
 from keel.models import model_args
 from keel.rundir import RunDir
@@ -23,7 +23,7 @@ def resolve(cfg: Config) -> Config:
             f"the run expects {cfg.data.manifest_sha256[:12]}); point data.dataset at the original data"
         )
     raw = cfg.model_dump()
-    vocab = manifest["tokenizer"]["vocab_size"]
+    vocab = manifest.tokenizer.vocab_size
     model = raw["model"]
     if not model.get("vocab_size"):
         model["vocab_size"] = vocab
