@@ -23,7 +23,7 @@ def worker_env(nproc: int) -> dict[str, str]:
     """Environment for the workers: threads split over the cores, rendezvous settings that survive restarts."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # A shared rendezvous TCP store fails gloo re-initialisation after a restart (TORCH-CPU-NOTES.md).
+    # A shared rendezvous TCP store fails gloo re-initialisation after a restart (docs/torch-on-cpu.md).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return env
 
