@@ -98,6 +98,33 @@ def run_keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """The command failed with exit code 2 and one line `keel: error: ...` on stderr holding every fragment."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("keel: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """An empty directory on a read-only file system (a tmpfs mounted ro; needs root), unmounted afterwards."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
 def dataset_text(dataset: Path) -> str:
     """Every token of a prepared dataset's splits, decoded back to text."""
     from keel.data.dataset import TokenDataset
