@@ -54,7 +54,9 @@ def test_no_module_imports_from_a_layer_above_it():
 
 
 def test_every_layer_names_modules_that_exist():
-    missing = [name for names in LAYERS for name in names if not (SRC / name).is_dir() and not (SRC / f"{name}.py").is_file()]
+    missing = [
+        name for names in LAYERS for name in names if not (SRC / name).is_dir() and not (SRC / f"{name}.py").is_file()
+    ]
     assert not missing, f"layers list modules that do not exist: {missing}"
 
 
