@@ -109,6 +109,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return lines[0]
 
 
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory nobody may write to (see read_only), for the duration of a test."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    with read_only(directory):
+        yield directory
+
+
 def dataset_text(dataset: Path) -> str:
     """Every token of a prepared dataset's splits, decoded back to text."""
     from keel.data.dataset import TokenDataset

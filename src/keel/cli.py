@@ -74,6 +74,7 @@ def data_prepare(
     """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
     from keel.config import load_config
     from keel.data.prepare import prepare_from_config
+    from keel.models import model_args
     from keel.observe.logs import setup_logging
 
     extra = list(overrides or [])
@@ -82,6 +83,7 @@ def data_prepare(
     if out is not None:
         extra.append(f"data.dataset={json.dumps(str(out))}")
     cfg = load_config(config, extra)
+    model_args(cfg.model_section())  # [model] is as strict here as where it is used: an unknown key is refused
     if not cfg.prepare.sources:
         raise KeelError("no sources to prepare: set prepare.sources in the config or pass --source GLOB")
     part = _parse_part(shard)

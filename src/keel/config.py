@@ -49,6 +49,10 @@ class DataConfig(Section):
     manifest_sha256: str | None = Field(
         None, description="Hash of the dataset manifest; set at first start so a resume refuses a changed dataset."
     )
+    mixture_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description="Manifest hash of each data.mixture dataset, set at start so a resume refuses a changed one.",
+    )
 
     @model_validator(mode="before")
     @classmethod

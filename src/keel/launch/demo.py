@@ -15,6 +15,7 @@ from keel.data.prepare import prepare_from_config
 from keel.eval.generate import sample_text
 from keel.io import read_jsonl
 from keel.launch.train import train
+from keel.models import model_args
 from keel.observe.logs import setup_logging
 from keel.observe.report import write_report
 from keel.rundir import RunDir
@@ -59,6 +60,7 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     config = demo_config_path()
     overrides = [f"prepare.sources={json.dumps(stdlib_sources())}", *overrides]
     cfg = load_config(config, overrides)
+    model_args(cfg.model_section())  # a bad [model] key is refused before the corpus is prepared
     dataset = Path(cfg.data.dataset)
     if (dataset / "manifest.json").exists():
         load_manifest(dataset)
