@@ -12,8 +12,8 @@ from keel.checkpoint.commit import committed_steps
 from keel.checkpoint.hf import check_hf_dir
 from keel.config import Config, split_batch
 from keel.data.dataset import TokenDataset
-from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.data.loader import num_samples
+from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.data.mixture import MixtureOrder
 from keel.errors import ConfigError, DataError, LaunchError
 from keel.io import check_writable_dir, filesystem_errors, sha256_file
