@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from common import stdlib_dataset
 
-from keel.data.dataset import DTYPES, TokenDataset, load_manifest
+from keel.data.dataset import TokenDataset
 from keel.data.loader import BatchLoader
+from keel.data.manifest import load_manifest
 from keel.data.prefetch import PrefetchLoader
 
 SEQ, BATCH = 256, 64
@@ -22,8 +23,8 @@ SEQ, BATCH = 256, 64
 def raw_read(dataset: Path, loader: BatchLoader, batches: int) -> float:
     """Seconds to read the same windows straight from one memmap per shard (the floor a loader can reach)."""
     manifest = load_manifest(dataset)
-    shard = manifest["splits"]["train"]["shards"][0]
-    tokens = np.memmap(dataset / shard["file"], dtype=DTYPES[manifest["dtype"]], mode="r")
+    shard = manifest.splits["train"].shards[0]
+    tokens = np.memmap(dataset / shard.file, dtype=manifest.token_dtype, mode="r")
     ids = [loader.locate(b * BATCH + k)[1] for b in range(batches) for k in range(BATCH)]
     t0 = time.perf_counter()
     for b in range(batches):

@@ -8,7 +8,6 @@ Prints the median tokens/s of each and their ratio (Keel / plain); MFU against t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ import torch
 from common import MODEL, run_overrides, stdlib_dataset
 
 from keel.config import load_config
+from keel.data.manifest import load_manifest
 from keel.distributed.env import init_distributed
 from keel.models import model_args
 from keel.models.loss import next_token_loss
@@ -69,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = stdlib_dataset(root)
-        vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        vocab = load_manifest(dataset).tokenizer.vocab_size
         keel, plain = [], []
         for i in range(opts.repeats):
             plain.append(plain_tokens_per_s(vocab, opts.steps, opts.precision))

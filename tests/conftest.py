@@ -7,6 +7,8 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,6 +100,24 @@ def run_keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Check that a `keel` run failed with exit code 2 and one `keel: error:` line holding every fragment."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keel: error: ") and "Traceback" not in result.stderr, lines
+    assert all(f in lines[0] for f in fragments), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory nobody may write to (see read_only), for the duration of a test."""
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    with read_only(directory):
+        yield directory
+
+
 def dataset_text(dataset: Path) -> str:
     """Every token of a prepared dataset's splits, decoded back to text."""
     from keel.data.dataset import TokenDataset
@@ -119,3 +139,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path) -> list[float]:
     """The training loss at every step of a run, in step order."""
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+@contextmanager
+def read_only(directory: Path) -> Iterator[Path]:
+    """Make an existing directory read-only for the block: chmod 555, or a read-only bind mount as root."""
+    # Root writes whatever the permissions, so only a read-only mount stops it; where mounting fails, skip.
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield directory
+        finally:
+            directory.chmod(0o755)
+        return
+    bind = subprocess.run(["mount", "--bind", str(directory), str(directory)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount as root: {bind.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], check=True, capture_output=True)
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_keel, tiny_config
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("keel: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+from conftest import assert_one_line_error, run_keel, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -62,5 +52,29 @@ def test_starting_over_an_existing_run_is_refused_and_keeps_it(tmp_path, dataset
 def test_help_config_lists_every_key_with_its_doc(tmp_path):
     result = run_keel("train", "--help-config", cwd=tmp_path)
     assert result.returncode == 0
-    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads"):
+    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads", "prepare.sources"):
         assert key in result.stdout
+
+
+def test_an_unknown_model_key_is_refused_by_every_command_that_loads_a_config(tmp_path, dataset):
+    config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 1})
+    assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "tiny"
+    before = (run / "config.toml").read_text()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(f"document {i} holds some text to prepare " * 20)
+    out = tmp_path / "prepared"
+    bogus = ["--set", "model.bogus=1"]
+    sources = f'data.sources=["{corpus}/*.txt"]'
+    commands = [
+        ["train", str(config), "--set", "run.name=other", *bogus],
+        ["train", "--resume", str(run), "--set", "train.steps=2", *bogus],
+        ["data", "prepare", "--source", f"{corpus}/*.txt", "--out", str(out), *bogus],
+        ["demo", "--nproc", "1", "--set", sources, "--set", f"data.dataset={str(out)!r}", *bogus],
+    ]
+    for command in commands:
+        assert_one_line_error(run_keel(*command, cwd=tmp_path), "model.bogus: unknown key")
+        assert not out.exists() and not (tmp_path / "runs" / "other").exists(), command
+    assert (run / "config.toml").read_text() == before

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error, run_keel
 from keel.config import ROOT_SECTIONS, apply_overrides, dump_toml, load_config, save_config
 from keel.errors import ConfigError
 
@@ -21,18 +22,8 @@ def test_presets_load_and_round_trip_through_toml(preset, tmp_path):
 
 def test_config_has_every_section_and_required_key():
     cfg = load_config(None)
-    assert set(ROOT_SECTIONS) == {
-        "run",
-        "model",
-        "data",
-        "train",
-        "optim",
-        "parallel",
-        "checkpoint",
-        "observe",
-        "distributed",
-        "resilience",
-    }
+    sections = {"run", "model", "data", "prepare", "train", "optim", "parallel", "checkpoint", "observe"}
+    assert set(ROOT_SECTIONS) == sections | {"distributed", "resilience"}
     for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.dp"):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name)
@@ -82,3 +73,30 @@ def test_missing_or_malformed_file_is_a_one_line_error(tmp_path):
 
 def test_dump_toml_leaves_out_unset_values():
     assert dump_toml({"run": {"name": "x", "dir": None}}) == '[run]\nname = "x"\n'
+
+
+@pytest.mark.parametrize("key", ["sources", "tokenizer", "vocab_size", "workers", "bad_input", "dedup_exact", "pii"])
+def test_a_preparation_key_left_under_data_says_where_it_moved(key, tmp_path):
+    config = tmp_path / "old.toml"
+    config.write_text(f'[data]\ndataset = "d"\n{key} = "x"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}: data.{key}: moved to [prepare] (prepare.{key}); put it under [prepare]"
+
+
+def test_an_old_config_with_data_sources_is_one_line_and_exit_2_for_prepare_and_train(tmp_path):
+    config = tmp_path / "old.toml"
+    config.write_text('[data]\ndataset = "d"\nsources = ["raw/*.txt"]\nvocab_size = 300\n')
+    for command in ("data prepare", "train"):
+        result = run_keel(*command.split(), str(config), cwd=tmp_path)
+        assert_one_line_error(result, "data.sources: moved to [prepare] (prepare.sources)")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_run_dirs_config_from_before_prepare_existed_still_loads(tmp_path):
+    # A resolved config.toml of an earlier run (data.manifest_sha256 set at its start), with the old [data] keys.
+    config = tmp_path / "config.toml"
+    config.write_text('[data]\ndataset = "/d"\nmanifest_sha256 = "ab12"\nsources = ["x/*.txt"]\nvocab_size = 300\n')
+    cfg = load_config(config)
+    assert cfg.prepare.sources == ["x/*.txt"] and cfg.prepare.vocab_size == 300
+    assert cfg.data.dataset == "/d" and cfg.data.manifest_sha256 == "ab12"

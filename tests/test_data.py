@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from keel.data.dataset import TokenDataset, load_manifest, manifest_sha256
+from keel.data.dataset import TokenDataset
 from keel.data.loader import BatchLoader, GlobalSampleOrder, eval_batches, read_samples
+from keel.data.manifest import Manifest, load_manifest, manifest_sha256, write_manifest
 from keel.data.prepare import prepare_dataset
 from keel.data.tokenizer import EOS_TOKEN, encoding_pieces, eos_id, load_tokenizer
 from keel.errors import ConfigError, DataError
@@ -45,7 +46,7 @@ def _write_corpus(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest, list[str]]:
     root = tmp_path_factory.mktemp("corpus")
     docs = _write_corpus(root)
     out = root.parent / "dataset"
@@ -58,46 +59,47 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _stream(out: Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _stream(out: Path, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's whole token stream and its global document starts, read straight from the files."""
     tokens, starts, offset = [], [], 0
-    for shard in manifest["splits"][split]["shards"]:
-        tokens.append(np.fromfile(out / shard["file"], dtype=np.uint16))
-        starts.append(np.load(out / shard["index"]) + offset)
-        offset += shard["tokens"]
+    for shard in manifest.splits[split].shards:
+        tokens.append(np.fromfile(out / shard.file, dtype=np.uint16))
+        starts.append(np.load(out / shard.index) + offset)
+        offset += shard.tokens
     return np.concatenate(tokens), np.concatenate(starts)
 
 
-def test_manifest_and_shards(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_manifest_and_shards(prepared: tuple[Path, Manifest, list[str]]) -> None:
     out, manifest, docs = prepared
-    assert load_manifest(out) == manifest == json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "keel-dataset/1" and manifest["dtype"] == "uint16"
+    assert load_manifest(out) == manifest
+    assert manifest.model_dump(mode="json", exclude_none=True) == json.loads((out / "manifest.json").read_text())
+    assert manifest.format == "keel-dataset/1" and manifest.dtype == "uint16"
     tok = load_tokenizer(out / "tokenizer.json")
-    info = manifest["tokenizer"]
-    assert info["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
-    assert info["eos_id"] == eos_id(tok) and info["vocab_size"] == tok.get_vocab_size() <= 400
-    assert [s["files"] for s in manifest["sources"]] == [4, 1, 1] and manifest["sources"][1]["documents"] == 40
+    info = manifest.tokenizer
+    assert info.sha256 == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    assert info.eos_id == eos_id(tok) and info.vocab_size == tok.get_vocab_size() <= 400
+    assert [s.files for s in manifest.sources] == [4, 1, 1] and manifest.sources[1].documents == 40
     for split in ("train", "val"):
-        entry = manifest["splits"][split]
-        assert entry["documents"] >= 1
-        shards = entry["shards"]
-        assert all(s["tokens"] == SHARD_TOKENS for s in shards[:-1]) and 0 < shards[-1]["tokens"] <= SHARD_TOKENS
+        entry = manifest.splits[split]
+        assert entry.documents >= 1
+        shards = entry.shards
+        assert all(s.tokens == SHARD_TOKENS for s in shards[:-1]) and 0 < shards[-1].tokens <= SHARD_TOKENS
         for shard in shards:
-            data = (out / shard["file"]).read_bytes()
-            assert len(data) == 2 * shard["tokens"] and hashlib.sha256(data).hexdigest() == shard["sha256"]
-            assert np.load(out / shard["index"]).dtype == np.int64
-        assert sum(s["tokens"] for s in shards) == entry["tokens"]
-    assert len(manifest["splits"]["train"]["shards"]) > 1
+            data = (out / shard.file).read_bytes()
+            assert len(data) == 2 * shard.tokens and hashlib.sha256(data).hexdigest() == shard.sha256
+            assert np.load(out / shard.index).dtype == np.int64
+        assert sum(s.tokens for s in shards) == entry.tokens
+    assert len(manifest.splits["train"].shards) > 1
 
 
-def test_eos_after_every_document_and_decode_round_trip(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_eos_after_every_document_and_decode_round_trip(prepared: tuple[Path, Manifest, list[str]]) -> None:
     out, manifest, docs = prepared
     tok = load_tokenizer(out / "tokenizer.json")
-    eos = manifest["tokenizer"]["eos_id"]
+    eos = manifest.tokenizer.eos_id
     decoded = []
     for split in ("train", "val"):
         stream, starts = _stream(out, manifest, split)
-        assert starts[0] == 0 and len(starts) == manifest["splits"][split]["documents"]
+        assert starts[0] == 0 and len(starts) == manifest.splits[split].documents
         # EOS ends every document and appears nowhere else, not even for the literal "<|endoftext|>" text.
         assert np.flatnonzero(stream == eos).tolist() == [*(starts[1:] - 1), len(stream) - 1]
         ends = [*starts[1:], len(stream)]
@@ -105,18 +107,18 @@ def test_eos_after_every_document_and_decode_round_trip(prepared: tuple[Path, di
     assert sorted(decoded) == sorted(docs)
 
 
-def test_same_inputs_give_same_dataset_with_given_tokenizer(prepared: tuple[Path, dict, list[str]], tmp_path: Path):
+def test_same_inputs_give_same_dataset_with_given_tokenizer(prepared: tuple[Path, Manifest, list[str]], tmp_path: Path):
     out, manifest, _ = prepared
-    sources = [s["glob"] for s in manifest["sources"]]
+    sources = [s.glob for s in manifest.sources]
     again = prepare_dataset(
         sources, tmp_path / "again", tokenizer=str(out / "tokenizer.json"), val_fraction=0.2,
         shard_tokens=SHARD_TOKENS, log=_quiet,
     )  # fmt: skip
-    assert again["splits"] == manifest["splits"] and again["tokenizer"] == manifest["tokenizer"]
+    assert again.splits == manifest.splits and again.tokenizer == manifest.tokenizer
     assert manifest_sha256(tmp_path / "again") == manifest_sha256(out)
 
 
-def test_encoding_pieces_give_the_ids_of_the_whole_text(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_encoding_pieces_give_the_ids_of_the_whole_text(prepared: tuple[Path, Manifest, list[str]]) -> None:
     tok = load_tokenizer(prepared[0] / "tokenizer.json")
     text = CODE * 30 + _prose(random.Random(1), 200)
     pieces = list(encoding_pieces(text, max_chars=40))
@@ -131,15 +133,15 @@ def test_each_split_gets_a_document(tmp_path: Path, val_fraction: float) -> None
     manifest = prepare_dataset(
         [str(tmp_path / "*.txt")], tmp_path / "ds", vocab_size=300, val_fraction=val_fraction, log=_quiet
     )
-    docs = {split: entry["documents"] for split, entry in manifest["splits"].items()}
+    docs = {split: entry.documents for split, entry in manifest.splits.items()}
     assert docs["train"] >= 1 and docs["val"] >= 1 and sum(docs.values()) == 3
 
 
-def test_token_dataset_reads_across_shards(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_token_dataset_reads_across_shards(prepared: tuple[Path, Manifest, list[str]]) -> None:
     out, manifest, _ = prepared
     stream, _ = _stream(out, manifest, "train")
     ds = TokenDataset(out, "train")
-    assert ds.num_tokens == len(stream) and ds.eos_id == manifest["tokenizer"]["eos_id"] and ds.vocab_size <= 400
+    assert ds.num_tokens == len(stream) and ds.eos_id == manifest.tokenizer.eos_id and ds.vocab_size <= 400
     for start, length in [(0, 10), (SHARD_TOKENS - 3, 7), (5, 2 * SHARD_TOKENS + 1), (len(stream) - 4, 4)]:
         got = ds.read(start, length)
         assert got.dtype == np.int64 and got.tolist() == stream[start : start + length].tolist()
@@ -174,7 +176,7 @@ def _global(loaders: list[BatchLoader]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def test_rank_slices_make_the_same_global_batches(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_rank_slices_make_the_same_global_batches(prepared: tuple[Path, Manifest, list[str]]) -> None:
     ds = TokenDataset(prepared[0], "train")
     single = _loader(ds, 0, 1, micro=8)
     reference = [_global([single]) for _ in range(4)]
@@ -189,7 +191,7 @@ def test_rank_slices_make_the_same_global_batches(prepared: tuple[Path, dict, li
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_resume_continues_exactly_also_on_another_world_size(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_resume_continues_exactly_also_on_another_world_size(prepared: tuple[Path, Manifest, list[str]]) -> None:
     ds = TokenDataset(prepared[0], "train")
     single = _loader(ds, 0, 1)
     reference = [_global([single]) for _ in range(6)]
@@ -206,7 +208,7 @@ def test_resume_continues_exactly_also_on_another_world_size(prepared: tuple[Pat
             assert torch.equal(_global(after)[0], want[0])
 
 
-def test_eval_batches_are_fixed_and_sliced(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_eval_batches_are_fixed_and_sliced(prepared: tuple[Path, Manifest, list[str]]) -> None:
     ds = TokenDataset(prepared[0], "val")
     count = (ds.num_tokens - 1) // 16
     num_batches = count // 4 + 2  # enough to wrap around the small split
@@ -224,7 +226,7 @@ def test_eval_batches_are_fixed_and_sliced(prepared: tuple[Path, dict, list[str]
     assert torch.equal(flat[0], torch.from_numpy(ds.read(0, 16))) and torch.equal(flat[count], flat[0])
 
 
-def test_loader_validates_sizes(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_loader_validates_sizes(prepared: tuple[Path, Manifest, list[str]]) -> None:
     ds = TokenDataset(prepared[0], "val")
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         BatchLoader(ds, seq_len=8, global_batch_size=6, micro_batch_size=1, rank=0, world_size=4, seed=0)
@@ -242,7 +244,7 @@ OK_LINE = b'{"text": "fine"}\n'
     [
         ({"bad.jsonl": OK_LINE + b'{"text": "oops"\n'}, "*", ["bad.jsonl:2: not valid JSON ("]),
         ({"ok.txt": b"hi", "bad.txt": b"\xff\xfe!"}, "*", ["bad.txt: not valid UTF-8"]),
-        ({"d.jsonl": OK_LINE + b'{"content": "x"}\n'}, "*", ["d.jsonl:2: no field 'text'", "data.text_field"]),
+        ({"d.jsonl": OK_LINE + b'{"content": "x"}\n'}, "*", ["d.jsonl:2: no field 'text'", "prepare.text_field"]),
         ({}, "nothing/*.txt", ["nothing/*.txt' matches no files"]),
         ({"a.txt": b"", "b.txt": b" \n", "c.jsonl": b"\n"}, "*", ["empty corpus"]),
     ],
@@ -283,21 +285,21 @@ def test_missing_tokenizer_is_an_error(tmp_path: Path) -> None:
         prepare_dataset([str(tmp_path / "*.txt")], tmp_path / "out", tokenizer=str(tmp_path / "missing.json"))
 
 
-def test_existing_dataset_is_never_overwritten(prepared: tuple[Path, dict, list[str]]) -> None:
+def test_existing_dataset_is_never_overwritten(prepared: tuple[Path, Manifest, list[str]]) -> None:
     out, manifest, _ = prepared
     before = (out / "manifest.json").read_bytes()
     with pytest.raises(DataError, match="already holds a dataset; choose another data.dataset or delete it"):
-        prepare_dataset([s["glob"] for s in manifest["sources"]], out, vocab_size=300, log=_quiet)
+        prepare_dataset([s.glob for s in manifest.sources], out, vocab_size=300, log=_quiet)
     assert (out / "manifest.json").read_bytes() == before and load_manifest(out) == manifest
 
 
-def _copy(prepared: tuple[Path, dict, list[str]], tmp_path: Path) -> tuple[Path, dict]:
+def _copy(prepared: tuple[Path, Manifest, list[str]], tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "copy"
     shutil.copytree(prepared[0], out)
     return out, json.loads((out / "manifest.json").read_text())
 
 
-def test_load_manifest_detects_damage(prepared: tuple[Path, dict, list[str]], tmp_path: Path) -> None:
+def test_load_manifest_detects_damage(prepared: tuple[Path, Manifest, list[str]], tmp_path: Path) -> None:
     out, manifest = _copy(prepared, tmp_path)
     shard = out / manifest["splits"]["train"]["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-2])
@@ -316,7 +318,7 @@ def test_load_manifest_detects_damage(prepared: tuple[Path, dict, list[str]], tm
 
 
 @pytest.mark.parametrize("bad", ["../outside.bin", "/etc/hostname", "train/../../outside.bin", "link.bin"])
-def test_manifest_paths_cannot_escape(prepared: tuple[Path, dict, list[str]], tmp_path: Path, bad: str) -> None:
+def test_manifest_paths_cannot_escape(prepared: tuple[Path, Manifest, list[str]], tmp_path: Path, bad: str) -> None:
     out, manifest = _copy(prepared, tmp_path)
     (tmp_path / "outside.bin").write_bytes(b"\0\0")
     (out / "link.bin").symlink_to(tmp_path / "outside.bin")
@@ -324,3 +326,46 @@ def test_manifest_paths_cannot_escape(prepared: tuple[Path, dict, list[str]], tm
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="outside the dataset directory"):
         load_manifest(out)
+
+
+@pytest.mark.parametrize(
+    ("damage", "key"),
+    [
+        (lambda m: m["splits"]["train"]["shards"][0].pop("sha256"), "splits.train.shards.0.sha256: Field required"),
+        (lambda m: m["splits"]["val"]["shards"][0].update(tokens="many"), "splits.val.shards.0.tokens: Input should"),
+        (lambda m: m["tokenizer"].pop("vocab_size"), "tokenizer.vocab_size: Field required"),
+        (lambda m: m.update(dtype="int8"), "dtype: Input should be 'uint16' or 'uint32' (got 'int8')"),
+        (lambda m: m.update(splits=[]), "splits: Input should be a valid dictionary"),
+    ],
+    ids=["missing-hash", "tokens-not-a-number", "no-vocab-size", "unknown-dtype", "splits-not-a-table"],
+)
+def test_a_malformed_manifest_is_one_line_naming_the_file_and_the_key(prepared, tmp_path, damage, key) -> None:
+    out, manifest = _copy(prepared, tmp_path)
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        load_manifest(out)
+    assert str(err.value).startswith(f"{out / 'manifest.json'}: malformed manifest: {key}")
+    assert "\n" not in str(err.value)
+
+
+def test_older_keel_dataset_1_manifests_still_load_and_unknown_keys_survive_a_rewrite(prepared, tmp_path) -> None:
+    out, manifest = _copy(prepared, tmp_path)
+    # The first /1 shape: no lineage, licenses or statistics, and three settings.
+    for key in ("files", "stages", "skipped"):
+        del manifest[key]
+    manifest["settings"] = {k: manifest["settings"][k] for k in ("val_fraction", "text_field", "shard_tokens")}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["origins"]
+    for source in manifest["sources"]:
+        source.pop("license", None)
+    manifest["written_by"] = "a later Keel"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_manifest(out)
+    assert loaded.files == [] and loaded.settings.bad_input == "error" and loaded.sources[0].license == "unknown"
+    assert loaded.splits["train"].shards[0].origins is None
+    assert TokenDataset(out, "train").num_tokens == prepared[1].splits["train"].tokens
+    write_manifest(out, loaded)
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["written_by"] == "a later Keel" and "origins" not in again["splits"]["train"]["shards"][0]

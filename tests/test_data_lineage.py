@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import dataset_text
+from conftest import assert_one_line_error, dataset_text, run_keel
 from keel.cli import app
-from keel.data.dataset import load_manifest
 from keel.data.inspect import verify_dataset
 from keel.data.lineage import find_documents, remove_documents, sample_ids, shards_of
+from keel.data.manifest import load_manifest
 from keel.data.prepare import prepare_dataset
 from keel.errors import ConfigError, DataError, KeelError
 
@@ -51,22 +51,31 @@ def test_remove_rewrites_only_the_shards_that_held_the_document(dataset, tmp_pat
     after = load_manifest(dataset)
     assert "zebra" not in dataset_text(dataset)
     assert verify_dataset(dataset)[1]
-    for split in before["splits"]:
-        for old, new in zip(before["splits"][split]["shards"], after["splits"][split]["shards"], strict=True):
-            assert (old["sha256"] == new["sha256"]) == (old["file"] not in changed)
-    assert after["splits"][span.split]["documents"] == before["splits"][span.split]["documents"] - 1
-    assert after["removals"][0]["documents"] == [["a.jsonl", 18]]
-    assert find_documents(dataset, "a.jsonl", ordinal=18) == []
+    for split in before.splits:
+        for old, new in zip(before.splits[split].shards, after.splits[split].shards, strict=True):
+            assert (old.sha256 == new.sha256) == (old.file not in changed)
+    assert after.splits[span.split].documents == before.splits[span.split].documents - 1
+    assert after.removals[0].documents == [("a.jsonl", 18)]
+    with pytest.raises(DataError, match=r"document 18 of 'a.jsonl' was removed \(20"):
+        find_documents(dataset, "a.jsonl", ordinal=18)
     shown = CliRunner().invoke(app, ["data", "inspect", str(dataset)])
     assert "removal " in shown.output and "1 documents" in shown.output
     # Superseded shard files are gone; only what the manifest names is left.
-    named = {s[k] for e in after["splits"].values() for s in e["shards"] for k in ("file", "index", "origins")}
+    named = {name for e in after.splits.values() for s in e.shards for name in (s.file, s.index, s.origins)}
     assert {p.relative_to(dataset).as_posix() for p in dataset.glob("*/*")} == named
 
 
 def test_removing_an_unknown_source_is_an_error(dataset):
     with pytest.raises(DataError, match="no source file 'nope.jsonl' in the manifest"):
         find_documents(dataset, "nope.jsonl")
+
+
+def test_lineage_of_a_document_that_is_not_there_is_one_line_naming_file_and_ordinal(dataset, tmp_path):
+    result = run_keel("data", "lineage", str(dataset), "--source", "a.jsonl", "--ordinal", "99", cwd=tmp_path)
+    assert_one_line_error(result, str(dataset), "no document 99 of 'a.jsonl'")
+    remove_documents(dataset, find_documents(dataset, "a.jsonl"))
+    result = run_keel("data", "lineage", str(dataset), "--source", "a.jsonl", cwd=tmp_path)
+    assert_one_line_error(result, "'a.jsonl' has no documents left")
 
 
 def test_parts_prepared_with_shard_i_of_n_merge_into_the_whole(tmp_path):
@@ -87,14 +96,16 @@ def test_parts_prepared_with_shard_i_of_n_merge_into_the_whole(tmp_path):
     merged = load_manifest(tmp_path / "merged")
     # Each part holds out at least one validation document, so only the totals must agree.
     for key in ("documents", "tokens"):
-        assert sum(e[key] for e in merged["splits"].values()) == sum(e[key] for e in whole["splits"].values())
+        assert sum(getattr(e, key) for e in merged.splits.values()) == sum(
+            getattr(e, key) for e in whole.splits.values()
+        )
     assert verify_dataset(tmp_path / "merged")[1]
     assert len(find_documents(tmp_path / "merged", "5.txt")) == 1
 
 
 def test_shard_without_a_given_tokenizer_is_a_config_error(tmp_path):
     (tmp_path / "a.txt").write_text("a b c")
-    with pytest.raises(ConfigError, match="--shard needs data.tokenizer"):
+    with pytest.raises(ConfigError, match="--shard needs prepare.tokenizer"):
         prepare_dataset([str(tmp_path / "*.txt")], tmp_path / "ds", part=(0, 2), log=lambda m: None)
 
 

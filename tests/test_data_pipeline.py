@@ -74,15 +74,15 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_mixed_formats_drop_planted_duplicates_and_count_every_stage(mixed):
     _, manifest = mixed
-    stages = manifest["stages"]
+    stages = manifest.stages
     assert stages["dedup_exact"]["documents_dropped"] == 2
     assert stages["dedup_near"]["documents_dropped"] == 2
     assert stages["filter.min_words"]["documents_dropped"] == 1
     assert stages["filter.max_repeated_line_fraction"]["documents_dropped"] == 1
     assert stages["pii"]["documents_changed"] == 1 and stages["pii"]["replacements"] == 5
     assert all(v > 0 for e in stages.values() for k, v in e.items() if k.startswith("bytes_"))
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 30 + 1
-    assert [s["license"] for s in manifest["sources"]] == ["CC-BY-4.0", "unknown", "MIT"]
+    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 30 + 1
+    assert [s.license for s in manifest.sources] == ["CC-BY-4.0", "unknown", "MIT"]
 
 
 def test_pii_is_replaced_by_typed_placeholders_in_the_shards(mixed):
@@ -101,7 +101,7 @@ def test_verify_passes_then_names_a_corrupted_shard(mixed, tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["data", "verify", str(ds)])
     assert ok.exit_code == 0 and "ok:" in ok.output
-    shard = ds / mixed[1]["splits"]["train"]["shards"][0]["file"]
+    shard = ds / mixed[1].splits["train"].shards[0].file
     raw = bytearray(shard.read_bytes())
     raw[0] ^= 0xFF
     shard.write_bytes(bytes(raw))
@@ -174,19 +174,19 @@ def test_malformed_line_names_file_and_line_and_leaves_nothing(tmp_path):
 def test_skip_mode_counts_bad_records_by_kind(tmp_path):
     sources = _bad_corpus(tmp_path / "raw")
     manifest = prepare_dataset(sources, tmp_path / "ds", vocab_size=300, val_fraction=0.3, bad_input="skip", log=quiet)
-    assert manifest["skipped"] == {"invalid_json": 1, "missing_field": 1}
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 4
+    assert manifest.skipped == {"invalid_json": 1, "missing_field": 1}
+    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 4
 
 
 def test_parquet_without_the_text_column_is_an_error_naming_the_file(tmp_path):
     pq.write_table(pa.table({"body": ["a b c", "d e f"]}), tmp_path / "x.parquet")
-    with pytest.raises(DataError, match=r"x\.parquet: no column 'text' \(has: body\); set data.text_field"):
+    with pytest.raises(DataError, match=r"x\.parquet: no column 'text' \(has: body\); set prepare.text_field"):
         prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", vocab_size=300, log=quiet)
 
 
 def test_license_for_an_unknown_glob_is_a_config_error(tmp_path):
     pq.write_table(pa.table({"text": ["a b c", "d e f"]}), tmp_path / "x.parquet")
-    with pytest.raises(ConfigError, match="data.licenses: 'nope/\\*' is not one of data.sources"):
+    with pytest.raises(ConfigError, match="prepare.licenses: 'nope/\\*' is not one of prepare.sources"):
         prepare_dataset([str(tmp_path / "*.parquet")], tmp_path / "ds", licenses={"nope/*": "MIT"}, log=quiet)
 
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from conftest import near_copy, quiet, random_document
 from keel.cli import app
-from keel.data.dataset import load_manifest
 from keel.data.dedup_store import DedupStore
+from keel.data.manifest import Manifest, load_manifest
 from keel.data.merge import merge_datasets
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
@@ -66,9 +66,9 @@ def test_a_pool_of_two_workers_writes_the_same_bytes_as_one(tmp_path, monkeypatc
     assert any("2 processes" in line for line in logs[2]) and any("1 processes" in line for line in logs[1])
     assert _fingerprint(tmp_path / "w1") == _fingerprint(tmp_path / "w2")
     manifest = load_manifest(tmp_path / "w2")
-    assert manifest["stages"]["dedup_exact"]["documents_dropped"] == 1
-    assert manifest["stages"]["dedup_near"]["documents_dropped"] == 1
-    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert manifest.stages["dedup_exact"]["documents_dropped"] == 1
+    assert manifest.stages["dedup_near"]["documents_dropped"] == 1
+    assert len(manifest.splits["train"].shards) > 3
 
 
 _CRASHY = """
@@ -179,28 +179,28 @@ def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
         m = prepare_dataset(
             sources, part, tokenizer=tok, val_fraction=0.2, shard_tokens=1000, stages=stages, part=(i, 2), log=quiet
         )
-        assert "dedup_exact" not in m["stages"] and (part / "dedup.sqlite").is_file()
+        assert "dedup_exact" not in m.stages and (part / "dedup.sqlite").is_file()
     merged = merge_datasets(parts, tmp_path / "merged")
-    assert merged["stages"]["merge.dedup_exact"]["documents_dropped"] == 1
-    assert merged["stages"]["merge.dedup_near"]["documents_dropped"] == 1
-    assert sum(e["documents"] for e in merged["splits"].values()) == 40
-    assert sum(s["documents"] for s in merged["sources"]) == 40
-    last = len(merged["files"]) - 1  # 3.jsonl, part 1's second file; lines 11 and 12 are the planted copies
+    assert merged.stages["merge.dedup_exact"]["documents_dropped"] == 1
+    assert merged.stages["merge.dedup_near"]["documents_dropped"] == 1
+    assert sum(e.documents for e in merged.splits.values()) == 40
+    assert sum(s.documents for s in merged.sources) == 40
+    last = len(merged.files) - 1  # 3.jsonl, part 1's second file; lines 11 and 12 are the planted copies
     kept = {(f, o) for f, o in _origins(tmp_path / "merged", merged)}
     assert (last, 11) not in kept and (last, 12) not in kept and (last, 10) in kept
-    rewritten = merged["removals"][0]["shards"]
-    assert 1 <= len(rewritten) < sum(len(e["shards"]) for e in merged["splits"].values())
+    rewritten = merged.removals[0].shards
+    assert 1 <= len(rewritten) < sum(len(e.shards) for e in merged.splits.values())
     out = CliRunner().invoke(app, ["data", "verify", str(tmp_path / "merged")])
     assert out.exit_code == 0, out.output
     shown = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "merged")]).output
     assert "stage merge.dedup_exact: documents_dropped 1" in shown
 
 
-def _origins(root: Path, manifest: dict) -> list[tuple[int, int]]:
+def _origins(root: Path, manifest: Manifest) -> list[tuple[int, int]]:
     import numpy as np
 
     out = []
-    for entry in manifest["splits"].values():
-        for shard in entry["shards"]:
-            out += [tuple(map(int, row)) for row in np.load(root / shard["origins"]).reshape(-1, 2)]
+    for entry in manifest.splits.values():
+        for shard in entry.shards:
+            out += [tuple(map(int, row)) for row in np.load(root / shard.origins).reshape(-1, 2)]
     return out

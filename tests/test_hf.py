@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import stat
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import TINY_MODEL, read_metrics, run_keel, tiny_config
+from conftest import TINY_MODEL, assert_one_line_error, read_metrics, run_keel, tiny_config
 from keel.checkpoint.commit import write_commit
 from keel.checkpoint.hf import export_hf, load_hf_weights
 from keel.checkpoint.inference import load_model
 from keel.config import build_config, save_config
-from keel.errors import CheckpointError, ConfigError
+from keel.errors import CheckpointError, ConfigError, KeelError
 from keel.models import model_args
 
 
@@ -193,10 +194,29 @@ def test_export_mistakes_are_one_line_errors(exported, tmp_path):
     result = run_keel("export", str(run), "--format", "onnx", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr == "keel: error: --format 'onnx': unknown export format; use --format hf\n"
-    with pytest.raises(CheckpointError, match="not a Keel run dir"):
+    with pytest.raises(KeelError, match="not a Keel run dir"):
         export_hf(tmp_path / "missing", tmp_path / "out")
     with pytest.raises(CheckpointError, match=r"no committed checkpoint at step 7; committed steps: \[3\]"):
         export_hf(run, tmp_path / "out", step=7)
     with pytest.raises(ConfigError, match="already exists and is not an empty directory"):
         export_hf(run, hf_dir)
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_files_are_readable_by_all(exported):
+    _, hf_dir = exported
+    assert stat.S_IMODE(hf_dir.stat().st_mode) == 0o755
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in hf_dir.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+def test_export_to_a_location_that_cannot_be_written_is_one_line_naming_it(exported, tmp_path, where, request):
+    run, _ = exported
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("")
+        out, fragment = tmp_path / "file" / "hf", f"{tmp_path / 'file'} is a file, not a directory"
+    else:
+        out, fragment = request.getfixturevalue("read_only_dir") / "hf", "is not writable"
+    result = run_keel("export", str(run), "--out", str(out), cwd=tmp_path)
+    assert_one_line_error(result, f"--out {out}", fragment)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_keel, tiny_config
+from conftest import assert_one_line_error, run_keel, tiny_config
 from keel.observe.heartbeat import StatusSink, read_status
 from keel.observe.metrics import Metrics, unit_of
 
@@ -102,3 +102,15 @@ def test_wandb_on_without_the_package_is_a_one_line_error(tmp_path, dataset, mon
         "keel: error: observe.wandb is on but the wandb package is not installed; `pip install wandb` or set "
         "observe.wandb=false"
     ]
+
+
+def test_wandb_on_without_a_login_is_a_one_line_error_before_the_run_starts(tmp_path, dataset, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 1}, observe={"wandb": True})
+    result = run_keel("train", str(config), cwd=tmp_path)
+    assert_one_line_error(result, "observe.wandb: no W&B login", "wandb login", "WANDB_API_KEY", "WANDB_MODE=offline")
+    assert not (tmp_path / "runs").exists()

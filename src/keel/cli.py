@@ -61,9 +61,11 @@ def train(
 
 @data_app.command("prepare")
 def data_prepare(
-    config: Annotated[Path | None, typer.Argument(help="TOML config whose [data] section describes the data.")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML config: [prepare] says how, data.dataset where to write.")
+    ] = None,
     overrides: SetOption = None,
-    source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets data.sources).")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="Glob of raw text files (sets prepare.sources).")] = None,
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write (sets data.dataset).")] = None,
     shard: Annotated[
         str | None, typer.Option(help="Prepare only part i of N of the input files, as 'i/N'; join with merge.")
@@ -72,18 +74,21 @@ def data_prepare(
     """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
     from keel.config import load_config
     from keel.data.prepare import prepare_from_config
+    from keel.models import model_args
     from keel.observe.logs import setup_logging
 
     extra = list(overrides or [])
     if source:
-        extra.append(f"data.sources={json.dumps(source)}")
+        extra.append(f"prepare.sources={json.dumps(source)}")
     if out is not None:
         extra.append(f"data.dataset={json.dumps(str(out))}")
     cfg = load_config(config, extra)
-    if not cfg.data.sources:
-        raise KeelError("no sources to prepare: set data.sources in the config or pass --source GLOB")
+    model_args(cfg.model_section())  # [model] is as strict here as where it is used: an unknown key is refused
+    if not cfg.prepare.sources:
+        raise KeelError("no sources to prepare: set prepare.sources in the config or pass --source GLOB")
+    part = _parse_part(shard)
     log = setup_logging(None, 0)
-    prepare_from_config(cfg.data, log.info, _parse_part(shard))
+    prepare_from_config(cfg, log.info, part)
 
 
 def _parse_part(shard: str | None) -> tuple[int, int] | None:
@@ -104,7 +109,7 @@ def data_merge(
     from keel.data.merge import merge_datasets
 
     m = merge_datasets(parts, out)
-    sizes = ", ".join(f"{split} {entry['tokens']:,} tokens" for split, entry in m["splits"].items())
+    sizes = ", ".join(f"{split} {entry.tokens:,} tokens" for split, entry in m.splits.items())
     print(f"merged {len(parts)} parts into {out}: {sizes}")
 
 
@@ -145,8 +150,8 @@ def data_lineage(
     seq_len: Annotated[int, typer.Option(help="train.seq_len, to list the sample ids.", min=1)] = 256,
 ) -> None:
     """List the shards and sample ids that hold a source file's documents (or one of them)."""
-    from keel.data.dataset import load_manifest
     from keel.data.lineage import find_documents, sample_ids, shards_of
+    from keel.data.manifest import load_manifest
 
     manifest = load_manifest(dataset)
     for d in find_documents(dataset, source, ordinal):
@@ -167,8 +172,6 @@ def data_remove(
     from keel.data.lineage import find_documents, remove_documents
 
     spans = find_documents(dataset, source, ordinal)
-    if not spans:
-        raise KeelError(f"{dataset}: no document {ordinal} of {source} (it may have been filtered or removed)")
     changed = remove_documents(dataset, spans)
     print(f"removed {len(spans)} documents; rewrote {len(changed)} shards: {', '.join(changed)}")
 

@@ -28,17 +28,8 @@ class RunConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = Field("data/keel", description="Prepared dataset directory (made by `keel data prepare`).")
-    sources: list[str] = Field(
-        default_factory=list, description="Globs of raw text (.txt, .jsonl, any text file) for `keel data prepare`."
-    )
-    tokenizer: str | None = Field(None, description="A tokenizer.json to use; empty trains a byte-level BPE.")
-    vocab_size: int = Field(8192, gt=256, description="Vocabulary size of the BPE tokenizer trained by prepare.")
-    val_fraction: float = Field(0.01, gt=0, lt=1, description="Share of documents held out for validation.")
-    text_field: str = Field("text", min_length=1, description="Field of each JSON Lines record that holds the text.")
-    shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file written by prepare.")
-    workers: int = Field(
-        0, ge=0, description="Processes for prepare's stages and tokenization (a pool); 0 uses every core."
+    dataset: str = Field(
+        "data/keel", description="Prepared dataset directory: what training reads and `keel data prepare` writes."
     )
     mixture: dict[str, float] = Field(
         default_factory=dict,
@@ -56,11 +47,43 @@ class DataConfig(Section):
     document_mask: bool = Field(
         False, description="Attend only within a document: block-diagonal causal mask (dense: slower attention)."
     )
+    manifest_sha256: str | None = Field(
+        None, description="Hash of the dataset manifest; set at first start so a resume refuses a changed dataset."
+    )
+    mixture_sha256: dict[str, str] = Field(
+        default_factory=dict,
+        description="Manifest hash of each data.mixture dataset, set at start so a resume refuses a changed one.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_prepare(cls, data: Any) -> Any:
+        moved = [key for key in data if key in PrepareConfig.model_fields] if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(f"{moved[0]}: moved to [prepare] (prepare.{moved[0]}); put it under [prepare]")
+        return data
+
+
+class PrepareConfig(Section):
+    """How `keel data prepare` turns raw sources into the dataset at data.dataset."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Globs of raw text (.txt, .jsonl[.gz|.zst], .parquet, any text file); '!GLOB' excludes.",
+    )
+    tokenizer: str | None = Field(None, description="A tokenizer.json to use; empty trains a byte-level BPE.")
+    vocab_size: int = Field(8192, gt=256, description="Vocabulary size of the BPE tokenizer trained by prepare.")
+    val_fraction: float = Field(0.01, gt=0, lt=1, description="Share of documents held out for validation.")
+    text_field: str = Field("text", min_length=1, description="Field of each JSON Lines record that holds the text.")
+    shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file written by prepare.")
+    workers: int = Field(
+        0, ge=0, description="Processes for prepare's stages and tokenization (a pool); 0 uses every core."
+    )
     licenses: dict[str, str] = Field(
         default_factory=dict, description='License tag per source glob, e.g. {"web/*.jsonl" = "CC-BY-4.0"}.'
     )
     bad_input: Literal["error", "skip"] = Field(
-        "error", description="On a malformed record or file: stop with an error, or skip it and count it."
+        "error", description="On a malformed, truncated or unreadable record or file: stop, or skip it and count it."
     )
     normalize: Literal["none", "NFC", "NFKC"] = Field("none", description="Unicode normalization applied first.")
     min_words: int = Field(0, ge=0, description="Drop documents with fewer words; 0 turns the filter off.")
@@ -80,9 +103,6 @@ class DataConfig(Section):
         0.0, ge=0, lt=1, description="Drop MinHash near-duplicates at this Jaccard similarity (e.g. 0.8); 0 is off."
     )
     pii: bool = Field(False, description="Replace e-mails, phones, IPs and Luhn-valid card numbers by placeholders.")
-    manifest_sha256: str | None = Field(
-        None, description="Hash of the dataset manifest; set at first start so a resume refuses a changed dataset."
-    )
 
 
 class TrainConfig(Section):
@@ -239,6 +259,7 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -246,6 +267,20 @@ class Config(Section):
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_run_config(cls, data: Any) -> Any:
+        # A run dir's config.toml written before [prepare] existed holds the preparation keys under [data]. It is
+        # Keel's own record (only a started run sets data.manifest_sha256), so its keys are moved, not refused.
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        section, prepare = data["data"], data.get("prepare", {})
+        if not section.get("manifest_sha256") or not isinstance(prepare, dict):
+            return data
+        moved = {key: value for key, value in section.items() if key in PrepareConfig.model_fields}
+        kept = {key: value for key, value in section.items() if key not in moved}
+        return {**data, "data": kept, "prepare": {**moved, **prepare}}
 
     @property
     def run_dir(self) -> Path:

@@ -96,9 +96,9 @@ FULL_DISK = {
 }
 
 
-def describe_os_error(e: OSError, action: str) -> str:
-    """One line naming the path an OSError is about, what was being done, and the usual fix."""
-    path = e.filename if e.filename is not None else "?"
+def describe_os_error(e: OSError, action: str, where: Path | str | None = None) -> str:
+    """One line naming the path an OSError is about (else `where`), what was being done, and the usual fix."""
+    path = e.filename if e.filename is not None else where if where is not None else "?"
     reason = FULL_DISK.get(e.errno) or e.strerror or first_line(e)
     hints = {
         errno.EACCES: "check its permissions or choose another location",
@@ -113,12 +113,14 @@ def describe_os_error(e: OSError, action: str) -> str:
 
 
 @contextmanager
-def filesystem_errors(action: str, error: type[KeelError] = KeelError) -> Iterator[None]:
-    """Turn an OSError raised inside into `error` with one line naming the path (see describe_os_error)."""
+def filesystem_errors(
+    action: str, error: type[KeelError] = KeelError, where: Path | str | None = None
+) -> Iterator[None]:
+    """Turn an OSError raised inside into `error`: one line naming its path, or `where` if it names none."""
     try:
         yield
     except OSError as e:
-        raise error(describe_os_error(e, action)) from None
+        raise error(describe_os_error(e, action, where)) from None
 
 
 def check_writable_dir(path: Path, what: str, error: type[KeelError] = KeelError) -> None:
@@ -130,4 +132,6 @@ def check_writable_dir(path: Path, what: str, error: type[KeelError] = KeelError
     if not existing.is_dir():
         raise error(f"{what} {path}: {existing} is a file, not a directory; choose another location")
     if not os.access(existing, os.W_OK | os.X_OK):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise error(f"{what} {path}: {existing} is on a read-only file system; choose another location")
         raise error(f"{what} {path}: {existing} is not writable; check its permissions or choose another location")

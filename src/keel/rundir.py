@@ -85,6 +85,16 @@ class RunDir:
         return self.logs / f"rank{rank}.progress"
 
     @property
+    def launcher_log(self) -> Path:
+        """torchrun's own output (its error report, the workers' warnings), kept off the console."""
+        return self.logs / "torchrun.log"
+
+    @property
+    def worker_error(self) -> Path:
+        """The one-line KeelError a torchrun worker stopped with, for `keel train` to print as its own."""
+        return self.logs / "worker_error.txt"
+
+    @property
     def tensorboard(self) -> Path:
         """TensorBoard event files."""
         return self.root / "tb"

@@ -107,7 +107,7 @@ class Checkpointer:
         self.wait()
         path, started, previous = self._begin(step)
         if dist.is_initialized() and self._async_group is None:
-            # Its own group: async collectives on the training group hang or mismatch (TORCH-CPU-NOTES.md).
+            # Its own group: async collectives on the training group hang or mismatch (docs/torch-on-cpu.md).
             self._async_group = dist.new_group(backend="gloo")
         try:
             response = dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self._async_group)

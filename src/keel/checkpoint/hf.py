@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from keel.checkpoint.inference import checkpoint_path, load_model
 from keel.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
-from keel.errors import CheckpointError, ConfigError
+from keel.errors import CheckpointError, ConfigError, KeelError
+from keel.io import check_writable_dir, filesystem_errors, first_line
 from keel.models import model_args
 from keel.models.spec import HFMapping, ModelSpec
 from keel.rundir import RunDir
@@ -43,6 +44,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     run = RunDir(run_dir).require(CheckpointError)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out}: already exists and is not an empty directory; choose a new directory")
+    check_writable_dir(out, "--out", ConfigError)
     path = checkpoint_path(run_dir, step)
     model, cfg = load_model(run_dir, step)
     spec, args = model_args(cfg.model_section())
@@ -64,16 +66,34 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     }
     # Write beside the target and rename into place, so a failed export never leaves a half-written model.
     tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt", "keel_checkpoint": str(path)})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(run.tokenizer, tmp / "tokenizer.json")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    try:
+        with filesystem_errors("write the export"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _save_weights(state, tmp / WEIGHTS_FILE, {"format": "pt", "keel_checkpoint": str(path)})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+            shutil.copyfile(run.tokenizer, tmp / "tokenizer.json")
+            # Files 0644 and the directory 0755, as a model download's: safetensors creates its file 0600.
+            for file in tmp.iterdir():
+                file.chmod(0o644)
+            tmp.chmod(0o755)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _save_weights(state: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    try:
+        save_file(state, file, metadata=metadata)
+    except SafetensorError as e:  # safetensors reports an I/O failure (a full disk) as its own error, not OSError
+        raise KeelError(
+            f"{file}: cannot write the weights ({first_line(e)}); free space or choose another location"
+        ) from None
 
 
 def _lookup(table: dict[str, Any], key: str) -> Any:
@@ -122,8 +142,8 @@ def check_hf_config(config: dict[str, Any], mapping: HFMapping, args: BaseModel,
             )
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in a directory's *.safetensors files; pickled *.bin / *.pt weights are refused, never loaded."""
+def safetensors_files(directory: Path) -> list[Path]:
+    """A directory's *.safetensors files; pickled *.bin / *.pt weights are refused, never loaded."""
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -135,20 +155,41 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
             else "export or save the model as safetensors"
         )
         raise CheckpointError(f"checkpoint.init_from_hf: {directory} has no *.safetensors files; {hint}")
+    return files
+
+
+def _unreadable(file: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})")
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a directory's *.safetensors files (see safetensors_files)."""
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in safetensors_files(directory):
         try:
             state.update(load_file(file))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise _unreadable(file, e) from None
     return state
+
+
+def check_hf_dir(directory: Path, spec: ModelSpec, args: BaseModel) -> None:
+    """What load_hf_weights would refuse, found without loading a tensor: config.json, safetensors headers."""
+    directory = Path(directory)
+    check_hf_config(read_hf_config(directory), _mapping(spec), args, directory / CONFIG_FILE)
+    for file in safetensors_files(directory):
+        try:
+            with safe_open(file, framework="pt"):  # reads only the header
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _unreadable(file, e) from None
 
 
 def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, directory: Path) -> None:
     """Load a Hugging Face format directory's weights into a freshly built (unsharded) model, exactly."""
     directory = Path(directory)
     mapping = _mapping(spec)
-    check_hf_config(read_hf_config(directory), mapping, args, directory / CONFIG_FILE)
+    check_hf_dir(directory, spec, args)
     hf_state = read_safetensors(directory)
     try:
         state = mapping.from_hf(args, hf_state)

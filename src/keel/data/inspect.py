@@ -4,33 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.data.dataset import load_manifest, resolve_inside
-from keel.io import sha256_file
+from keel.data.manifest import load_manifest, resolve_inside
+from keel.errors import DataError
+from keel.io import filesystem_errors, sha256_file
 
 
 def inspect_lines(dataset_dir: Path) -> list[str]:
     """Human-readable summary: splits, sources with licenses, stage statistics, skipped records, tokenizer."""
     m = load_manifest(dataset_dir)
-    tok = m["tokenizer"]
+    tok = m.tokenizer
     lines = [
-        f"dataset {dataset_dir}: {m['format']}, tokens {m['dtype']}",
-        f"tokenizer {tok['file']}: vocab {tok['vocab_size']}, eos {tok['eos_id']}, sha256 {tok['sha256'][:16]}",
+        f"dataset {dataset_dir}: {m.format}, tokens {m.dtype}",
+        f"tokenizer {tok.file}: vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256[:16]}",
     ]
-    for split, entry in m["splits"].items():
+    for split, entry in m.splits.items():
+        lines.append(f"{split}: {entry.tokens:,} tokens, {entry.documents:,} documents, {len(entry.shards)} shards")
+    for src in m.sources:
         lines.append(
-            f"{split}: {entry['tokens']:,} tokens, {entry['documents']:,} documents, {len(entry['shards'])} shards"
+            f"source {src.glob}: license {src.license}, {src.files} files, "
+            f"{src.documents} documents, {src.bytes:,} bytes"
         )
-    for src in m.get("sources", []):
-        lines.append(
-            f"source {src['glob']}: license {src.get('license', 'unknown')}, {src['files']} files, "
-            f"{src['documents']} documents, {src['bytes']:,} bytes"
-        )
-    for stage, stats in sorted(m.get("stages", {}).items()):
+    for stage, stats in sorted(m.stages.items()):
         lines.append(f"stage {stage}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.items())))
-    for kind, n in sorted(m.get("skipped", {}).items()):
+    for kind, n in sorted(m.skipped.items()):
         lines.append(f"skipped {kind}: {n:,}")
-    for removal in m.get("removals", []):
-        lines.append(f"removal {removal['time']}: {len(removal['documents'])} documents, shards {removal['shards']}")
+    for removal in m.removals:
+        lines.append(f"removal {removal.time}: {len(removal.documents)} documents, shards {removal.shards}")
     return lines
 
 
@@ -38,10 +37,11 @@ def verify_dataset(dataset_dir: Path) -> tuple[list[str], bool]:
     """Re-hash the tokenizer and every shard against the manifest; return report lines and whether all match."""
     m = load_manifest(dataset_dir)  # sizes and presence are checked here; a DataError names the first bad file
     lines, ok = [], True
-    entries = [(m["tokenizer"]["file"], m["tokenizer"]["sha256"])]
-    entries += [(s["file"], s["sha256"]) for e in m["splits"].values() for s in e["shards"]]
+    entries = [(m.tokenizer.file, m.tokenizer.sha256)]
+    entries += [(s.file, s.sha256) for e in m.splits.values() for s in e.shards]
     for name, expected in entries:
-        digest = sha256_file(resolve_inside(Path(dataset_dir), name))
+        with filesystem_errors("read it to verify the dataset", DataError):
+            digest = sha256_file(resolve_inside(Path(dataset_dir), name))
         if digest != expected:
             ok = False
             lines.append(f"CORRUPT {name}: sha256 {digest[:16]}..., manifest says {expected[:16]}...")

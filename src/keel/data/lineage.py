@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from keel.data.dataset import DTYPES, load_manifest, resolve_inside, write_manifest
+from keel.data.manifest import Manifest, Removal, Shard, load_manifest, resolve_inside, write_manifest
 from keel.errors import DataError
+from keel.io import check_writable_dir, filesystem_errors
 
 
 @dataclass(frozen=True)
@@ -25,15 +26,15 @@ class DocSpan:
     end: int
 
 
-def document_spans(root: Path, manifest: dict, split: str) -> list[DocSpan]:
+def document_spans(root: Path, manifest: Manifest, split: str) -> list[DocSpan]:
     """Every document of a split in stream order (reads only the small .idx and .docs files)."""
     starts, origins, base = [], [], 0
-    for shard in manifest["splits"][split]["shards"]:
-        if "origins" not in shard:
-            raise DataError(f"{root}: shard {shard['file']} has no lineage (.docs); prepare the dataset again")
-        starts.append(np.load(resolve_inside(root, shard["index"])) + base)
-        origins.append(np.load(resolve_inside(root, shard["origins"])).reshape(-1, 2))
-        base += int(shard["tokens"])
+    for shard in manifest.splits[split].shards:
+        if shard.origins is None:
+            raise DataError(f"{root}: shard {shard.file} has no lineage (.docs); prepare the dataset again")
+        starts.append(np.load(resolve_inside(root, shard.index)) + base)
+        origins.append(np.load(resolve_inside(root, shard.origins)).reshape(-1, 2))
+        base += shard.tokens
     start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     origin = np.concatenate(origins) if origins else np.zeros((0, 2), np.int64)
     ends = np.append(start[1:], base)[: len(start)]  # a split emptied by removals has no documents
@@ -41,28 +42,45 @@ def document_spans(root: Path, manifest: dict, split: str) -> list[DocSpan]:
 
 
 def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -> list[DocSpan]:
-    """Documents from a source file (absolute path or key), optionally only the one at `ordinal`."""
+    """Documents from a source file (absolute path or key), or only the one at `ordinal`; none is a DataError."""
     root = Path(dataset_dir)
     manifest = load_manifest(root)
     wanted = os.path.abspath(source)
-    files = {i for i, f in enumerate(manifest.get("files", [])) if f["path"] == wanted or f["key"] == source}
+    files = {i for i, f in enumerate(manifest.files) if f.path == wanted or f.key == source}
     if not files:
         raise DataError(f"{root}: no source file {source!r} in the manifest; `keel data inspect` lists the sources")
-    return [
-        d
-        for split in manifest["splits"]
-        for d in document_spans(root, manifest, split)
-        if d.file in files and (ordinal is None or d.ordinal == ordinal)
-    ]
+    with filesystem_errors("read the dataset's lineage", DataError):
+        found = [
+            d
+            for split in manifest.splits
+            for d in document_spans(root, manifest, split)
+            if d.file in files and (ordinal is None or d.ordinal == ordinal)
+        ]
+    if found:
+        return found
+    if ordinal is None:
+        raise DataError(
+            f"{root}: source file {source!r} has no documents left in the dataset "
+            "(quality filters, dedup or `keel data remove` dropped them all)"
+        )
+    keys = {manifest.files[i].key for i in files}
+    removed = [r.time for r in manifest.removals if any((k, ordinal) in r.documents for k in keys)]
+    if removed:
+        raise DataError(f"{root}: document {ordinal} of {source!r} was removed ({removed[0]}); no shard holds it")
+    raise DataError(
+        f"{root}: no document {ordinal} of {source!r} in the dataset: the file has no such document "
+        "(the ordinal is the JSON Lines line number, the Parquet row, 0 for a text file), "
+        "or it was empty or dropped by a quality filter or dedup"
+    )
 
 
-def shards_of(manifest: dict, span: DocSpan) -> list[str]:
+def shards_of(manifest: Manifest, span: DocSpan) -> list[str]:
     """The shard files that hold any token of the document."""
     out, base = [], 0
-    for shard in manifest["splits"][span.split]["shards"]:
-        if base < span.end and span.start < base + int(shard["tokens"]):
-            out.append(shard["file"])
-        base += int(shard["tokens"])
+    for shard in manifest.splits[span.split].shards:
+        if base < span.end and span.start < base + shard.tokens:
+            out.append(shard.file)
+        base += shard.tokens
     return out
 
 
@@ -76,25 +94,30 @@ def remove_documents(dataset_dir: Path, spans: list[DocSpan]) -> list[str]:
     """Rewrite only the shards holding these documents without them; the manifest records the removal last."""
     root = Path(dataset_dir)
     manifest = load_manifest(root)
-    dtype = DTYPES[manifest["dtype"]]
+    check_writable_dir(root, "dataset", DataError)
+    with filesystem_errors("rewrite the dataset (its manifest still names the intact old shards)", DataError, root):
+        return _remove(root, manifest, spans)
+
+
+def _remove(root: Path, manifest: Manifest, spans: list[DocSpan]) -> list[str]:
     changed: list[str] = []
-    for split, entry in manifest["splits"].items():
+    for split, entry in manifest.splits.items():
         cut = [(d.start, d.end) for d in spans if d.split == split]
         base = 0
-        for shard in entry["shards"]:
-            lo, hi = base, base + int(shard["tokens"])
+        for i, shard in enumerate(entry.shards):
+            lo, hi = base, base + shard.tokens
             base = hi
             if any(s < hi and lo < e for s, e in cut):
-                changed.append(shard["file"])
-                _rewrite(root, shard, lo, cut, dtype)
-        entry["tokens"] = sum(int(s["tokens"]) for s in entry["shards"])
-        entry["documents"] = sum(int(s["documents"]) for s in entry["shards"])
-    manifest.setdefault("removals", []).append(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "documents": [[manifest["files"][d.file]["key"], d.ordinal] for d in spans],
-            "shards": changed,
-        }
+                changed.append(shard.file)
+                entry.shards[i] = _rewrite(root, shard, lo, cut, manifest.token_dtype)
+        entry.tokens = sum(s.tokens for s in entry.shards)
+        entry.documents = sum(s.documents for s in entry.shards)
+    manifest.removals.append(
+        Removal(
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            documents=[(manifest.files[d.file].key, d.ordinal) for d in spans],
+            shards=changed,
+        )
     )
     current = set(_all_files(manifest))
     write_manifest(root, manifest)  # the commit point: before it the old shards are intact and still named
@@ -103,19 +126,19 @@ def remove_documents(dataset_dir: Path, spans: list[DocSpan]) -> list[str]:
     return changed
 
 
-def _rewrite(root: Path, shard: dict, lo: int, cut: list[tuple[int, int]], dtype: type) -> None:
-    """Write the shard without the cut token ranges under new names, and point its manifest entry at them."""
-    tokens = np.fromfile(resolve_inside(root, shard["file"]), dtype=dtype)
-    starts = np.load(resolve_inside(root, shard["index"]))
-    origins = np.load(resolve_inside(root, shard["origins"])).reshape(-1, 2)
+def _rewrite(root: Path, shard: Shard, lo: int, cut: list[tuple[int, int]], dtype: type) -> Shard:
+    """Write the shard without the cut token ranges under new names; return its new manifest entry."""
+    tokens = np.fromfile(resolve_inside(root, shard.file), dtype=dtype)
+    starts = np.load(resolve_inside(root, shard.index))
+    origins = np.load(resolve_inside(root, shard.origins)).reshape(-1, 2)
     keep = np.ones(len(tokens), dtype=bool)
     for s, e in cut:
         keep[max(s - lo, 0) : max(min(e - lo, len(tokens)), 0)] = False
     alive = keep[starts] if len(starts) else np.zeros(0, bool)
     removed_before = np.cumsum(~keep) - ~keep  # tokens removed before each position
     new_starts = starts[alive] - removed_before[starts[alive]]
-    stem = shard["file"][: -len(".bin")]
-    version = int(shard.get("version", 0)) + 1
+    stem = shard.file[: -len(".bin")]
+    version = shard.version + 1
     name = f"{stem.split('.r')[0]}.r{version}"
     data = tokens[keep].tobytes()
     for suffix, write in (
@@ -127,19 +150,21 @@ def _rewrite(root: Path, shard: dict, lo: int, cut: list[tuple[int, int]], dtype
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    shard.update(
-        file=f"{name}.bin",
-        index=f"{name}.idx",
-        origins=f"{name}.docs",
-        tokens=int(keep.sum()),
-        documents=int(alive.sum()),
-        sha256=hashlib.sha256(data).hexdigest(),
-        version=version,
+    return shard.model_copy(
+        update={
+            "file": f"{name}.bin",
+            "index": f"{name}.idx",
+            "origins": f"{name}.docs",
+            "tokens": int(keep.sum()),
+            "documents": int(alive.sum()),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "version": version,
+        }
     )
 
 
-def _all_files(manifest: dict) -> list[str]:
-    return [s[k] for e in manifest["splits"].values() for s in e["shards"] for k in ("file", "index", "origins")]
+def _all_files(manifest: Manifest) -> list[str]:
+    return [name for e in manifest.splits.values() for s in e.shards for name in (s.file, s.index, s.origins) if name]
 
 
 def _pending_old(root: Path, changed: list[str], current: set[str]) -> list[Path]:

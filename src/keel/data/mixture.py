@@ -53,11 +53,11 @@ class MixtureOrder:
 def open_mixture(mixture: dict[str, float], split: str) -> tuple[list[TokenDataset], list[float]]:
     """Open each dataset of a {dir: weight} mixture; all must share one tokenizer."""
     datasets = [TokenDataset(d, split) for d in mixture]
-    first = datasets[0].manifest["tokenizer"]["sha256"]
+    first = datasets[0].manifest.tokenizer.sha256
     for ds in datasets[1:]:
-        if ds.manifest["tokenizer"]["sha256"] != first:
+        if ds.manifest.tokenizer.sha256 != first:
             raise DataError(
                 f"data.mixture: {ds.dir} has another tokenizer than {datasets[0].dir}; "
-                "prepare every dataset of a mixture with the same data.tokenizer"
+                "prepare every dataset of a mixture with the same prepare.tokenizer"
             )
     return datasets, list(mixture.values())

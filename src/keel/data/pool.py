@@ -91,7 +91,7 @@ def _run(job: Job, task: list[Doc]) -> list[Done]:
 def resolve_workers(requested: int, total_bytes: int) -> int:
     """Processes to use: every core for 0, never more than there are tasks' worth of input."""
     if requested < 0:
-        raise ConfigError(f"data.workers ({requested}) must be 0 (every core) or a positive process count")
+        raise ConfigError(f"prepare.workers ({requested}) must be 0 (every core) or a positive process count")
     wanted = requested or os.cpu_count() or 1
     return max(1, min(wanted, -(-total_bytes // TASK_CHARS)))
 

@@ -7,16 +7,24 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from keel.config import DataConfig
-from keel.data.dataset import FORMAT, MANIFEST, write_manifest
+from keel.config import Config
 from keel.data.dedup_store import STORE, DedupStore
 from keel.data.journal import PROGRESS, open_staging, run_key, write_progress
+from keel.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    PrepareSettings,
+    SourceEntry,
+    TokenizerEntry,
+    write_manifest,
+)
 from keel.data.pool import Doc, Done, Job, StagePool, resolve_workers, tasks
 from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, doc_hashes, raw_documents, scan
 from keel.data.shards import ShardWriter
@@ -24,16 +32,17 @@ from keel.data.sources import Sources, expand_sources
 from keel.data.stages import Pipeline, StageSettings
 from keel.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError, KeelError
-from keel.io import fsync_path, sha256_file
+from keel.io import check_writable_dir, filesystem_errors, fsync_path, sha256_file
 
 PROGRESS_SECONDS = 30.0  # a long tokenization says how far it got this often
 
 
-def prepare_from_config(d: DataConfig, log: Callable[[str], None], part: tuple[int, int] | None = None) -> dict:
-    """Prepare the dataset a [data] config section describes (its sources, stages, licenses and workers)."""
+def prepare_from_config(cfg: Config, log: Callable[[str], None], part: tuple[int, int] | None = None) -> Manifest:
+    """Prepare the dataset [prepare] describes (sources, tokenizer, stages, licenses, workers) into data.dataset."""
+    d = cfg.prepare
     return prepare_dataset(
         d.sources,
-        Path(d.dataset),
+        Path(cfg.data.dataset),
         tokenizer=d.tokenizer,
         vocab_size=d.vocab_size,
         val_fraction=d.val_fraction,
@@ -63,40 +72,59 @@ def prepare_dataset(
     part: tuple[int, int] | None = None,
     workers: int = 0,
     log: Callable[[str], None] = print,
-) -> dict:
+) -> Manifest:
     """Prepare a dataset dir from source globs and return its manifest; an interrupted run of the same resumes."""
     out_dir = Path(out_dir)
-    check_new(out_dir)
+    check_output(out_dir)
     if not 0 < val_fraction < 1:
-        raise ConfigError(f"data.val_fraction ({val_fraction}) must be between 0 and 1")
+        raise ConfigError(f"prepare.val_fraction ({val_fraction}) must be between 0 and 1")
     if shard_tokens <= 0:
-        raise ConfigError(f"data.shard_tokens ({shard_tokens}) must be positive")
+        raise ConfigError(f"prepare.shard_tokens ({shard_tokens}) must be positive")
     if bad_input not in ("error", "skip"):
-        raise ConfigError(f"data.bad_input ({bad_input!r}) must be 'error' or 'skip'")
+        raise ConfigError(f"prepare.bad_input ({bad_input!r}) must be 'error' or 'skip'")
     unknown = sorted(set(licenses or {}) - {p for p in sources if not p.startswith("!")})
     if unknown:
-        raise ConfigError(f"data.licenses: {unknown[0]!r} is not one of data.sources; key each license by its glob")
+        raise ConfigError(
+            f"prepare.licenses: {unknown[0]!r} is not one of prepare.sources; key each license by its glob"
+        )
+    stages = stages or StageSettings()
+    settings = PrepareSettings(
+        val_fraction=val_fraction, text_field=text_field, shard_tokens=shard_tokens, bad_input=bad_input, stages=stages
+    )
+    reading = Reading(text_field, stages, bad_input == "skip")
+    # Around the failure handling below, which keeps the staging dir to resume from after a full disk or a kill.
+    with filesystem_errors("prepare the dataset", DataError, where=out_dir):
+        return _prepare(sources, out_dir, tokenizer, vocab_size, licenses or {}, part, workers, log, reading, settings)
+
+
+def _prepare(
+    sources: list[str],
+    out_dir: Path,
+    tokenizer: str | None,
+    vocab_size: int,
+    licenses: dict[str, str],
+    part: tuple[int, int] | None,
+    workers: int,
+    log: Callable[[str], None],
+    reading: Reading,
+    settings: PrepareSettings,
+) -> Manifest:
+    """prepare_dataset after its argument checks: preflight the sources, then scan, train, tokenize, commit."""
     tok = None if tokenizer is None else load_tokenizer(tokenizer)
     started = time.perf_counter()
     found = expand_sources(sources)
     if part is not None:
         found = _part_of(found, part, tokenizer)
-    reading = Reading(text_field, stages or StageSettings(), bad_input == "skip")
+    if not reading.skip_bad:
+        check_readable(found)
     total_bytes = sum(os.path.getsize(f.path) for f in found.files)
     workers = resolve_workers(workers, total_bytes)
-    settings = {
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "shard_tokens": shard_tokens,
-        "bad_input": bad_input,
-        "stages": asdict(reading.stages),
-    }
     key = run_key(
         {
             "format": FORMAT,
-            "settings": settings,
+            "settings": settings.model_dump(mode="json"),
             "tokenizer": vocab_size if tokenizer is None else sha256_file(Path(tokenizer)),
-            "licenses": licenses or {},
+            "licenses": licenses,
             "part": part,
             "includes": found.includes,
             "excludes": found.excludes,
@@ -111,10 +139,10 @@ def prepare_dataset(
     try:
         if progress is None:
             result, tok = _scan_and_tokenizer(
-                staging, found, reading, val_fraction, tok, tokenizer, vocab_size, pool, log
+                staging, found, reading, settings.val_fraction, tok, tokenizer, vocab_size, pool, log
             )
             for entry in result.per_source:
-                entry["license"] = (licenses or {}).get(entry["glob"], "unknown")
+                entry["license"] = licenses.get(entry["glob"], "unknown")
             progress = {"key": key, "scan": result.to_json(), "position": None, "writers": None}
             write_progress(staging, progress)  # the scan, the dedup store and the tokenizer are durable from here
         else:
@@ -126,7 +154,7 @@ def prepare_dataset(
         if part is None or not (staging / STORE).exists():
             (staging / STORE).unlink(missing_ok=True)  # the dedup keys outlive the run only where a merge needs them
         else:
-            manifest["dedup_store"] = STORE
+            manifest.dedup_store = STORE
         write_manifest(staging, manifest)
         (staging / PROGRESS).unlink()
         commit_dataset(staging, out_dir)
@@ -136,10 +164,10 @@ def prepare_dataset(
         raise
     finally:
         pool.close()
-    splits = manifest["splits"]
+    splits = manifest.splits
     log(
         f"prepared {out_dir} in {time.perf_counter() - started:.1f} s: "
-        f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens"
+        f"train {splits['train'].tokens:,} tokens, val {splits['val'].tokens:,} tokens"
     )
     return manifest
 
@@ -193,15 +221,15 @@ def _write(
     scan: Scan,
     reading: Reading,
     tok: Tokenizer,
-    settings: dict,
+    settings: PrepareSettings,
     progress: dict,
     pool: StagePool,
     log: Callable[[str], None],
-) -> dict:
+) -> Manifest:
     """Tokenize into both splits' shards, journaling after every finished shard; return the manifest."""
     vocab, eos = tok.get_vocab_size(), eos_id(tok)
     dtype = "uint16" if vocab <= 2**16 else "uint32"
-    writers = {s: ShardWriter(staging, s, np.dtype(dtype), settings["shard_tokens"]) for s in ("train", "val")}
+    writers = {s: ShardWriter(staging, s, np.dtype(dtype), settings.shard_tokens) for s in ("train", "val")}
     for split, state in (progress["writers"] or {}).items():
         writers[split].resume(state)
     after = None if progress["position"] is None else tuple(progress["position"])
@@ -232,23 +260,20 @@ def _write(
             store.close()
     elapsed = time.perf_counter() - t0
     log(f"tokenized {mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s, {pool.workers} processes)")
-    return {
-        "format": FORMAT,
-        "dtype": dtype,
-        "tokenizer": {
-            "file": "tokenizer.json",
-            "sha256": sha256_file(staging / "tokenizer.json"),
-            "vocab_size": vocab,
-            "eos_id": eos,
-        },
-        "splits": {split: writer.finish() for split, writer in writers.items()},
-        "sources": scan.per_source + [{"glob": g, "files": n, "documents": 0, "bytes": 0} for g, n in found.excludes],
-        # Lineage: each shard's .docs file names documents by (index into this list, ordinal in the file).
-        "files": [{"path": f.path, "key": f.key, "source": f.source} for f in found.files],
-        "stages": scan.stages,
-        "skipped": scan.skipped,
-        "settings": settings,
-    }
+    excluded = [SourceEntry(glob=g, files=n, documents=0, bytes=0) for g, n in found.excludes]
+    return Manifest(
+        format=FORMAT,
+        dtype=dtype,
+        tokenizer=TokenizerEntry(
+            file="tokenizer.json", sha256=sha256_file(staging / "tokenizer.json"), vocab_size=vocab, eos_id=eos
+        ),
+        splits={split: writer.finish() for split, writer in writers.items()},
+        sources=[SourceEntry.model_validate(e) for e in scan.per_source] + excluded,
+        files=[FileEntry(path=f.path, key=f.key, source=f.source) for f in found.files],
+        stages=scan.stages,
+        skipped=scan.skipped,
+        settings=settings,
+    )
 
 
 def _add(done: list[Done], found: Sources, scan: Scan, writers: dict[str, ShardWriter]) -> None:
@@ -271,11 +296,29 @@ def _part_of(found: Sources, part: tuple[int, int], tokenizer: str | None) -> So
     if not 0 <= i < n:
         raise ConfigError(f"--shard {i}/{n}: the part must be 0 <= i < N")
     if tokenizer is None:
-        raise ConfigError("--shard needs data.tokenizer: every part must use the same tokenizer for the merge")
+        raise ConfigError("--shard needs prepare.tokenizer: every part must use the same tokenizer for the merge")
     files = found.files[i::n]
     if not files:
         raise DataError(f"--shard {i}/{n}: this part has no files (the sources match {len(found.files)})")
     return Sources(found.includes, found.excludes, files)
+
+
+def check_readable(found: Sources) -> None:
+    """Refuse, before any work, a matched source file this process may not read."""
+    for f in found.files:
+        if not os.access(f.path, os.R_OK):
+            raise DataError(
+                f"{f.path}: cannot read this source (permission denied); fix its permissions, exclude it with a "
+                "'!GLOB' in prepare.sources, or set prepare.bad_input = \"skip\" to skip and count it"
+            )
+
+
+def check_output(out_dir: Path) -> None:
+    """Refuse, before any work, an out_dir that holds anything or cannot be made (under a file, read-only, ...)."""
+    with filesystem_errors("check the dataset directory", DataError, where=out_dir):
+        check_new(out_dir)
+        # The staging dir and the final rename are made in out_dir's parent, so that must be writable too.
+        check_writable_dir(out_dir.parent if out_dir.exists() else out_dir, "dataset directory", DataError)
 
 
 def check_new(out_dir: Path) -> None:

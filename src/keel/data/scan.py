@@ -117,12 +117,12 @@ def scan(
     if result.documents == 0:
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
         raise DataError(
-            f"data.sources: the {len(found.files)} matched files hold no text (empty corpus; "
+            f"prepare.sources: the {len(found.files)} matched files hold no text (empty corpus; "
             f"{dropped} documents were dropped or skipped)"
         )
     if result.documents == 1:
         raise DataError(
-            "data.sources: the corpus is one document, but one is needed for training and one for validation; "
+            "prepare.sources: the corpus is one document, but one is needed for training and one for validation; "
             "split it into several files or JSON Lines records"
         )
     return result

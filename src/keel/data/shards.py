@@ -9,13 +9,15 @@ from typing import BinaryIO
 
 import numpy as np
 
+from keel.data.manifest import Shard, Split
+
 
 class ShardWriter:
     """Append documents to a split's shards of exactly shard_tokens tokens each (the last may be shorter)."""
 
     def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.root, self.split, self.dtype, self.shard_tokens = root, split, np.dtype(dtype), shard_tokens
-        self.shards: list[dict] = []
+        self.shards: list[Shard] = []
         self._file: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._filled = 0
@@ -47,7 +49,7 @@ class ShardWriter:
 
     def checkpoint(self) -> dict:
         """Make the open shard's tokens durable and return what `resume` needs to continue exactly here."""
-        state: dict = {"shards": [dict(s) for s in self.shards], "open": None}
+        state: dict = {"shards": [s.model_dump(mode="json", exclude_none=True) for s in self.shards], "open": None}
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -60,7 +62,7 @@ class ShardWriter:
 
     def resume(self, state: dict) -> None:
         """Continue from a checkpoint: finished shards stay as they are; the open one is cut back to its length."""
-        self.shards = [dict(s) for s in state["shards"]]
+        self.shards = [Shard.model_validate(s) for s in state["shards"]]
         opened = state["open"]
         if opened is None:
             return
@@ -75,15 +77,15 @@ class ShardWriter:
         self._starts = [np.array(opened["starts"], dtype=np.int64)]
         self._origins = [np.array(opened["origins"], dtype=np.int64).reshape(-1, 2)]
 
-    def finish(self) -> dict:
+    def finish(self) -> Split:
         """Close the last shard; return the split's manifest entry (tokens, documents, shards)."""
         if self._file is not None:
             self._close()
-        return {
-            "tokens": sum(s["tokens"] for s in self.shards),
-            "documents": sum(s["documents"] for s in self.shards),
-            "shards": self.shards,
-        }
+        return Split(
+            tokens=sum(s.tokens for s in self.shards),
+            documents=sum(s.documents for s in self.shards),
+            shards=self.shards,
+        )
 
     def _open(self, mode: str = "wb") -> None:
         name = f"{self.split}/{len(self.shards):05d}"
@@ -107,14 +109,14 @@ class ShardWriter:
             np.save(f, origins.astype(np.int64))
             _sync_close(f)
         self.shards.append(
-            {
-                "file": f"{name}.bin",
-                "index": f"{name}.idx",
-                "origins": f"{name}.docs",
-                "tokens": self._filled,
-                "documents": len(starts),
-                "sha256": self._hash.hexdigest(),
-            }
+            Shard(
+                file=f"{name}.bin",
+                index=f"{name}.idx",
+                origins=f"{name}.docs",
+                tokens=self._filled,
+                documents=len(starts),
+                sha256=self._hash.hexdigest(),
+            )
         )
 
 

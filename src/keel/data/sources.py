@@ -1,4 +1,4 @@
-"""Raw sources: expand data.sources globs into files and read documents out of them."""
+"""Raw sources: expand prepare.sources globs into files and read documents out of them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from keel.errors import DataError
+from keel.io import first_line
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Sources:
-    """The expanded data.sources: include globs, exclude globs with the number of files each removed, files."""
+    """The expanded prepare.sources: include globs, exclude globs with the number of files each removed, files."""
 
     includes: list[str]
     excludes: list[tuple[str, int]]
@@ -39,7 +41,7 @@ def expand_sources(patterns: list[str]) -> Sources:
     """Expand globs (recursive `**` allowed); a pattern starting with `!` excludes the files it matches."""
     includes = [p for p in patterns if not p.startswith("!")]
     if not includes:
-        raise DataError('data.sources: no source globs given, e.g. data.sources = ["corpus/**/*.txt"]')
+        raise DataError('prepare.sources: no source globs given, e.g. prepare.sources = ["corpus/**/*.txt"]')
     excludes = [(p, _matches(p[1:])) for p in patterns if p.startswith("!")]
     removed = {p: 0 for p, _ in excludes}
     seen: set[str] = set()
@@ -47,7 +49,7 @@ def expand_sources(patterns: list[str]) -> Sources:
     for index, pattern in enumerate(includes):
         matched = _matches(pattern)
         if not matched:
-            raise DataError(f"data.sources: {pattern!r} matches no files")
+            raise DataError(f"prepare.sources: {pattern!r} matches no files")
         base = _fixed_prefix(os.path.abspath(os.path.expanduser(pattern)))
         for path in sorted(matched):
             if path in seen:
@@ -59,7 +61,7 @@ def expand_sources(patterns: list[str]) -> Sources:
                 continue
             files.append(SourceFile(path, index, os.path.relpath(path, base)))
     if not files:
-        raise DataError("data.sources: every matched file is excluded by a '!' pattern")
+        raise DataError("prepare.sources: every matched file is excluded by a '!' pattern")
     return Sources(includes, [(p, removed[p]) for p, _ in excludes], files)
 
 
@@ -105,16 +107,77 @@ def _records(path: str, text_field: str) -> Iterator[Record]:
     return _whole_file(path)
 
 
+# Every file-level problem ends with this: the two ways past a file the user cannot fix in place.
+SKIP_HINT = "exclude it with a '!GLOB' in prepare.sources, or set prepare.bad_input = \"skip\" to skip and count it"
+
+
+def _unreadable(path: str, e: OSError) -> BadRecord:
+    return BadRecord("unreadable_file", f"{path}: cannot read this source ({e.strerror or first_line(e)}); {SKIP_HINT}")
+
+
 def _whole_file(path: str) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise _unreadable(path, e) from None
     try:
         yield 0, raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadRecord(
-            "invalid_utf8",
-            f"{path}: not valid UTF-8 (byte {e.start}); convert it, or exclude it with a '!GLOB' in data.sources",
+            "invalid_utf8", f"{path}: not valid UTF-8 (byte {e.start}); convert it, or {SKIP_HINT}"
         ) from None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames decompressed one after another; ending inside a frame raises EOFError, as gzip does.
+
+    zstandard's stream_reader takes a file cut inside a frame for a clean end, so the last lines would be lost
+    without a word; a decompressobj per frame says whether its frame ended (`eof`).
+    """
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._file = open(path, "rb")
+        self._zstd = zstandard
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = None  # the current frame's decompressobj; None between frames
+        self._out, self._at = b"", 0  # decompressed bytes, and how many of them were read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        while self._at == len(self._out):
+            data = self._file.read(1 << 17)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._at = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None:
+                self._frame = self._decompressor.decompressobj()
+            try:
+                out.append(self._frame.decompress(data))
+            except self._zstd.ZstdError as e:
+                raise ValueError(f"corrupt zstd data: {e}") from None
+            if not self._frame.eof:
+                break
+            data, self._frame = self._frame.unused_data, None  # the rest starts the next frame
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _open_lines(path: str) -> BinaryIO:
@@ -122,20 +185,32 @@ def _open_lines(path: str) -> BinaryIO:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
     lineno = 0
-    with _open_lines(path) as f:
+    try:
+        f = _open_lines(path)
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    with f:
         while True:
             try:
                 raw = f.readline()
-            except (OSError, EOFError, ValueError) as e:
-                raise BadRecord("corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e})") from None
+            except EOFError:
+                raise BadRecord(
+                    "truncated_file",
+                    f"{path}: truncated: the compressed data ends before its end marker (after line {lineno}); "
+                    f"copy the whole file again, or {SKIP_HINT}",
+                ) from None
+            except (gzip.BadGzipFile, zlib.error, ValueError) as e:
+                raise BadRecord(
+                    "corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e}); {SKIP_HINT}"
+                ) from None
+            except OSError as e:
+                raise _unreadable(path, e) from None
             if not raw:
                 return
             lineno += 1
@@ -158,17 +233,30 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
 
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise BadRecord("unreadable_parquet", f"{path}: not a readable Parquet file ({e})") from None
+    except pa.ArrowException as e:
+        raise BadRecord(
+            "unreadable_parquet", f"{path}: not a readable Parquet file ({first_line(e)}); {SKIP_HINT}"
+        ) from None
+    except OSError as e:
+        raise _unreadable(path, e) from None
     if text_field not in pf.schema_arrow.names:
         raise BadRecord(
             "missing_field",
             f"{path}: no column {text_field!r} (has: {', '.join(pf.schema_arrow.names)}); "
-            "set data.text_field to the column that holds the text",
+            "set prepare.text_field to the column that holds the text",
         )
     row = 0
     # Row-group batches keep memory bounded however large the file is.
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+    batches = pf.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise BadRecord(
+                "corrupt_parquet", f"{path}: row {row}: corrupt Parquet data ({first_line(e)}); {SKIP_HINT}"
+            ) from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             yield _text_of(row, {text_field: text}, text_field, f"{path}:row {row}")
             row += 1
@@ -177,7 +265,8 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
 def _text_of(ordinal: int, record: object, text_field: str, where: str) -> Record:
     if not isinstance(record, dict) or text_field not in record:
         return BadRecord(
-            "missing_field", f"{where}: no field {text_field!r}; set data.text_field to the field that holds the text"
+            "missing_field",
+            f"{where}: no field {text_field!r}; set prepare.text_field to the field that holds the text",
         )
     text = record[text_field]
     if not isinstance(text, str):

@@ -34,9 +34,9 @@ class StageSettings:
     pii: bool = False
 
     @classmethod
-    def from_config(cls, data: object) -> StageSettings:
-        """The settings named by the same keys of a [data] config section."""
-        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
+    def from_config(cls, prepare: object) -> StageSettings:
+        """The settings named by the same keys of a [prepare] config section."""
+        return cls(**{f.name: getattr(prepare, f.name) for f in fields(cls)})
 
 
 def quality_failure(text: str, s: StageSettings) -> str | None:

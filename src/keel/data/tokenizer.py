@@ -20,7 +20,7 @@ _SAFE_CUT = re.compile(r"(?=\n\S)")
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE (every string round-trips through encode/decode) with EOS as its special token."""
     if vocab_size < 257:
-        raise ConfigError(f"data.vocab_size ({vocab_size}) must be at least 257: 256 byte tokens plus {EOS_TOKEN}")
+        raise ConfigError(f"prepare.vocab_size ({vocab_size}) must be at least 257: 256 byte tokens plus {EOS_TOKEN}")
     tok = Tokenizer(models.BPE())
     # No prefix space: a document's first word encodes as written, and decode(encode(x)) == x.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,7 +39,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json; a missing or unreadable file is a DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"tokenizer {path} does not exist (data.tokenizer); leave it empty to train one")
+        raise DataError(f"tokenizer {path} does not exist (prepare.tokenizer); leave it empty to train one")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for every parse problem

@@ -114,7 +114,7 @@ def shutdown(exit_code: int) -> None:
     """Leave the process group cleanly and exit the worker process.
 
     Gloo workers can abort in C++ teardown after all work is done; a barrier, an explicit
-    destroy and `os._exit` avoid it (see TORCH-CPU-NOTES.md).
+    destroy and `os._exit` avoid it (see docs/torch-on-cpu.md).
     """
     if dist.is_initialized():
         if exit_code == 0:

@@ -10,11 +10,12 @@ from importlib import resources
 from pathlib import Path
 
 from keel.config import load_config
-from keel.data.dataset import load_manifest
+from keel.data.manifest import load_manifest
 from keel.data.prepare import prepare_from_config
 from keel.eval.generate import sample_text
 from keel.io import read_jsonl
 from keel.launch.train import train
+from keel.models import model_args
 from keel.observe.logs import setup_logging
 from keel.observe.report import write_report
 from keel.rundir import RunDir
@@ -57,15 +58,16 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     setup_logging(None, 0)
     started = time.perf_counter()
     config = demo_config_path()
-    overrides = [f"data.sources={json.dumps(stdlib_sources())}", *overrides]
+    overrides = [f"prepare.sources={json.dumps(stdlib_sources())}", *overrides]
     cfg = load_config(config, overrides)
+    model_args(cfg.model_section())  # a bad [model] key is refused before the corpus is prepared
     dataset = Path(cfg.data.dataset)
     if (dataset / "manifest.json").exists():
         load_manifest(dataset)
         log.info(f"using the dataset already prepared in {dataset}")
     else:
-        log.info(f"preparing {cfg.data.sources[0]} into {dataset}")
-        prepare_from_config(cfg.data, log.info)
+        log.info(f"preparing {cfg.prepare.sources[0]} into {dataset}")
+        prepare_from_config(cfg, log.info)
     _set_aside(cfg.run_dir)
     train(config, overrides, None, nproc)
     setup_logging(None, 0)

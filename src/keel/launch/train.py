@@ -8,9 +8,10 @@ from pathlib import Path
 from keel.config import Config, load_config
 from keel.distributed.env import all_agree, init_distributed, shutdown
 from keel.errors import KeelError, LaunchError
-from keel.launch.torchrun import launch_workers, under_launcher
+from keel.launch.torchrun import launch_workers, under_launcher, worker_error
 from keel.observe.heartbeat import mark_state, read_status
 from keel.observe.logs import setup_logging
+from keel.rundir import RunDir
 from keel.train.preflight import reopen_run, start_run
 from keel.train.worker import run_worker
 
@@ -34,11 +35,15 @@ def train(config: Path | None, overrides: list[str], resume: Path | None, nproc:
         return _train_under_launcher(config, overrides, resume)
     cfg = prepare_run(config, overrides, resume)
     if cfg.parallel.nproc > 1:
-        code = launch_workers(cfg.run_dir, cfg.parallel.nproc, resume is not None, cfg.train.device)
+        code = launch_workers(cfg.run_dir, cfg.parallel.nproc, resume is not None)
         if code != 0:
             if read_status(cfg.run_dir).get("state") not in ("crashed", "stopped"):
                 mark_state(cfg.run_dir, "crashed", error=f"a worker exited with code {code}")
-            raise LaunchError(f"training failed (exit code {code}); see {cfg.run_dir}/logs/rank*.log")
+            message = worker_error(cfg.run_dir)
+            if message is not None:
+                raise KeelError(message)  # the worker's own one line, as if this process had raised it
+            run = RunDir(cfg.run_dir)
+            raise LaunchError(f"training failed (exit code {code}); see {run.launcher_log} and {run.logs}/rank*.log")
         return 0
     env = init_distributed(cfg.train.device)
     run_worker(cfg.run_dir, env, resume is not None)

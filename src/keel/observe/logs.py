@@ -9,18 +9,18 @@ from pathlib import Path
 from keel.rundir import RunDir
 
 
-def setup_logging(run_dir: Path | None, rank: int) -> logging.Logger:
-    """Configure the `keel` logger for this process and return it."""
+def setup_logging(run_dir: Path | None, rank: int, console: bool = True) -> logging.Logger:
+    """Configure the `keel` logger for this process (console: rank 0 also prints) and return it."""
     logger = logging.getLogger("keel")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(console)
+    if console and rank == 0:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(stream)
     if run_dir is not None:
         run = RunDir(run_dir)
         run.logs.mkdir(parents=True, exist_ok=True)

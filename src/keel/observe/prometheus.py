@@ -14,6 +14,23 @@ from keel.errors import LaunchError
 from keel.observe.metrics import FAMILIES, UNITS
 
 
+def _cannot_listen(host: str, port: int, e: OSError) -> str:
+    if isinstance(e, socket.gaierror):
+        return f"observe.prometheus_host: cannot resolve {host!r} ({e.strerror}); give an address such as 127.0.0.1"
+    return f"observe.prometheus_port: cannot listen on {host}:{port} ({e.strerror}); choose a free port"
+
+
+def check_ports(host: str, first_port: int, count: int) -> None:
+    """Refuse, before any process starts, exporter ports (first_port + local rank) that cannot be listened on."""
+    for port in range(first_port, first_port + count):
+        try:
+            # The address and family start_http_server picks, and like it SO_REUSEADDR (create_server's default).
+            info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            socket.create_server((info[4][0], port), family=info[0]).close()
+        except OSError as e:
+            raise LaunchError(_cannot_listen(host, port, e)) from None
+
+
 class PrometheusSink:
     """Serves this rank's latest values over HTTP for Prometheus to scrape; binds to loopback by default."""
 
@@ -41,9 +58,7 @@ class PrometheusSink:
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
-            raise LaunchError(
-                f"observe.prometheus_port: cannot listen on {host}:{port} ({e.strerror}); choose a free port"
-            ) from None
+            raise LaunchError(_cannot_listen(host, port, e)) from None
         self.port = port
 
     def write(self, step: int, time_: float, values: dict[str, float]) -> None:

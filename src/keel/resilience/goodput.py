@@ -164,9 +164,7 @@ def run_ledger(run: RunDir) -> RunLedger:
     events = read_jsonl(run.events)
     records = [e for e in events if e.get("event") == "goodput"]
     if not records:
-        raise KeelError(
-            f"{run.root}: no goodput records yet; a run writes them at every checkpoint and when it ends"
-        )
+        raise KeelError(f"{run.root}: no goodput records yet; a run writes them at every checkpoint and when it ends")
     last = records[-1]
     latest = max([e["time"] for e in events] + [r["time"] for r in read_jsonl(run.metrics)[-1:]])
     totals = {name: float(last.get(name, 0.0)) for name in CATEGORIES}

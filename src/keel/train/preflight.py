@@ -1,20 +1,34 @@
-"""Preflight: resolve a config against its dataset and model, and create or reopen the run dir."""
+"""Preflight: resolve a config against its data, model and machine, check it all, then create or reopen the run dir.
+
+Nothing is created until every check has passed, so a refused command leaves no run behind and its corrected
+version starts cleanly; a worker that still fails has found something no check could see in advance.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from keel.config import Config, apply_overrides, build_config, read_toml, save_config, split_batch
-from keel.data.dataset import load_manifest, manifest_sha256
+from keel.config import Config, apply_overrides, build_config, load_config, read_toml, save_config
+from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.errors import ConfigError, DataError
+from keel.io import filesystem_errors
 from keel.models import model_args
 from keel.resilience.inject import parse_faults
 from keel.rundir import RunDir
+from keel.train.checks import (
+    check_data,
+    check_environment,
+    check_file_hash,
+    check_init_from_hf,
+    check_same_model,
+    check_tokenizer,
+    mixture_hashes,
+)
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill what the config leaves to the data (vocab size, manifest hash, absolute paths) and check it all fits."""
+    """Fill what the config leaves to the data (vocab size, manifest hashes, absolute paths) and check it all fits."""
     dataset = Path(cfg.data.dataset).resolve()
     manifest = load_manifest(dataset)
     digest = manifest_sha256(dataset)
@@ -23,30 +37,38 @@ def resolve(cfg: Config) -> Config:
             f"data.dataset {dataset} has changed since this run started (manifest hash {digest[:12]}, "
             f"the run expects {cfg.data.manifest_sha256[:12]}); point data.dataset at the original data"
         )
+    check_tokenizer(dataset, manifest)
+    # Absolute, so a resume from any directory finds the same data; hashed, so it refuses changed data.
+    mixture = {str(Path(d).resolve()): weight for d, weight in cfg.data.mixture.items()}
+    hashes = mixture_hashes(mixture, cfg.data.mixture_sha256, manifest.tokenizer.sha256)
     raw = cfg.model_dump()
-    vocab = manifest["tokenizer"]["vocab_size"]
+    vocab = manifest.tokenizer.vocab_size
     model = raw["model"]
     if not model.get("vocab_size"):
         model["vocab_size"] = vocab
     elif model["vocab_size"] < vocab:
         raise ConfigError(f"model.vocab_size {model['vocab_size']} is smaller than the tokenizer's {vocab}")
-    _, args = model_args(model)
+    spec, args = model_args(model)
     max_len = getattr(args, "max_seq_len", None)
     if max_len is not None and cfg.train.seq_len > max_len:
         raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds model.max_seq_len {max_len}")
-    raw["data"].update(dataset=str(dataset), manifest_sha256=digest)
+    raw["data"].update(dataset=str(dataset), manifest_sha256=digest, mixture=mixture, mixture_sha256=hashes)
     raw["run"]["dir"] = str(cfg.run_dir.resolve())
+    if cfg.checkpoint.init_from_hf:
+        raw["checkpoint"]["init_from_hf"] = str(Path(cfg.checkpoint.init_from_hf).resolve())
     resolved = build_config(raw)
     try:
         parse_faults(resolved.resilience.inject, resolved.parallel.nproc)
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
-    split_batch(resolved.train.global_batch_size, resolved.parallel.nproc, resolved.train.micro_batch_size)
+    check_data(resolved)
+    check_init_from_hf(resolved, spec, args)
+    check_environment(resolved)
     return resolved
 
 
 def start_run(cfg: Config) -> Config:
-    """Resolve a fresh run's config and create its run dir; never overwrite an existing run."""
+    """Resolve and check a fresh run's config, then create its run dir; never overwrite an existing run."""
     cfg = resolve(cfg)
     run = RunDir(cfg.run_dir)
     if run.is_run():
@@ -54,15 +76,18 @@ def start_run(cfg: Config) -> Config:
             f"run dir {run.root} already holds a run; continue it with `keel train --resume {run.root}` "
             "or choose another run.name"
         )
-    for sub in (run.checkpoints, run.logs):
-        sub.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(cfg.data.dataset) / "tokenizer.json", run.tokenizer)
-    save_config(cfg, run.config)
+    dataset = Path(cfg.data.dataset)
+    tokenizer = resolve_inside(dataset, load_manifest(dataset).tokenizer.file)  # as resolve checked it
+    with filesystem_errors("create the run dir"):
+        for sub in (run.checkpoints, run.logs):
+            sub.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer, run.tokenizer)
+        save_config(cfg, run.config)  # last: only a run dir whose config is written holds a run
     return cfg
 
 
 def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
-    """Load a run dir's resolved config for a resume, with `--set` overrides applied and recorded."""
+    """Load a run dir's resolved config for a resume, with `--set` overrides applied, checked and recorded."""
     run = RunDir(run_dir)
     if not run.is_run():
         raise ConfigError(f"--resume {run.root}: no {run.config.name} there, so it is not a Keel run dir")
@@ -70,6 +95,12 @@ def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
     # train.stop_after belongs to the invocation that set it: a resume runs on unless it is given again.
     table.get("train", {}).pop("stop_after", None)
     table = apply_overrides(table, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
-    cfg = resolve(build_config(table, str(run.config)))
-    save_config(cfg, run.config)
+    cfg = build_config(table, str(run.config))
+    check_same_model(load_config(run.config), cfg)
+    cfg = resolve(cfg)
+    # Generation and export decode with the run's copy of the tokenizer: it must still be the dataset's.
+    tokenizer_sha256 = load_manifest(cfg.data.dataset).tokenizer.sha256
+    check_file_hash(run.tokenizer, tokenizer_sha256, f"copy the tokenizer.json of {cfg.data.dataset} back into the run")
+    with filesystem_errors("update the run's config"):
+        save_config(cfg, run.config)
     return cfg

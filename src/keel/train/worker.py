@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import signal
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from keel.config import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
+from keel.io import atomic_write_text
 from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
 from keel.resilience.preemption import install_handlers
@@ -38,6 +38,17 @@ def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
             mark_failed(run_dir, e)
         raise
     return trainer.fit()
+
+
+def log_failure(run_dir: Path, message: str) -> None:
+    """Log why this worker stops to its rank log only: `keel train` prints the one line that names it."""
+    setup_logging(run_dir, int(os.environ.get("RANK", "0")), console=False).error(message)
+
+
+def report_error(run_dir: Path, error: KeelError) -> None:
+    """Leave a worker's KeelError for `keel train` to print as its own one line."""
+    log_failure(run_dir, f"keel: error: {error}")
+    atomic_write_text(RunDir(run_dir).worker_error, f"{error}\n")
 
 
 def die_with_parent() -> None:
@@ -66,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         env = init_distributed(cfg.train.device)
         run_worker(args.run_dir, env, args.resume)
     except KeelError as e:
-        logging.getLogger("keel").error(f"keel: error: {e}")
+        report_error(args.run_dir, e)
         code = 2
     except Exception:
-        logging.getLogger("keel").error(traceback.format_exc())
+        log_failure(args.run_dir, traceback.format_exc())  # a bug: its traceback for the log, not the console
         code = 1
     shutdown(code)
 

@@ -1,0 +1,118 @@
+"""What a training worker would refuse, checked in the launching process before any file or process is created."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from keel.checkpoint.commit import committed_steps
+from keel.checkpoint.hf import check_hf_dir
+from keel.config import Config, split_batch
+from keel.data.dataset import TokenDataset
+from keel.data.loader import num_samples
+from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
+from keel.data.mixture import MixtureOrder
+from keel.errors import ConfigError, DataError, LaunchError
+from keel.io import check_writable_dir, filesystem_errors, sha256_file
+from keel.models import model_args
+from keel.models.spec import ModelSpec
+from keel.observe.prometheus import check_ports
+from keel.observe.wandb_sink import check_wandb
+from keel.rundir import RunDir
+
+
+def check_file_hash(path: Path, expected: str, fix: str) -> None:
+    """Refuse a file whose SHA-256 is not `expected` (the manifest's): one line naming the file and the fix."""
+    with filesystem_errors("read the file", DataError):
+        digest = sha256_file(path)
+    if digest != expected:
+        raise DataError(
+            f"{path}: does not match the dataset manifest (sha256 {digest[:12]}, the manifest says {expected[:12]}); "
+            f"{fix}"
+        )
+
+
+def check_tokenizer(dataset: Path, manifest: dict) -> None:
+    """Refuse a dataset whose tokenizer file is not the one its tokens were made with (the manifest's hash)."""
+    path = resolve_inside(dataset, manifest.tokenizer.file)
+    check_file_hash(path, manifest.tokenizer.sha256, "restore the tokenizer it was prepared with")
+
+
+def mixture_hashes(mixture: dict[str, float], recorded: dict[str, str], tokenizer_sha256: str) -> dict[str, str]:
+    """Each data.mixture dataset's manifest hash; refuses a missing, malformed or (since `recorded`) changed one,
+    and one with another tokenizer than data.dataset (whose tokenizer, vocab and val split the run uses)."""
+    hashes = {}
+    for directory in mixture:
+        if not Path(directory).is_dir():
+            raise DataError(
+                f"data.mixture: dataset {directory} does not exist; fix the path or make it with `keel data prepare`"
+            )
+        try:
+            manifest = load_manifest(directory)
+        except DataError as e:
+            raise DataError(f"data.mixture: {e}") from None
+        digest = manifest_sha256(directory)
+        if recorded.get(directory, digest) != digest:
+            raise DataError(
+                f"data.mixture: dataset {directory} has changed since this run started (manifest hash {digest[:12]}, "
+                f"the run expects {recorded[directory][:12]}); point data.mixture at the original data"
+            )
+        if manifest.tokenizer.sha256 != tokenizer_sha256:
+            raise DataError(
+                f"data.mixture: dataset {directory} has another tokenizer than data.dataset; prepare every dataset "
+                "of a mixture (and data.dataset, which gives validation) with the same data.tokenizer"
+            )
+        hashes[directory] = digest
+    return hashes
+
+
+def check_data(cfg: Config) -> None:
+    """The splits the workers read hold at least one sample each; the batch and the mixture weights split."""
+    split_batch(cfg.train.global_batch_size, cfg.parallel.nproc, cfg.train.micro_batch_size)
+    train = [TokenDataset(d, "train") for d in cfg.data.mixture] or [TokenDataset(cfg.data.dataset, "train")]
+    for dataset in train:
+        num_samples(dataset, cfg.train.seq_len)
+    if cfg.data.mixture:
+        MixtureOrder(list(cfg.data.mixture.values()), cfg.run.seed)
+    val = TokenDataset(cfg.data.dataset, "val")
+    if cfg.train.eval_every:
+        num_samples(val, cfg.train.seq_len)
+
+
+def check_init_from_hf(cfg: Config, spec: ModelSpec, args: BaseModel) -> None:
+    """checkpoint.init_from_hf agrees with [model] and holds readable safetensors, where a fresh start will load it."""
+    if cfg.checkpoint.init_from_hf and not committed_steps(RunDir(cfg.run_dir).checkpoints):
+        check_hf_dir(Path(cfg.checkpoint.init_from_hf), spec, args)
+
+
+def check_same_model(saved: Config, cfg: Config) -> None:
+    """A resume loads the run's checkpoints into its model: refuse a `--set` that changes the model once one exists."""
+    if not committed_steps(RunDir(cfg.run_dir).checkpoints):
+        return
+    (spec, before), (new_spec, after) = model_args(saved.model_section()), model_args(cfg.model_section())
+    if spec.name != new_spec.name:
+        raise ConfigError(f"model.name: the run's checkpoints hold a {spec.name!r} model, not {new_spec.name!r}")
+    for key, value in before.model_dump().items():
+        if getattr(after, key) != value:
+            raise ConfigError(
+                f"model.{key}: the run's checkpoints hold a model with {key} = {value!r}, not "
+                f"{getattr(after, key)!r}; a resume cannot change the model (start a new run instead)"
+            )
+
+
+def check_environment(cfg: Config) -> None:
+    """The run dir is writable; the devices, exporter ports and W&B login the workers need are there."""
+    check_writable_dir(cfg.run_dir, "run dir", LaunchError)
+    # Processes on this machine: an external torchrun says how many; `keel train` starts parallel.nproc.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parallel.nproc))
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("train.device is 'cuda' but no CUDA device is visible; set train.device=cpu or auto")
+    if cfg.train.device != "cpu" and torch.cuda.is_available() and local > torch.cuda.device_count():
+        raise LaunchError(f"parallel.nproc {local} exceeds the {torch.cuda.device_count()} visible GPUs; lower --nproc")
+    if cfg.observe.prometheus:
+        check_ports(cfg.observe.prometheus_host, cfg.observe.prometheus_port, local)
+    if cfg.observe.wandb:
+        check_wandb()
