@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import losses, read_metrics, run_keel, tiny_config
 from keel.config import OptimConfig, load_config
-from keel.distributed.parallel import clip_grad_norm
+from keel.distributed.parallel import clip_grads, grad_norm, norm_value
 from keel.models import model_args
 from keel.rundir import RunDir
 from keel.train.optim import build_optimizer, lr_at
@@ -144,6 +144,13 @@ def backward_with_a_large_loss(model: torch.nn.Module) -> dict[str, torch.Tensor
     loss = 1000 * F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """What the trainer does: measure the global norm, clip to it, return the norm before clipping."""
+    norm = grad_norm(model)
+    clip_grads(model, max_norm, norm)
+    return norm_value(norm)
 
 
 def global_norm(grads) -> float:
