@@ -38,7 +38,7 @@ class RunLifecycle(Callback):
             self.events("stop", step=step, reason=self.control.stop_reason)
         self.metrics.close()  # flushes the last heartbeat, which the final state below keeps
         if self.env.is_main:
-            mark_state(self.run_dir, state, step=step)
+            mark_state(self.run_dir, state, step=step, reason=self.control.stop_reason)
 
     def on_error(self, error: BaseException) -> None:
         self.metrics.close()

@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-
-import psutil
 
 from keel.callback import Callback, StepOutcome
 from keel.errors import KeelError
@@ -49,10 +48,10 @@ class Attempt:
     graceful: bool
 
 
-def earlier_attempts(run: RunDir, before: float) -> Attempt | None:
-    """The run's activity recorded before `before` (this attempt's launch), or None if there is none."""
-    events = [e for e in read_jsonl(run.events) if e.get("time", before) < before]
-    times = [e["time"] for e in events] + [r["time"] for r in read_jsonl(run.metrics) if r.get("time", before) < before]
+def earlier_attempts(run: RunDir) -> Attempt | None:
+    """The run's activity recorded so far (read before this attempt records any), or None if there is none."""
+    events = read_jsonl(run.events)
+    times = [e["time"] for e in events] + [r["time"] for r in read_jsonl(run.metrics)]
     if not times:
         return None
     endings = [e for e in events if e.get("event") in ENDINGS | {"start", "resume"}]
@@ -61,11 +60,23 @@ def earlier_attempts(run: RunDir, before: float) -> Attempt | None:
 
 
 def launch_time() -> float:
-    """When this attempt was launched: the launcher's clock for a first attempt, else this process's start."""
+    """When this attempt was launched: `keel train`'s clock for a first attempt, else this process's start."""
     launched = os.environ.get("KEEL_LAUNCH_TIME")
     if launched and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         return float(launched)
-    return psutil.Process().create_time()
+    return process_started_at()
+
+
+def process_started_at() -> float:
+    """The wall time this process started (Linux; elsewhere, now): its age from /proc, to the clock tick.
+
+    psutil's create_time rests on a boot time rounded to the second, too coarse to order events by.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class GoodputLedger(Callback):
@@ -75,6 +86,7 @@ class GoodputLedger(Callback):
         self.run, self.events, self.timer = run, events, timer
         self.totals = dict.fromkeys(CATEGORIES, 0.0)
         self.launched_at = launch_time()
+        self.earlier = earlier_attempts(run)  # now, before this attempt writes its own events
         self._mark: float | None = None  # wall time up to which everything is accounted
         self._timed: dict[str, float] = {}
         self._restored_at: float | None = None  # when the checkpoint a resume or restart loaded was taken
@@ -82,7 +94,7 @@ class GoodputLedger(Callback):
 
     def on_train_start(self, step: int) -> None:
         now = time.time()
-        before = earlier_attempts(self.run, self.launched_at)
+        before = self.earlier
         start = self.launched_at
         if before is not None:
             if self._restored_at is not None:  # work after the checkpoint died with the attempt that did it

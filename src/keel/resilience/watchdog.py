@@ -89,6 +89,7 @@ class HangWatchdog(Callback):
     def before_step(self, step: int) -> None:
         self.progress.step = step
         self.timer.mark("step start")
+        self.progress.write(self.timer.current, self.timer.since)  # exact, for a rank killed before the next tick
 
     def on_exit(self, state: str) -> None:
         self._stop.set()

@@ -115,6 +115,8 @@ class Trainer:
     def restore(self) -> None:
         """Continue from the newest committed checkpoint, if there is one."""
         restored = self.checkpointer.restore_latest()
+        if restored is None and not RunDir(self.cfg.run_dir).metrics.exists():
+            return  # nothing was trained here yet: a fresh start
         step = restored[1] if restored else 0
         # Records of the attempt that died after its last checkpoint (all of them, if it never saved) move aside.
         keep_up_to = step if restored else -1

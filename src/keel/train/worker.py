@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         cfg = load_config(RunDir(args.run_dir).config)
-        env = init_distributed(cfg.train.device)
+        env = init_distributed(cfg.train.device, cfg.distributed.timeout_s)
         run_worker(args.run_dir, env, args.resume)
     except KeelError as e:
         report_error(args.run_dir, e)
