@@ -82,11 +82,8 @@ class Checkpointer:
         steps = committed_steps(self.root)
         return self.root / checkpoint_name(steps[-1]) if steps else None
 
-    def save(self, step: int, healthy: bool = True) -> Path:
-        """Write a checkpoint of every registered object after `step` and commit it (a collective call).
-
-        `healthy` is recorded in the commit record: False for a step whose update the loss guard refused.
-        """
+    def save(self, step: int) -> Path:
+        """Write a checkpoint of every registered object after `step` and commit it (a collective call)."""
         self.wait()
         path, started, previous = self._begin(step)
         try:
@@ -95,11 +92,11 @@ class Checkpointer:
             raise self._failed(e, path, step, previous) from None
         barrier()
         if self.env.is_main:
-            self._commit(path, step, started, time.perf_counter() - started, healthy)
+            self._commit(path, step, started, time.perf_counter() - started)
         barrier()
         return path
 
-    def save_async(self, step: int, healthy: bool = True) -> Path:
+    def save_async(self, step: int) -> Path:
         """Stage a checkpoint after `step` and return while it is written; it is committed once every rank is done.
 
         Only one save is in flight: a new save (and `wait`) first waits for the previous one.
@@ -118,7 +115,7 @@ class Checkpointer:
 
         def commit() -> None:
             if self.env.is_main:
-                self._commit(path, step, started, blocked, healthy)
+                self._commit(path, step, started, blocked)
 
         self._in_flight = InFlightSave(
             step, upload, self._async_group, commit, lambda e: self._failed(e, path, step, previous)
@@ -138,12 +135,9 @@ class Checkpointer:
             raise CheckpointError(problem)
         return self._load(path)
 
-    def restore_latest(self, healthy_only: bool = False) -> tuple[Path, int] | None:
-        """Load the newest committed checkpoint that verifies (and is healthy, if asked), reporting and skipping
-        corrupt ones; None if there is none."""
+    def restore_latest(self) -> tuple[Path, int] | None:
+        """Load the newest committed checkpoint that verifies, reporting and skipping corrupt ones; None if none."""
         steps = committed_steps(self.root)
-        if healthy_only:
-            steps = [s for s in steps if _healthy(self.root / checkpoint_name(s))]
         for step in reversed(steps):
             path = self.root / checkpoint_name(step)
             problem = self._verify(path)
@@ -184,8 +178,8 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)  # uncommitted, so never loaded; removing it frees the space
         return save_failed(exc, path, step, previous)
 
-    def _commit(self, path: Path, step: int, started: float, blocked_s: float, healthy: bool) -> None:
-        record = write_commit(path, step=step, world_size=self.env.world_size, healthy=healthy)
+    def _commit(self, path: Path, step: int, started: float, blocked_s: float) -> None:
+        record = write_commit(path, step=step, world_size=self.env.world_size)
         self._apply_retention()
         size = sum(f["bytes"] for f in record["files"].values())
         seconds = round(time.perf_counter() - started, 3)
@@ -227,28 +221,18 @@ class Checkpointer:
 
     def _apply_retention(self) -> None:
         steps = committed_steps(self.root)
-        healthy = [s for s in steps if _healthy(self.root / checkpoint_name(s))]
-        for old in steps_to_delete(steps, self.keep, self.keep_every, protect=healthy[-1:]):
+        for old in steps_to_delete(steps, self.keep, self.keep_every):
             remove_checkpoint(self.root / checkpoint_name(old))
         for step, stale in checkpoint_dirs(self.root):
             if step < steps[-1] and step not in steps:  # the remains of a crashed save, older than the newest commit
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-def _healthy(path: Path) -> bool:
-    """Whether a committed checkpoint was taken at a step the loss guard accepted (older records: yes)."""
-    try:
-        return bool(read_commit(path).get("healthy", True))
-    except CheckpointError:
-        return False
-
-
-def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0, protect: list[int] = ()) -> list[int]:
-    """Committed steps (oldest first) that retention removes: all but the last K, every M-th and `protect`
-    (the newest healthy checkpoint); never the newest."""
+def steps_to_delete(committed: list[int], keep: int, keep_every: int = 0) -> list[int]:
+    """Committed steps (oldest first) that retention removes: all but the last K and every M-th; never the newest."""
     if not committed:
         return []
-    kept = set(sorted(committed)[-max(keep, 1) :]) | set(protect)
+    kept = set(sorted(committed)[-max(keep, 1) :])
     if keep_every:
         kept |= {s for s in committed if s % keep_every == 0}
     return [s for s in sorted(committed) if s not in kept]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 from keel.checkpoint.commit import committed_steps
@@ -70,7 +71,7 @@ def supervise(cfg: Config, continuing: bool) -> int:
     run, resilience = RunDir(cfg.run_dir), cfg.resilience
     caught: list[int] = []
     while True:
-        newest = (committed_steps(run.checkpoints) or [0])[-1]
+        newest, launched = (committed_steps(run.checkpoints) or [0])[-1], time.time()
         workers = Workers(run.root, cfg.parallel.nproc, continuing, resilience.max_restarts)
 
         def forward(signum: int, frame: object, workers: Workers = workers) -> None:
@@ -88,7 +89,8 @@ def supervise(cfg: Config, continuing: bool) -> int:
             for name, handler in previous.items():
                 signal.signal(getattr(signal, name), handler)
         status = read_status(run.root)
-        if status.get("state") in ("finished", "stopped", "preempted") and (code == 0 or caught):
+        # The workers' own account, whatever torchrun's code (its agent exits non-zero when it was signalled).
+        if status.get("state") in ("finished", "stopped", "preempted") and status.get("updated_at", 0) > launched:
             return exit_code(status)
         message = worker_error(run.root)
         if message is not None:
@@ -98,7 +100,7 @@ def supervise(cfg: Config, continuing: bool) -> int:
             return 128 + caught[0]
         failures = workers.failures
         progressed = (committed_steps(run.checkpoints) or [0])[-1] > newest
-        if failures and progressed and resilience.max_restarts:
+        if failures and progressed and resilience.max_restarts and not _crash_loop(failures, resilience.max_restarts):
             EventLog(run.events).incident("relaunch", after_failures=len(failures), checkpoint_step=newest)
             log.warning(f"torchrun used up its {resilience.max_restarts} restarts; the run progressed, so again")
             continuing = True
@@ -106,15 +108,20 @@ def supervise(cfg: Config, continuing: bool) -> int:
         raise _failed(run, code, failures, resilience.max_restarts)
 
 
+def _crash_loop(failures: list[dict], max_restarts: int) -> bool:
+    """Whether the newest `max_restarts` failures all happened at one step."""
+    last = failures[-max_restarts:]
+    return len(last) == max_restarts and len({f["step"] for f in last}) == 1
+
+
 def _failed(run: RunDir, code: int, failures: list[dict], max_restarts: int) -> LaunchError:
     """The one line for a run that stops failing: a crash loop names its step and the rank's log."""
     error = f"training failed (exit code {code})"
     if failures:
         last = failures[-1]
-        same = [f for f in failures if f["step"] == last["step"]]
         where = f"rank {last['rank']} ({last['exit']}) at step {last['step']}"
-        if max_restarts and len(same) >= max_restarts:
-            error = f"crash loop: {where}, {len(same)} times in a row without progress"
+        if max_restarts and _crash_loop(failures, max_restarts):
+            error = f"crash loop: {where}, {max_restarts} times in a row"
         else:
             error = f"training failed: {where}"
         error += f"; see {last['log']} and {run.launcher_log}"

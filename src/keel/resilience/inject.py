@@ -1,6 +1,6 @@
 """Fault injection for tests and soaks: `resilience.inject` names faults that fire from inside the run, once.
 
-  kill:rank=R:step=S                the rank SIGKILLs itself as step S begins
+  kill:rank=R:step=S[:times=N]      the rank SIGKILLs itself as step S begins (N times in all: a crash loop)
   nan:step=S[:rank=R]               the rank's forward pass of step S returns NaN (non-finite loss and gradients)
   spike:step=S[:rank=R]             the rank's logits of step S are scaled up 100x (a finite loss spike)
   hang:rank=R:step=S                the rank's loop stops dead as step S begins (its watchdog thread lives on)
@@ -8,8 +8,8 @@
   corrupt_checkpoint:step=S         once the checkpoint of step S is committed, bytes of one of its files flip
   slow:rank=R[:step=S][:ms=M]       from step S (default 1) on, the rank sleeps M ms (default 200) every step
 
-Each fault fires once per run: it is recorded in events.jsonl before it fires, and a restarted or resumed run
-reads which have fired.
+Each fault fires once per run (a kill `times` times): it is recorded in events.jsonl before it fires, and a
+restarted or resumed run reads which have fired.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from keel.io import read_jsonl
 from keel.observe.events import EventLog
 
 KINDS: dict[str, tuple[set[str], set[str]]] = {  # kind: (required keys, optional keys)
-    "kill": ({"rank", "step"}, set()),
+    "kill": ({"rank", "step"}, {"times"}),
     "nan": ({"step"}, {"rank"}),
     "spike": ({"step"}, {"rank"}),
     "hang": ({"rank", "step"}, set()),
@@ -49,6 +50,7 @@ class Fault:
     rank: int = 0
     step: int = 1
     ms: int = 200
+    times: int = 1
 
 
 def parse_faults(spec: str, world_size: int) -> list[Fault]:
@@ -83,8 +85,8 @@ class FaultInjector(Callback):
     """Fires the configured faults at their steps on their ranks (see the module doc)."""
 
     def __init__(self, faults: list[Fault], rank: int, model: nn.Module, events: EventLog, checkpointer: Checkpointer):
-        fired = {e.get("fault") for e in read_jsonl(events.path) if e.get("event") == "inject"}
-        self.faults = [f for f in faults if f.index not in fired or f.kind == "slow"]
+        fired = Counter(e.get("fault") for e in read_jsonl(events.path) if e.get("event") == "inject")
+        self.faults = [f for f in faults if fired[f.index] < f.times or f.kind == "slow"]
         self.rank, self.model, self.events, self.checkpointer = rank, model, events, checkpointer
         self._hook: Any = None
 

@@ -3,10 +3,10 @@
 Every step the ranks agree, in one all-reduce, on the mean loss and whether anything was non-finite. A
 non-finite step skips its update on every rank. Repeated non-finite steps (`resilience.nonfinite_patience`)
 or a loss above `spike_factor` times the running median of the last `spike_window` losses reload the newest
-healthy committed checkpoint and move the sample order past every batch read since it, so the data that led
-there is not seen again; the skipped batches are recorded in events.jsonl and in the guard's checkpointed
-state. After `resilience.max_rollbacks` rollbacks, or on the first bad step with nonfinite = "stop", the
-run stops with one line naming the step.
+committed checkpoint (never one of a refused step) and move the sample order past every batch read since
+it, so the data that led there is not seen again; the skipped batches are recorded in events.jsonl and in
+the guard's checkpointed state. After `resilience.max_rollbacks` rollbacks, or on the first bad step with
+nonfinite = "stop", the run stops with one line naming the step.
 """
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ class LossGuard(Callback):
         self.checkpointer.wait()
         resume_at = self.loader.state_dict()["next_batch"]  # past every batch read since the checkpoint
         rollbacks, skipped = self.rollbacks + 1, self.skipped
-        restored = self.checkpointer.restore_latest(healthy_only=True)  # also restores this guard's own state
+        restored = self.checkpointer.restore_latest()  # also restores this guard's own state
         if restored is None:
             raise TrainingStopped(
-                f"step {step}: {reason}, and there is no healthy checkpoint to roll back to; lower optim.lr or "
+                f"step {step}: {reason}, and there is no checkpoint to roll back to; lower optim.lr or "
                 "save earlier (checkpoint.every), then start again"
             )
         path, to_step = restored

@@ -39,8 +39,9 @@ def build_callbacks(t: Trainer) -> list[Callback]:
 
     The order is the contract: faults are injected first and the loss guard rolls back before anything
     records or saves the step it discards; metrics are measured before evaluation and checkpointing add their
-    time; stop requests (stop_after, preemption) come before the checkpoint schedule, which saves the step a
-    stop ends on; the ledger and the lifecycle come last, after the last save is committed.
+    time, and written (the hub) before the step is checkpointed; stop requests (stop_after, preemption) come
+    before the checkpoint schedule, which saves the step a stop ends on; the lifecycle comes last, after the
+    last save is committed.
     """
     cfg, env, run = t.cfg, t.env, RunDir(t.cfg.run_dir)
     guard = LossGuard(
@@ -78,6 +79,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         Validation(t.model, t.val_data, cfg, env, t.autocast, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
+        ledger,
+        t.metrics,
         CheckpointSchedule(
             t.checkpointer,
             cfg.checkpoint.every,
@@ -86,7 +89,6 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             t.timer,
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
-        ledger,
         RunLifecycle(
             run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
         ),

@@ -134,8 +134,6 @@ class Trainer:
                 self.call("before_step", step)
                 outcome = self.train_step(step)
                 self.call("after_step", outcome)
-                if outcome.values:
-                    self.metrics.record(step, outcome.values)
                 if self.control.stopping:
                     break
         except BaseException as e:
