@@ -81,7 +81,7 @@ def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     """The torchrun workers under `keel train`, by rank."""
     found = {}
     for child in psutil.Process(proc.pid).children(recursive=True):
-        if "keel.train.worker" in child.cmdline():
+        if "keel.train.worker" in child.cmdline() and "torch.distributed.run" not in child.cmdline():
             found[int(child.environ()["RANK"])] = child
     return found
 

@@ -154,9 +154,10 @@ class Workers:
 
 def _is_worker(process: psutil.Process) -> bool:
     try:
-        return WORKER_MODULE in process.cmdline()
+        cmd = process.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
+    return WORKER_MODULE in cmd and "torch.distributed.run" not in cmd  # the agent's command names it too
 
 
 def worker_error(run_dir: Path) -> str | None:

@@ -78,7 +78,7 @@ class HangWatchdog(Callback):
     def __init__(self, timeout_s: float, env: DistEnv, events: EventLog, run: RunDir, timer: StepTimer):
         self.timeout_s, self.env, self.events, self.run, self.timer = timeout_s, env, events, run, timer
         self.progress = RankProgress(run.rank_progress(env.rank))
-        self.tick = min(1.0, timeout_s / 4) if timeout_s else 1.0
+        self.tick = min(1.0, timeout_s / 8) if timeout_s else 1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="keel-watchdog", daemon=True)
 
@@ -136,7 +136,9 @@ class HangWatchdog(Callback):
 
     def _frozen_neighbours(self) -> dict[int, int]:
         """Ranks on this host whose watchdog has not written for a while (stopped or frozen): rank -> pid."""
-        frozen, host, limit = {}, socket.gethostname(), max(5.0, 5 * self.tick)
+        # Silent for three ticks: a watchdog thread that runs would have written (a hang is only declared after
+        # eight ticks, so a rank frozen since the hang began is found).
+        frozen, host, limit = {}, socket.gethostname(), 3 * self.tick
         for rank in range(self.env.world_size):
             record = read_progress(self.run.rank_progress(rank))
             if rank == self.env.rank or not record or record["host"] != host:

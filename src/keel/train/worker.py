@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from keel.observe.logs import setup_logging
 from keel.resilience.preemption import install_handlers
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
+
+PEER_GRACE_S = 2.0  # how long a failed rank waits before exiting, so a peer that died first is seen first
 
 
 def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
@@ -80,8 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         report_error(args.run_dir, e)
         code = 2
     except Exception:
-        log_failure(args.run_dir, traceback.format_exc())  # a bug: its traceback for the log, not the console
+        log_failure(args.run_dir, traceback.format_exc())  # its traceback for the log, not the console
         code = 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A peer's death fails this rank's collectives at once: leaving a moment later lets torchrun's agent
+            # see, and report, the rank that died first. Its SIGTERM, which ends a failed group, ends this at once.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(PEER_GRACE_S)
     shutdown(code)
 
 
