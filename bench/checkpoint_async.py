@@ -37,7 +37,7 @@ def main() -> None:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        cfg = start_run(load_config(None, run_overrides(stdlib_dataset(root), root / "run", steps=100_000)))
+        cfg, _ = start_run(load_config(None, run_overrides(stdlib_dataset(root), root / "run", steps=100_000)))
         trainer = Trainer(cfg, init_distributed("cpu"))
         ckpt, step = trainer.checkpointer, 0
 

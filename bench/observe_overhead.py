@@ -29,7 +29,7 @@ ALL_ON = ["observe.log_every=1", "observe.console=true", "observe.tensorboard=tr
 
 def fit_seconds_per_step(dataset: Path, run_dir: Path, steps: int, observe: list[str]) -> tuple[float, float]:
     """Seconds per training step of fit(), and the seconds its sinks took to close at the end (not per step)."""
-    cfg = start_run(load_config(None, [*run_overrides(dataset, run_dir, steps), *observe]))
+    cfg, _ = start_run(load_config(None, [*run_overrides(dataset, run_dir, steps), *observe]))
     trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.train_step(0)  # warm-up outside the timing; fit() starts again from step 1
     trainer.state.step = 0

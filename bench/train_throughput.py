@@ -28,7 +28,7 @@ from keel.train.trainer import Trainer
 
 def keel_tokens_per_s(root: Path, dataset: Path, steps: int, precision: str, index: int) -> float:
     overrides = run_overrides(dataset, root / f"run{index}", steps, precision)
-    cfg = start_run(load_config(None, overrides))
+    cfg, _ = start_run(load_config(None, overrides))
     trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.train_step(1)  # warm-up, as the plain loop gets
     start = time.perf_counter()

@@ -87,7 +87,7 @@ def tiny_config(path: Path, dataset: Path, **sections: dict) -> Path:
         "observe": {"log_every": 1, "tensorboard": False},
     }
     for name, values in sections.items():
-        table[name].update(values)
+        table.setdefault(name, {}).update(values)
     path.write_text(dump_toml(table), encoding="utf-8")
     return path
 

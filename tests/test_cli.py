@@ -41,11 +41,15 @@ def test_bad_config_value_is_one_line_naming_the_key(tmp_path, dataset, override
     assert not (tmp_path / "runs" / "tiny" / "config.toml").exists()
 
 
-def test_starting_over_an_existing_run_is_refused_and_keeps_it(tmp_path, dataset):
+def test_starting_another_run_in_an_existing_run_dir_is_refused_and_keeps_it(tmp_path, dataset):
     config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 2})
     assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
     before = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text()
-    assert_one_line_error(run_keel("train", str(config), cwd=tmp_path), "already holds a run", "--resume")
+    other = run_keel("train", str(config), "--set", "train.steps=3", cwd=tmp_path)
+    assert_one_line_error(other, "already holds a run with train.steps = 2, not 3", "--resume")
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == before
+    # The same command again is the same run (a requeued job): it continues, and a finished run stays finished.
+    assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
     assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == before
 
 
@@ -67,7 +71,7 @@ def test_an_unknown_model_key_is_refused_by_every_command_that_loads_a_config(tm
         (corpus / f"{i}.txt").write_text(f"document {i} holds some text to prepare " * 20)
     out = tmp_path / "prepared"
     bogus = ["--set", "model.bogus=1"]
-    sources = f'data.sources=["{corpus}/*.txt"]'
+    sources = f'prepare.sources=["{corpus}/*.txt"]'
     commands = [
         ["train", str(config), "--set", "run.name=other", *bogus],
         ["train", "--resume", str(run), "--set", "train.steps=2", *bogus],

@@ -23,7 +23,7 @@ def test_presets_load_and_round_trip_through_toml(preset, tmp_path):
 def test_config_has_every_section_and_required_key():
     cfg = load_config(None)
     sections = {"run", "model", "data", "prepare", "train", "optim", "parallel", "checkpoint", "observe"}
-    assert set(ROOT_SECTIONS) == sections
+    assert set(ROOT_SECTIONS) == sections | {"distributed", "resilience"}
     for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.dp"):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name)

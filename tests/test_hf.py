@@ -217,6 +217,6 @@ def test_export_to_a_location_that_cannot_be_written_is_one_line_naming_it(expor
         (tmp_path / "file").write_text("")
         out, fragment = tmp_path / "file" / "hf", f"{tmp_path / 'file'} is a file, not a directory"
     else:
-        out, fragment = request.getfixturevalue("read_only_dir") / "hf", "is not writable"
+        out, fragment = request.getfixturevalue("read_only_dir") / "hf", "read-only file system"
     result = run_keel("export", str(run), "--out", str(out), cwd=tmp_path)
     assert_one_line_error(result, f"--out {out}", fragment)

@@ -1,8 +1,10 @@
-"""Project policies kept by tests: layers import only downward, every CLI verb is documented."""
+"""Project policies kept by tests: layers import only downward, every CLI verb is documented, the repo stands alone."""
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 from keel.cli import app
@@ -10,14 +12,17 @@ from keel.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "keel"
 
-# docs/architecture.md's layers, lowest first; a module may import its own layer and those below it.
-LAYERS = [
-    {"config", "errors", "io", "rundir"},
-    {"models", "data", "distributed"},
-    {"checkpoint", "observe", "eval"},
-    {"train", "launch"},
-    {"cli", "__main__"},
-]
+
+
+def documented_layers() -> list[set[str]]:
+    """The layer table of docs/architecture.md, lowest first: each row's `keel/<name>` packages and modules."""
+    rows = [line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines() if line.startswith("| ")]
+    layers = [set(re.findall(r"`keel/([\w_]+?)(?:\.py)?/?`", row.split("|")[2])) for row in rows]
+    return [names for names in layers if names][::-1]
+
+
+# A module may import its own layer and those below it.
+LAYERS = documented_layers()
 
 
 def layer_of(module: str) -> int:
@@ -54,10 +59,24 @@ def test_no_module_imports_from_a_layer_above_it():
 
 
 def test_every_layer_names_modules_that_exist():
-    missing = [
-        name for names in LAYERS for name in names if not (SRC / name).is_dir() and not (SRC / f"{name}.py").is_file()
-    ]
+    named = [name for names in LAYERS for name in names]
+    missing = [name for name in named if not (SRC / name).is_dir() and not (SRC / f"{name}.py").is_file()]
     assert not missing, f"layers list modules that do not exist: {missing}"
+
+
+def test_the_layer_table_has_five_layers_from_ground_to_face():
+    assert len(LAYERS) == 5 and "config" in LAYERS[0] and "cli" in LAYERS[-1], LAYERS
+
+
+def test_nothing_in_the_repo_points_outside_it():
+    # A clone has no ../shared: the design and the torch notes the code relies on live in docs/.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for name in tracked:
+        if name.endswith((".py", ".md", ".toml", "Makefile")) and name != "tests/test_policy.py":
+            text = (ROOT / name).read_text(errors="replace")
+            offenders += [name for needle in ("../shared", "DESIGN.md", "TORCH-CPU-NOTES") if needle in text]
+    assert not offenders, f"these files point outside the repository: {sorted(set(offenders))}"
 
 
 def test_every_cli_verb_is_documented_in_the_readme():

@@ -175,6 +175,6 @@ def test_a_run_dir_that_cannot_be_written_is_refused_naming_it(tmp_path, dataset
         (tmp_path / "file").write_text("")
         run_dir, fragment = tmp_path / "file" / "run", "is a file, not a directory"
     else:
-        run_dir, fragment = request.getfixturevalue("read_only_dir") / "run", "is not writable"
+        run_dir, fragment = request.getfixturevalue("read_only_dir") / "run", "read-only file system"
     config = tiny_config(tmp_path / "c.toml", dataset, run={"name": "tiny", "dir": str(run_dir)})
     refused_before_anything(run_keel("train", str(config), cwd=tmp_path), tmp_path, f"run dir {run_dir}", fragment)

@@ -223,6 +223,20 @@ def status(
 
 
 @app.command()
+def goodput(run_dir: Annotated[Path, typer.Argument(help="Run directory to account for.")]) -> None:
+    """Where every second of a run's wall time went, across restarts and resumes, and its goodput ratio."""
+    from keel.config import load_config
+    from keel.observe.heartbeat import read_status
+    from keel.observe.status_view import run_state
+    from keel.resilience.goodput import ledger_lines
+    from keel.rundir import RunDir
+
+    run = RunDir(run_dir).require()
+    timeout = load_config(run.config).observe.stall_timeout_s
+    print("\n".join(ledger_lines(run, running=run_state(read_status(run.root), timeout) == "running")))
+
+
+@app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
     out: Annotated[Path, typer.Option(help="Directory to write; it must not exist or be empty.")],

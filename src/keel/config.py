@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -203,6 +204,50 @@ class ObserveConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a collective may wait for the other ranks before it fails the process."
+    )
+
+
+class ResilienceConfig(Section):
+    max_restarts: int = Field(
+        3, ge=0, description="Times failed workers are restarted; each restart resumes from the newest checkpoint."
+    )
+    preempt_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        description="Signals that preempt a run: all ranks stop at one step, commit a checkpoint and exit.",
+    )
+    hang_timeout_s: float = Field(
+        600.0, ge=0, description="A step running longer than this is a hang: stacks dumped, rank restarted (0 = off)."
+    )
+    nonfinite: Literal["skip", "rollback", "stop"] = Field(
+        "rollback",
+        description="On a non-finite loss or gradient norm the update is skipped; repeats then roll back or stop.",
+    )
+    nonfinite_patience: int = Field(
+        3, gt=0, description="Consecutive non-finite steps before nonfinite=rollback reloads the last checkpoint."
+    )
+    spike_factor: float = Field(
+        3.0, ge=0, description="A loss above this times the running median is a spike: roll back (0 = off)."
+    )
+    spike_window: int = Field(
+        50, ge=4, le=1024, description="Steps in the running median the spike check compares with."
+    )
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed in a run before it stops with an error.")
+    inject: str = Field(
+        "", description="Faults to inject, for tests, e.g. 'kill:rank=1:step=30, nan:step=50' (see README)."
+    )
+
+    @field_validator("preempt_signals")
+    @classmethod
+    def _signals(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not name.startswith("SIG") or not hasattr(signal, name) or name in ("SIGKILL", "SIGSTOP"):
+                raise ValueError(f"{name!r} is not a signal that can be caught (e.g. SIGTERM, SIGUSR1)")
+        return names
+
+
 class ModelConfig(BaseModel):
     """The [model] section: `name` picks the registry entry, the other keys are that model's arguments."""
 
@@ -220,6 +265,8 @@ class Config(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -290,13 +337,15 @@ def validation_message(err: ValidationError, model: type[BaseModel], prefix: str
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse one `--set key.path=value`; the value is read as TOML, or as a bare string."""
+    """Parse one `--set key.path=value`; the value is read as TOML, or as a bare string (None when empty)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-4")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"--set {item!r}: the key must be SECTION.NAME, e.g. train.steps")
+    if not raw.strip():
+        return parts, None  # `--set key=` puts the key back to its default
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -313,7 +362,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
-        node[parts[-1]] = value
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
     return data
 
 

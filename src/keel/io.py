@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +29,8 @@ def fsync_path(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write a file so readers see the old content or the new, never a part: tmp, fsync, rename, fsync dir."""
     path = Path(path)
-    # The pid keeps two processes writing the same file (rank 0's heartbeat and its launcher) off each other's tmp.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Process and thread ids keep two writers of one file (the heartbeat, the watchdog) off each other's tmp.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

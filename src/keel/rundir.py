@@ -80,6 +80,10 @@ class RunDir:
         """The log file of global rank `rank`."""
         return self.logs / f"rank{rank}.log"
 
+    def rank_progress(self, rank: int) -> Path:
+        """Where global rank `rank` is (step, phase, liveness), for the hang watchdog and the launcher."""
+        return self.logs / f"rank{rank}.progress"
+
     @property
     def launcher_log(self) -> Path:
         """torchrun's own output (its error report, the workers' warnings), kept off the console."""

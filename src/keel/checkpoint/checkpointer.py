@@ -23,7 +23,7 @@ from keel.checkpoint.commit import (
     verify_files,
     write_commit,
 )
-from keel.checkpoint.safe_load import SafeLoadPlanner, safe_reader
+from keel.checkpoint.safe_load import SafeLoadPlanner, read_metadata, safe_reader
 from keel.checkpoint.state import from_tensors, load_rng, save_rng, to_tensors
 from keel.distributed.env import DistEnv, all_agree, barrier
 from keel.errors import CheckpointError
@@ -62,14 +62,20 @@ class Checkpointer:
         self.keep, self.keep_every = keep, keep_every
         self._on_event = on_event or (lambda kind, **fields: None)
         self._objects: dict[str, Stateful] = {}
+        self._optional: set[str] = set()
         self._in_flight: InFlightSave | None = None
         self._async_group: dist.ProcessGroup | None = None
 
-    def register(self, name: str, obj: Stateful) -> None:
-        """Include `obj` in every checkpoint under `name`; any capability can register itself."""
+    def register(self, name: str, obj: Stateful, optional: bool = False) -> None:
+        """Include `obj` in every checkpoint under `name`; any capability can register itself.
+
+        An optional object keeps its current state when a checkpoint (from an older Keel) lacks it.
+        """
         if name in self._objects:
             raise ValueError(f"a stateful object named {name!r} is already registered")
         self._objects[name] = obj
+        if optional:
+            self._optional.add(name)
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint, or None."""
@@ -86,7 +92,7 @@ class Checkpointer:
             raise self._failed(e, path, step, previous) from None
         barrier()
         if self.env.is_main:
-            self._commit(path, step, started, blocked_s=time.perf_counter() - started)
+            self._commit(path, step, started, time.perf_counter() - started)
         barrier()
         return path
 
@@ -109,7 +115,7 @@ class Checkpointer:
 
         def commit() -> None:
             if self.env.is_main:
-                self._commit(path, step, started, blocked_s=blocked)
+                self._commit(path, step, started, blocked)
 
         self._in_flight = InFlightSave(
             step, upload, self._async_group, commit, lambda e: self._failed(e, path, step, previous)
@@ -196,8 +202,10 @@ class Checkpointer:
 
     def _load(self, path: Path) -> int:
         record = read_commit(path)
-        templates = self._state()
         reader = safe_reader(path)  # refuses metadata that would unpickle anything but DCP's own classes
+        saved = {key.split(".", 1)[0] for key in read_metadata(path).state_dict_metadata}
+        absent = {name for name in self._optional if name not in saved}
+        templates = {name: state for name, state in self._state().items() if name not in absent}
         try:
             dcp.load(templates, storage_reader=reader, planner=SafeLoadPlanner())
         except (Exception, CheckpointException) as e:
@@ -206,7 +214,8 @@ class Checkpointer:
                 "was it saved with another model config?"
             ) from None
         for name, obj in self._objects.items():
-            obj.load_state_dict(from_tensors(templates[name], obj.state_dict()))
+            if name not in absent:
+                obj.load_state_dict(from_tensors(templates[name], obj.state_dict()))
         load_rng(path, self.env.rank, int(record.get("world_size", self.env.world_size)), self.env.world_size)
         return int(record["step"])
 

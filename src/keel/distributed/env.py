@@ -77,12 +77,13 @@ def all_agree(flag: bool) -> bool:
     """True only if `flag` is true on every rank, so all ranks take the same branch."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=_collective_device())
+    value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return int(value.item()) == 0
 
 
-def _collective_device() -> str:
+def collective_device() -> str:
+    """The device small tensors of Keel's own collectives live on: CUDA for NCCL, else the CPU."""
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
@@ -90,7 +91,7 @@ def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of floats (all the same length), in rank order."""
     if not dist.is_initialized():
         return [list(values)]
-    mine = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    mine = torch.tensor(values, dtype=torch.float64, device=collective_device())
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, mine)
     return [row.tolist() for row in rows]
@@ -101,7 +102,7 @@ def all_gather_text(text: str) -> list[str]:
     if not dist.is_initialized():
         return [text]
     data = text.encode()[:255]  # what one length byte can count; host names are at most 253
-    mine = torch.zeros(256, dtype=torch.uint8, device=_collective_device())
+    mine = torch.zeros(256, dtype=torch.uint8, device=collective_device())
     mine[0] = len(data)
     mine[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]

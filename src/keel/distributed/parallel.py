@@ -47,13 +47,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (0 = measure only) and return the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients over all ranks (a tensor on every rank: the same value everywhere)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def clip_grads(model: nn.Module, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients so their global norm `norm` (from grad_norm) is at most `max_norm`; 0 leaves them."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
+
+
+def norm_value(norm: torch.Tensor) -> float:
+    """A norm from grad_norm as a float (gathering the shards' partial sums under FSDP)."""
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def parameter_group(name: str) -> str:

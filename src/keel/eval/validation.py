@@ -1,4 +1,4 @@
-"""Validation loss: the training objective on held-out batches, without gradients."""
+"""Validation loss: the training objective on held-out batches, without gradients, on a schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from keel.data.loader import Batch
+from keel.callback import Callback, StepOutcome
+from keel.config import Config
+from keel.data.dataset import TokenDataset
+from keel.data.loader import Batch, eval_batches
+from keel.distributed.env import DistEnv, all_reduce_mean
 from keel.models.loss import batch_loss
+from keel.observe.step_timer import StepTimer
 
 
 @torch.no_grad()
@@ -26,3 +31,44 @@ def validation_loss(
         count += 1
     model.train(was_training)
     return total / max(count, 1)
+
+
+class Validation(Callback):
+    """Validation loss every `train.eval_every` steps, at the last step, and once before training (step 0)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: TokenDataset,
+        cfg: Config,
+        env: DistEnv,
+        autocast: Callable[[], AbstractContextManager],
+        timer: StepTimer,
+        record: Callable[[int, dict[str, float]], None],
+    ):
+        self.model, self.dataset, self.cfg, self.env, self.autocast = model, dataset, cfg, env, autocast
+        self.every, self.timer, self.record = cfg.train.eval_every, timer, record
+
+    def on_train_start(self, step: int) -> None:
+        if self.every and step == 0:
+            self.record(0, {"val_loss": self.evaluate()})  # the untrained baseline every curve starts from
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        if self.every and not outcome.discarded and (outcome.step % self.every == 0 or outcome.last):
+            with self.timer.phase("eval"):
+                outcome.values["val_loss"] = self.evaluate()
+
+    def evaluate(self) -> float:
+        """Validation loss over `train.eval_batches` global batches, averaged over all ranks."""
+        train, data = self.cfg.train, self.cfg.data
+        batches = eval_batches(
+            self.dataset,
+            seq_len=train.seq_len,
+            batch_size=train.global_batch_size,
+            num_batches=train.eval_batches,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            document_positions=data.document_positions,
+            document_mask=data.document_mask,
+        )
+        return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.autocast)))

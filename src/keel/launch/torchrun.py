@@ -1,17 +1,36 @@
-"""Start N training processes on this machine with torchrun."""
+"""Start N training processes on this machine under torchrun, and watch them: failures, signals, restarts.
+
+torchrun restarts a failed worker group (`resilience.max_restarts`); its agent logs the first failure of each
+attempt ("failed (exitcode: -9) local_rank: 1 ..."), which the launcher turns into a `worker_failed` event
+naming the rank, its exit code or signal, and the step its progress file last showed. torchrun runs in its
+own session, so a terminal's Ctrl-C reaches only `keel train`, which forwards it (and any preemption signal)
+to the workers themselves: they agree on a step, commit a checkpoint there and exit, and the agent, whose
+own shutdown would SIGKILL them after a grace period, is never signalled.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import IO
+
+import psutil
 
 from keel.errors import LaunchError
 from keel.io import filesystem_errors
+from keel.observe.events import EventLog
+from keel.resilience.watchdog import EXIT_HANG, read_progress
 from keel.rundir import RunDir
 
 WORKER_MODULE = "keel.train.worker"
+# What torchrun's agent logs for the first failed worker of an attempt (torch.distributed.elastic, 1.9 to 2.13).
+FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)")
 
 
 def under_launcher() -> bool:
@@ -19,39 +38,126 @@ def under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def worker_env(nproc: int) -> dict[str, str]:
-    """Environment for the workers: threads split over the cores, rendezvous settings that survive restarts."""
+def worker_env(nproc: int, run: RunDir) -> dict[str, str]:
+    """Environment for the workers: threads split over the cores, rendezvous settings that survive restarts,
+    and on CUDA the NCCL flight recorder, which dumps the last collectives of every rank into the run's logs
+    when a collective times out."""
     env = dict(os.environ)
+    env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    env.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(run.logs / "nccl_trace_rank_"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # A shared rendezvous TCP store fails gloo re-initialisation after a restart (docs/torch-on-cpu.md).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    env["KEEL_LAUNCHER_PID"] = str(os.getpid())  # where an injected `sigterm` fault is sent, as a scheduler would
     return env
 
 
-def launch_workers(run_dir: Path, nproc: int, resume: bool) -> int:
-    """Run the training workers for `run_dir` under torchrun and return its exit code.
+def torchrun_command(run_dir: Path, nproc: int, resume: bool, max_restarts: int) -> list[str]:
+    """The torchrun command line that runs the workers of `run_dir`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [f"--max-restarts={max_restarts}", "-m", WORKER_MODULE, str(run_dir)]
+    return [*cmd, "--resume"] if resume else cmd
 
-    torchrun's stderr (its error report, the workers' warnings and tracebacks) goes to the run's launcher log; the
-    workers' progress lines stay on stdout, and a worker's KeelError comes back through RunDir.worker_error.
-    """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        WORKER_MODULE,
-        str(run_dir),
-    ]
-    if resume:
-        cmd.append("--resume")
-    run = RunDir(run_dir)
-    with filesystem_errors("write the launcher log", LaunchError):
-        run.worker_error.unlink(missing_ok=True)  # an earlier attempt's, which this one must not report
-        log = open(run.launcher_log, "a", encoding="utf-8")
-    with log:
-        return subprocess.call(cmd, env=worker_env(nproc), stderr=log)
+
+def describe_exit(code: int) -> str:
+    """An exit code as people read it: `signal SIGKILL`, `hang (exit code 124)`, `exit code 1`."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return "hang (exit code 124)" if code == EXIT_HANG else f"exit code {code}"
+
+
+def _die_with_launcher() -> None:
+    # In the child before exec: SIGKILL the agent if `keel train` dies, and with it (PR_SET_PDEATHSIG) its workers.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class Workers:
+    """A running torchrun with its workers: forwards signals to them, records their failures, waits."""
+
+    def __init__(self, run_dir: Path, nproc: int, resume: bool, max_restarts: int):
+        self.run, self.nproc = RunDir(run_dir), nproc
+        self.events = EventLog(self.run.events)
+        cmd = torchrun_command(run_dir, nproc, resume, max_restarts)
+        with filesystem_errors("write the launcher log", LaunchError):
+            self.run.worker_error.unlink(missing_ok=True)  # an earlier attempt's, which this one must not report
+            self._log: IO[str] = open(self.run.launcher_log, "a", encoding="utf-8")
+        linux = sys.platform.startswith("linux")
+        self.process = subprocess.Popen(
+            cmd,
+            env=worker_env(nproc, self.run),
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_launcher if linux else None,
+        )
+        self.failures: list[dict] = []
+        self._reader = threading.Thread(target=self._read_stderr, name="keel-torchrun-log", daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._log.write(line)
+            self._log.flush()
+            found = FAILURE.search(line)
+            if found:
+                self._record_failure(int(found.group(1)), int(found.group(2)))
+
+    def _record_failure(self, code: int, local_rank: int) -> None:
+        rank = local_rank  # one node: global rank = local rank
+        progress = read_progress(self.run.rank_progress(rank)) or {}
+        failure = {
+            "rank": rank,
+            "exit": describe_exit(code),
+            "exit_code": code,
+            "step": progress.get("step"),
+            "phase": progress.get("phase"),
+            "log": str(self.run.rank_log(rank)),
+        }
+        self.failures.append(failure)
+        self.events.incident("worker_failed", **failure)
+
+    def worker_pids(self) -> list[int]:
+        """The training processes torchrun started (not the agent)."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [c.pid for c in children if _is_worker(c)]
+
+    def forward(self, signum: int) -> None:
+        """Send a signal to every worker (a preemption or a Ctrl-C they stop on gracefully)."""
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        """End torchrun and every worker at once (a second Ctrl-C)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Wait for torchrun to end (signals keep arriving meanwhile) and return its exit code."""
+        code = self.process.wait()
+        self._reader.join()
+        self._log.close()
+        return code
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    try:
+        cmd = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return WORKER_MODULE in cmd and "torch.distributed.run" not in cmd  # the agent's command names it too
 
 
 def worker_error(run_dir: Path) -> str | None:

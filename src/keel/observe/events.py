@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -10,15 +11,21 @@ from typing import Any
 
 
 class EventLog:
-    """Appends events; only the main rank writes, other ranks' calls are no-ops."""
+    """Appends events: the run's story is told by the main rank; incidents (a hang, a fault) by any rank."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path, main: bool = True):
+        self.path, self.main = path, main
 
-    def __call__(self, kind: str, **fields: Any) -> None:
-        """Record an event of `kind` with its fields, stamped with time and host."""
-        if self.path is None:
-            return
+    def __call__(self, kind: str, /, **fields: Any) -> None:
+        """Record an event of `kind` with its fields, stamped with time and host (main rank only)."""
+        if self.main:
+            self.incident(kind, **fields)
+
+    def incident(self, kind: str, /, **fields: Any) -> None:
+        """Record an event from whichever rank calls (one write of one line, so ranks never interleave)."""
         record = {"time": round(time.time(), 3), "event": kind, "host": socket.gethostname(), **fields}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)

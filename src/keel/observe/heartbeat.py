@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from keel.checkpoint.commit import committed_steps
-from keel.io import atomic_write_json
+from keel.io import atomic_write_json, first_line
 from keel.rundir import RunDir
 
 # States a run writes itself; "stalled" is only ever inferred by a reader from an old heartbeat.
-RUN_STATES = ("starting", "running", "finished", "stopped", "crashed")
+RUN_STATES = ("starting", "running", "finished", "stopped", "preempted", "crashed")
 
 
 class StatusSink:
@@ -67,6 +67,14 @@ def mark_state(run_dir: Path, state: str, **fields: Any) -> None:
     if state not in RUN_STATES:
         raise ValueError(f"unknown run state {state!r}")
     write_status(run_dir, {**read_status(run_dir), "state": state, **fields})
+
+
+def mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Say why the run ended, or it would only look stalled later: stopped on Ctrl-C, else crashed with the error."""
+    if isinstance(error, KeyboardInterrupt):
+        mark_state(run_dir, "stopped", reason="interrupted")
+    else:
+        mark_state(run_dir, "crashed", error=first_line(error))
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from keel.callback import Callback, StepOutcome
+
 # Every metric Keel records, with its unit; recording an unknown name is a bug, caught at once.
 UNITS: dict[str, str] = {
     "loss": "nats/token",
@@ -31,6 +33,7 @@ UNITS: dict[str, str] = {
     "rank_slowdown": "ratio",
     "straggler_slowdown": "ratio",
     "stragglers": "ranks",
+    "goodput_ratio": "fraction",
 }
 
 # Families of metrics named `<family>/<member>`, whose members are known only at run time (parameter groups).
@@ -51,8 +54,12 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class Metrics:
-    """Collects a step's numbers and hands them to every sink; the training loop never calls a sink."""
+class Metrics(Callback):
+    """Collects a step's numbers and hands them to every sink; the training loop never calls a sink.
+
+    As a callback it records what the capabilities before it added to a step, before the step is checkpointed:
+    a checkpoint never holds a step whose metrics are not written.
+    """
 
     def __init__(self, sinks: list[Sink] | None = None):
         self.sinks = list(sinks or [])
@@ -66,6 +73,14 @@ class Metrics:
         clean = {k: float(v) for k, v in values.items()}
         for sink in self.sinks:
             sink.write(step, now, clean)
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        if outcome.values and not outcome.discarded:
+            self.record(outcome.step, outcome.values)
+
+    def rewind(self, step: int) -> int:
+        """Move records after `step` aside in every sink that keeps them (a resume or a rollback); how many."""
+        return sum(sink.rewind(step) for sink in self.sinks if hasattr(sink, "rewind"))
 
     def close(self) -> None:
         """Flush and close every sink."""

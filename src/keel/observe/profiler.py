@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from keel.callback import Callback, StepOutcome
 from keel.rundir import RunDir
 
 log = logging.getLogger("keel")
 
 
-class StepProfiler:
+class StepProfiler(Callback):
     """Profiles the steps of each [first, last] range into RUN_DIR/profiles/, one trace per rank and range."""
 
     def __init__(self, ranges: list[list[int]], run_dir: Path, rank: int, device: torch.device):
@@ -32,8 +33,9 @@ class StepProfiler:
             if self.cuda:
                 torch.cuda.memory._record_memory_history(max_entries=100_000)
 
-    def after_step(self, step: int) -> None:
-        """Stop and write the trace (and the CUDA memory snapshot) if `step` closes a range."""
+    def after_step(self, outcome: StepOutcome) -> None:
+        """Stop and write the trace (and the CUDA memory snapshot) if the step closes a range."""
+        step = outcome.step
         if self._active is None:
             return
         ranges = [r for r in self.ranges if r[1] == step and r[0] <= step]

@@ -82,6 +82,40 @@ def _summary(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def _goodput_plot(events: list[dict], t0: float) -> str | None:
+    """The ledger over time (stacked, cumulative) and as it stands (one stacked bar)."""
+    from keel.resilience.goodput import CATEGORIES, goodput_ratio
+
+    records = [e for e in events if e.get("event") == "goodput"]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (timeline, bar) = plt.subplots(1, 2, figsize=(11, 3.2), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
+    minutes = [(r["time"] - t0) / 60 for r in records]
+    timeline.stackplot(minutes, *[[r.get(c, 0.0) / 60 for r in records] for c in CATEGORIES], labels=CATEGORIES)
+    timeline.set_xlabel("minutes since the run started")
+    timeline.set_ylabel("minutes, cumulative")
+    timeline.set_title("Where the wall time went")
+    timeline.legend(fontsize=7, loc="upper left")
+    last, left = records[-1], 0.0
+    for category in CATEGORIES:
+        width = last.get(category, 0.0) / 60
+        bar.barh([0], [width], left=left, label=category)
+        left += width
+    bar.set_yticks([])
+    bar.set_xlabel("minutes")
+    bar.set_title(f"goodput {goodput_ratio({c: last.get(c, 0.0) for c in CATEGORIES}):.1%}")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html (plots as embedded PNGs, incidents marked) and return its path."""
     run_dir = Path(run_dir)
@@ -95,6 +129,7 @@ def write_report(run_dir: Path) -> Path:
     groups = sorted({name for r in records for name in r if name.startswith("grad_norm/")})
     panels = [*PANELS, ("Gradient norm per parameter group", groups, "L2 norm")]
     images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in panels]
+    images.append(("Goodput", _goodput_plot(events, t0)))
     rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(run_dir, records)
     )

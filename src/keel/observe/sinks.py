@@ -27,9 +27,15 @@ class JsonlSink:
         self._file.write(json.dumps({"step": step, "time": round(time, 3), **values}) + "\n")
         self._file.flush()
 
+    def rewind(self, step: int) -> int:
+        """Move the records after `step` to metrics.rolled_back.jsonl; the next write appends to the rest."""
+        self.close()
+        return rewind_jsonl(self.path, step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
 
 
 def rewind_jsonl(path: Path, step: int) -> int:

@@ -12,7 +12,7 @@ from keel.observe.sinks import format_metrics
 from keel.rundir import RunDir
 
 # Events that are routine progress, not incidents worth an operator's eye.
-ROUTINE_EVENTS = {"checkpoint"}
+ROUTINE_EVENTS = {"checkpoint", "goodput"}
 
 
 def run_state(status: dict[str, Any], stall_timeout_s: float, now: float | None = None) -> str:
@@ -59,6 +59,13 @@ def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
     lines.append(f"  heartbeat: {_ago(now - status.get('updated_at', now))} from {status.get('host', '?')}")
     if status.get("error"):
         lines.append(f"  error: {status['error']}")
+    ledger = [e for e in read_jsonl(RunDir(run_dir).events) if e.get("event") == "goodput"]
+    if ledger:
+        lost = ledger[-1].get("lost", 0.0) + ledger[-1].get("startup", 0.0)
+        lines.append(
+            f"  goodput: {ledger[-1]['ratio']:.1%} at step {ledger[-1]['step']} ({lost:,.0f} s lost to restarts, "
+            "start-up and recomputation; `keel goodput` for the table)"
+        )
     incidents = recent_incidents(run_dir)
     if incidents:
         lines.append("  recent events:")

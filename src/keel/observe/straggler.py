@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from keel.callback import Callback, StepOutcome
 from keel.distributed.env import DistEnv, all_gather_floats, all_gather_text
 
 log = logging.getLogger("keel")
@@ -18,7 +19,7 @@ log = logging.getLogger("keel")
 PROBE = {"cuda": (4096, 25), "cpu": (384, 8)}
 
 
-class StragglerWatch:
+class StragglerWatch(Callback):
     """Compares the ranks' speeds every `every` steps and reports those slower than the median by `margin`.
 
     Step times alone cannot tell ranks apart: each collective makes the fast ranks wait for the slowest, so
@@ -38,10 +39,21 @@ class StragglerWatch:
         self._a = torch.randn(side, side, generator=generator).to(env.device, dtype)
         self._b = torch.randn(side, side, generator=generator).to(env.device, dtype)
         self.hosts = all_gather_text(socket.gethostname()) if self.every else [socket.gethostname()]
+        self._window = [0.0, 0.0, 0]  # step seconds, data-wait seconds, steps since the last check
 
     def due(self, step: int) -> bool:
         """Whether the ranks compare their speeds after this step (every rank must agree, and does)."""
         return self.every > 0 and step % self.every == 0
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        """Accumulate this rank's step timings; on a due step, compare the ranks and add the metrics."""
+        self._window[0] += outcome.step_time_s
+        self._window[1] += outcome.data_wait_s
+        self._window[2] += 1
+        if self.due(outcome.step):
+            steps = self._window[2]
+            outcome.values.update(self.check(outcome.step, self._window[0] / steps, self._window[1] / steps))
+            self._window = [0.0, 0.0, 0]
 
     def check(self, step: int, step_time_s: float, data_wait_s: float) -> dict[str, float]:
         """Exchange timings (a collective: every rank calls it), report stragglers, return the metrics."""

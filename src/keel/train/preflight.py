@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keel.config import Config, build_config, load_config, save_config
+from keel.config import Config, apply_overrides, build_config, load_config, read_toml, save_config
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.errors import ConfigError, DataError
 from keel.io import filesystem_errors
 from keel.models import model_args
+from keel.resilience.inject import parse_faults
 from keel.rundir import RunDir
 from keel.train.checks import (
     check_data,
@@ -56,21 +57,33 @@ def resolve(cfg: Config) -> Config:
     if cfg.checkpoint.init_from_hf:
         raw["checkpoint"]["init_from_hf"] = str(Path(cfg.checkpoint.init_from_hf).resolve())
     resolved = build_config(raw)
+    try:
+        parse_faults(resolved.resilience.inject, resolved.parallel.nproc)
+    except ValueError as e:
+        raise ConfigError(f"resilience.inject: {e}") from None
     check_data(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
     return resolved
 
 
-def start_run(cfg: Config) -> Config:
-    """Resolve and check a fresh run's config, then create its run dir; never overwrite an existing run."""
+# Keys that may differ between invocations of one run: where it stops, and how many processes it uses.
+PER_INVOCATION = {("train", "stop_after"), ("parallel", "nproc")}
+
+
+def start_run(cfg: Config) -> tuple[Config, bool]:
+    """Resolve and check a run's config and create its run dir; returns it and whether the run continues.
+
+    A run dir that already holds this very run (a requeued job, a launcher started again) is continued from
+    its newest checkpoint; a run dir that holds another run is never touched.
+    """
     cfg = resolve(cfg)
     run = RunDir(cfg.run_dir)
     if run.is_run():
-        raise ConfigError(
-            f"run dir {run.root} already holds a run; continue it with `keel train --resume {run.root}` "
-            "or choose another run.name"
-        )
+        check_same_run(load_config(run.config), cfg)
+        with filesystem_errors("update the run's config"):
+            save_config(cfg, run.config)  # this invocation's stop_after and process count
+        return cfg, True
     dataset = Path(cfg.data.dataset)
     tokenizer = resolve_inside(dataset, load_manifest(dataset).tokenizer.file)  # as resolve checked it
     with filesystem_errors("create the run dir"):
@@ -78,7 +91,20 @@ def start_run(cfg: Config) -> Config:
             sub.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tokenizer, run.tokenizer)
         save_config(cfg, run.config)  # last: only a run dir whose config is written holds a run
-    return cfg
+    return cfg, False
+
+
+def check_same_run(saved: Config, cfg: Config) -> None:
+    """Refuse to continue a run dir with another config: one line naming the first key that differs."""
+    before, after = saved.model_dump(), cfg.model_dump()
+    for section, table in after.items():
+        for key, value in table.items():
+            if (section, key) not in PER_INVOCATION and before.get(section, {}).get(key) != value:
+                raise ConfigError(
+                    f"run dir {cfg.run_dir} already holds a run with {section}.{key} = "
+                    f"{before.get(section, {}).get(key)!r}, not {value!r}; continue it with `keel train --resume "
+                    f"{cfg.run_dir}` (which may change it with --set) or choose another run.name"
+                )
 
 
 def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
@@ -86,7 +112,11 @@ def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
     run = RunDir(run_dir)
     if not run.is_run():
         raise ConfigError(f"--resume {run.root}: no {run.config.name} there, so it is not a Keel run dir")
-    cfg = load_config(run.config, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
+    table = read_toml(run.config)
+    # train.stop_after belongs to the invocation that set it: a resume runs on unless it is given again.
+    table.get("train", {}).pop("stop_after", None)
+    table = apply_overrides(table, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
+    cfg = build_config(table, str(run.config))
     check_same_model(load_config(run.config), cfg)
     cfg = resolve(cfg)
     # Generation and export decode with the run's copy of the tokenizer: it must still be the dataset's.

@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -14,30 +15,32 @@ from keel.config import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
 from keel.io import atomic_write_text
-from keel.observe.heartbeat import mark_state
+from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
+from keel.resilience.preemption import install_handlers
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
 
+PEER_GRACE_S = 2.0  # how long a failed rank waits before exiting, so a peer that died first is seen first
 
-def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> None:
-    """Train the run in `run_dir` (its resolved config.toml) on this process."""
+
+def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
+    """Train the run in `run_dir` (its resolved config.toml) on this process; returns how the loop ended."""
     cfg = load_config(RunDir(run_dir).config)
+    install_handlers(cfg.resilience.preempt_signals)  # first: a signal during start-up must not kill the rank
     setup_logging(run_dir, env.rank)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     try:
         trainer = Trainer(cfg, env)
-        if resume:
+        if attempt:
+            trainer.events("restart", attempt=attempt, world_size=env.world_size)
+        if resume or attempt:  # a restarted worker continues from the newest committed checkpoint by itself
             trainer.restore()
-        trainer.fit()
-    except KeyboardInterrupt:
-        if env.is_main:
-            mark_state(run_dir, "stopped", reason="interrupted")
+    except BaseException as e:
+        if env.is_main:  # once the loop runs, its lifecycle callback says why it ended
+            mark_failed(run_dir, e)
         raise
-    except Exception as e:
-        # The heartbeat must say why the run ended; otherwise it would only look stalled, later.
-        if env.is_main:
-            mark_state(run_dir, "crashed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise
+    return trainer.fit()
 
 
 def log_failure(run_dir: Path, message: str) -> None:
@@ -74,14 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         cfg = load_config(RunDir(args.run_dir).config)
-        env = init_distributed(cfg.train.device)
+        env = init_distributed(cfg.train.device, cfg.distributed.timeout_s)
         run_worker(args.run_dir, env, args.resume)
     except KeelError as e:
         report_error(args.run_dir, e)
         code = 2
     except Exception:
-        log_failure(args.run_dir, traceback.format_exc())  # a bug: its traceback for the log, not the console
+        log_failure(args.run_dir, traceback.format_exc())  # its traceback for the log, not the console
         code = 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A peer's death fails this rank's collectives at once: leaving a moment later lets torchrun's agent
+            # see, and report, the rank that died first. Its SIGTERM, which ends a failed group, ends this at once.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(PEER_GRACE_S)
     shutdown(code)
 
 

@@ -1,0 +1,1 @@
+"""Resilience: preemption, hang watchdog, loss guard, restarts, the goodput ledger and fault injection."""
