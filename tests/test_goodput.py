@@ -35,9 +35,7 @@ def test_a_restarted_run_accounts_for_its_whole_wall_time(tmp_path, dataset):
     assert 0.85 * wall < accounted <= wall, (totals, wall)
     assert totals["lost"] > 0 and totals["startup"] > 0 and totals["checkpoint"] > 0 and totals["idle"] == 0
     final = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "goodput"][-1]
-    assert final["final"] == "finished" and final["ratio"] == pytest.approx(
-        totals["productive"] / accounted, abs=1e-3
-    )
+    assert final["final"] == "finished" and final["ratio"] == pytest.approx(totals["productive"] / accounted, abs=1e-3)
     shown = run_keel("goodput", str(run), cwd=tmp_path)
     assert shown.returncode == 0 and all(name in shown.stdout for name in CATEGORIES), shown.stderr
     assert f"goodput {final['ratio']:.1%}" in shown.stdout

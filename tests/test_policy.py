@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "keel"
 
 
-
 def documented_layers() -> list[set[str]]:
     """The layer table of docs/architecture.md, lowest first: each row's `keel/<name>` packages and modules."""
     rows = [line for line in (ROOT / "docs" / "architecture.md").read_text().splitlines() if line.startswith("| ")]
