@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import run_overrides, stdlib_dataset
 
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.distributed.env import init_distributed
 from keel.train.preflight import start_run
 from keel.train.trainer import Trainer

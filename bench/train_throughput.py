@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from common import MODEL, run_overrides, stdlib_dataset
 
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.data.manifest import load_manifest
 from keel.distributed.env import init_distributed
 from keel.models import model_args

@@ -74,7 +74,7 @@ TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_
 
 def tiny_config(path: Path, dataset: Path, **sections: dict) -> Path:
     """Write a config for a tiny fp32 model on `dataset`; `sections` override keys per section."""
-    from keel.config import dump_toml
+    from keel.config_toml import dump_toml
 
     table = {
         "run": {"name": "tiny", "seed": 0},

@@ -14,7 +14,7 @@ from keel.checkpoint.checkpointer import Checkpointer, steps_to_delete
 from keel.checkpoint.commit import committed_steps, read_commit, verify_files
 from keel.checkpoint.state import ModelOptimizerState, load_rng, save_rng
 from keel.cli import main as keel_main
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.distributed.env import DistEnv
 from keel.errors import CheckpointError, ConfigError
 

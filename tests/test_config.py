@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_keel
-from keel.config import ROOT_SECTIONS, apply_overrides, dump_toml, load_config, save_config
+from keel.config import ROOT_SECTIONS
+from keel.config_toml import apply_overrides, dump_toml, load_config, save_config
 from keel.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -16,7 +16,7 @@ from conftest import TINY_MODEL, assert_one_line_error, read_metrics, run_keel, 
 from keel.checkpoint.commit import write_commit
 from keel.checkpoint.hf import export_hf, load_hf_weights
 from keel.checkpoint.inference import load_model
-from keel.config import build_config, save_config
+from keel.config_toml import build_config, save_config
 from keel.errors import CheckpointError, ConfigError, KeelError
 from keel.models import model_args
 

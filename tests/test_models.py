@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import keel
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.data.loader import document_ids, position_ids
 from keel.errors import ConfigError
 from keel.models import MODELS, get_model_spec, model_args

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error, run_keel, synthetic_corpus, tiny_config
-from keel.config import load_config
+from keel.config_toml import load_config
 
 
 @pytest.fixture(scope="module")

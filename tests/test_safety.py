@@ -17,7 +17,7 @@ from keel.checkpoint.commit import write_commit
 from keel.checkpoint.hf import load_hf_weights
 from keel.checkpoint.inference import load_model
 from keel.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
-from keel.config import build_config, save_config
+from keel.config_toml import build_config, save_config
 from keel.distributed.env import DistEnv
 from keel.errors import CheckpointError
 from keel.models import model_args

@@ -72,7 +72,7 @@ def data_prepare(
     ] = None,
 ) -> None:
     """Tokenize raw text (.txt, .jsonl[.gz|.zst], .parquet) into token shards with a manifest and a validation split."""
-    from keel.config import load_config
+    from keel.config_toml import load_config
     from keel.data.prepare import prepare_from_config
     from keel.models import model_args
     from keel.observe.logs import setup_logging
@@ -212,7 +212,7 @@ def status(
     ] = None,
 ) -> None:
     """Show whether a run is running, stalled, finished, stopped or crashed, and its recent incidents."""
-    from keel.config import load_config
+    from keel.config_toml import load_config
     from keel.observe.status_view import describe_run
     from keel.rundir import RunDir
 
@@ -225,7 +225,7 @@ def status(
 @app.command()
 def goodput(run_dir: Annotated[Path, typer.Argument(help="Run directory to account for.")]) -> None:
     """Where every second of a run's wall time went, across restarts and resumes, and its goodput ratio."""
-    from keel.config import load_config
+    from keel.config_toml import load_config
     from keel.observe.heartbeat import read_status
     from keel.observe.status_view import run_state
     from keel.resilience.goodput import ledger_lines

@@ -11,7 +11,8 @@ from torch import nn
 
 from keel.checkpoint.commit import committed_steps, read_commit, verify_files
 from keel.checkpoint.safe_load import SafeLoadPlanner, safe_reader
-from keel.config import Config, load_config
+from keel.config import Config
+from keel.config_toml import load_config
 from keel.errors import CheckpointError
 from keel.models import model_args
 from keel.rundir import RunDir

@@ -9,7 +9,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.data.manifest import load_manifest
 from keel.data.prepare import prepare_from_config
 from keel.eval.generate import sample_text

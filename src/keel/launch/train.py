@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from keel.checkpoint.commit import committed_steps
-from keel.config import Config, load_config
+from keel.config import Config
+from keel.config_toml import load_config
 from keel.distributed.env import all_agree, init_distributed, shutdown
 from keel.errors import KeelError, LaunchError
 from keel.launch.torchrun import Workers, under_launcher, worker_error

@@ -12,6 +12,7 @@ import torch
 
 from keel.callback import Callback, StepOutcome
 from keel.distributed.env import DistEnv, all_gather_floats, all_gather_text
+from keel.observe.step_timer import StepTimer
 
 log = logging.getLogger("keel")
 
@@ -29,7 +30,7 @@ class StragglerWatch(Callback):
     probe and one plus its extra data wait over the median step time.
     """
 
-    def __init__(self, every: int, margin: float, env: DistEnv, on_event: Callable[..., None]):
+    def __init__(self, every: int, margin: float, env: DistEnv, on_event: Callable[..., None], timer: StepTimer):
         self.every = every if env.distributed else 0  # one rank has no one to be slower than
         self.margin, self.rank, self.on_event = margin, env.rank, on_event
         side, self.repeats = PROBE["cuda" if env.device.type == "cuda" else "cpu"]
@@ -39,21 +40,26 @@ class StragglerWatch(Callback):
         self._a = torch.randn(side, side, generator=generator).to(env.device, dtype)
         self._b = torch.randn(side, side, generator=generator).to(env.device, dtype)
         self.hosts = all_gather_text(socket.gethostname()) if self.every else [socket.gethostname()]
-        self._window = [0.0, 0.0, 0]  # step seconds, data-wait seconds, steps since the last check
+        self.timer = timer
+        self._window = (time.perf_counter(), 0.0, 0)  # since the last check: its time, data wait then, steps
 
     def due(self, step: int) -> bool:
         """Whether the ranks compare their speeds after this step (every rank must agree, and does)."""
         return self.every > 0 and step % self.every == 0
 
+    def on_train_start(self, step: int) -> None:
+        self._window = (time.perf_counter(), self.timer.totals["data_wait"], 0)
+
     def after_step(self, outcome: StepOutcome) -> None:
-        """Accumulate this rank's step timings; on a due step, compare the ranks and add the metrics."""
-        self._window[0] += outcome.step_time_s
-        self._window[1] += outcome.data_wait_s
-        self._window[2] += 1
+        """Count the step; on a due step, compare the ranks' timings since the last check and add the metrics."""
+        started, waited, steps = self._window
+        steps += 1
+        self._window = (started, waited, steps)
         if self.due(outcome.step):
-            steps = self._window[2]
-            outcome.values.update(self.check(outcome.step, self._window[0] / steps, self._window[1] / steps))
-            self._window = [0.0, 0.0, 0]
+            step_time = (time.perf_counter() - started) / steps
+            data_wait = (self.timer.totals["data_wait"] - waited) / steps
+            outcome.values.update(self.check(outcome.step, step_time, data_wait))
+            self._window = (time.perf_counter(), self.timer.totals["data_wait"], 0)
 
     def check(self, step: int, step_time_s: float, data_wait_s: float) -> dict[str, float]:
         """Exchange timings (a collective: every rank calls it), report stragglers, return the metrics."""

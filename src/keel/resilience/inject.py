@@ -6,7 +6,7 @@
   hang:rank=R:step=S                the rank's loop stops dead as step S begins (its watchdog thread lives on)
   sigterm:step=S                    after step S, SIGTERM to the launcher (or to this process without one)
   corrupt_checkpoint:step=S         once the checkpoint of step S is committed, bytes of one of its files flip
-  slow:rank=R[:step=S][:ms=M]       from step S (default 1) on, the rank sleeps M ms (default 200) every step
+  slow:rank=R[:step=S][:ms=M]       from step S (default 1) on, the rank waits M ms (default 200) more for data
 
 Each fault fires once per run (a kill `times` times): it is recorded in events.jsonl before it fires, and a
 restarted or resumed run reads which have fired.
@@ -29,6 +29,7 @@ from keel.callback import Callback, StepOutcome
 from keel.checkpoint.checkpointer import Checkpointer
 from keel.io import read_jsonl
 from keel.observe.events import EventLog
+from keel.observe.step_timer import StepTimer
 
 KINDS: dict[str, tuple[set[str], set[str]]] = {  # kind: (required keys, optional keys)
     "kill": ({"rank", "step"}, {"times"}),
@@ -84,10 +85,18 @@ def parse_faults(spec: str, world_size: int) -> list[Fault]:
 class FaultInjector(Callback):
     """Fires the configured faults at their steps on their ranks (see the module doc)."""
 
-    def __init__(self, faults: list[Fault], rank: int, model: nn.Module, events: EventLog, checkpointer: Checkpointer):
+    def __init__(
+        self,
+        faults: list[Fault],
+        rank: int,
+        model: nn.Module,
+        events: EventLog,
+        checkpointer: Checkpointer,
+        timer: StepTimer,
+    ):
         fired = Counter(e.get("fault") for e in read_jsonl(events.path) if e.get("event") == "inject")
         self.faults = [f for f in faults if fired[f.index] < f.times or f.kind == "slow"]
-        self.rank, self.model, self.events, self.checkpointer = rank, model, events, checkpointer
+        self.rank, self.model, self.events, self.checkpointer, self.timer = rank, model, events, checkpointer, timer
         self._hook: Any = None
 
     def _mine(self, kind: str, step: int) -> list[Fault]:
@@ -100,7 +109,8 @@ class FaultInjector(Callback):
     def before_step(self, step: int) -> None:
         for fault in self.faults:
             if fault.kind == "slow" and fault.rank == self.rank and step >= fault.step:
-                time.sleep(fault.ms / 1000)
+                with self.timer.phase("data_wait"):  # a slow input pipeline, as the straggler watch sees one
+                    time.sleep(fault.ms / 1000)
         for kind, scale in (("nan", float("nan")), ("spike", 100.0)):
             for fault in self._mine(kind, step):
                 self._fire(fault)

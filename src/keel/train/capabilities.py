@@ -60,7 +60,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     faults = parse_faults(cfg.resilience.inject, env.world_size)
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
-        *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer)] if faults else []),
+        *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer, t.timer)] if faults else []),
         StepProfiler(cfg.observe.profile_steps, run.root, env.rank, env.device),
         guard,
         ProgressRecorder(
@@ -75,7 +75,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             peak_flops=peak_flops(env.device, t.dtype),
             tokens_seen=lambda: t.state.tokens_seen,
         ),
-        StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events),
+        StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
         Validation(t.model, t.val_data, cfg, env, t.autocast, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),

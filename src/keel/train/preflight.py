@@ -9,7 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from keel.config import Config, apply_overrides, build_config, load_config, read_toml, save_config
+from keel.config import Config
+from keel.config_toml import apply_overrides, build_config, load_config, read_toml, save_config
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.errors import ConfigError, DataError
 from keel.io import filesystem_errors

@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from keel.config import load_config
+from keel.config_toml import load_config
 from keel.distributed.env import DistEnv, init_distributed, shutdown
 from keel.errors import KeelError
 from keel.io import atomic_write_text
@@ -21,7 +21,7 @@ from keel.resilience.preemption import install_handlers
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
 
-PEER_GRACE_S = 2.0  # how long a failed rank waits before exiting, so a peer that died first is seen first
+PEER_GRACE_S = 1.0  # how long a failed rank waits before exiting, so a peer that died first is seen first
 
 
 def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
