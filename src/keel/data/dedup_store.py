@@ -67,11 +67,6 @@ class DedupStore:
         ).fetchone()
         return row is not None and self.hasher.similar(row[0], sig)
 
-    def is_dropped(self, file: int, ordinal: int) -> bool:
-        """True if the document was dropped as a duplicate when the store was filled."""
-        row = self._db.execute("SELECT dropped FROM doc WHERE file = ? AND ordinal = ?", (file, ordinal)).fetchone()
-        return row is not None and row[0] is not None
-
     def kept(self) -> Iterator[tuple[int, int, bytes | None, bytes | None]]:
         """(file, ordinal, digest, signature) of every kept document, in stream order."""
         yield from self._db.execute("SELECT file, ordinal, digest, sig FROM doc WHERE dropped IS NULL ORDER BY 1, 2")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from keel.data.minhash import MinHasher
-from keel.data.stages import Analysis, StageSettings, analyze
+from keel.data.stages import StageSettings, Verdict, assess, clean
 from keel.data.tokenizer import encoding_pieces, eos_id, load_tokenizer
 from keel.errors import ConfigError
 
@@ -29,20 +29,21 @@ class Doc(NamedTuple):
 
 
 class Done(NamedTuple):
-    """A worker's result for one document: the stage verdict and, when tokenizing, its ids ending in EOS."""
+    """A worker's result for one document: the scan's verdict, or the write pass's ids (ending in EOS) and PII count."""
 
     file: int
     ordinal: int
-    analysis: Analysis
-    ids: np.ndarray | None
+    verdict: Verdict | None  # scan
+    ids: np.ndarray | None  # write
+    pii_size: int = 0  # write: bytes before scrubbing
+    pii_replaced: int = 0
 
 
 class Job(NamedTuple):
-    """What a pass asks of the workers: the stage settings, the tokenizer to encode with, whether to hash for dedup."""
+    """What a pass asks of the workers: the stage settings, and the tokenizer to encode with (None: scan)."""
 
     settings: StageSettings
     tokenizer: str | None
-    keys: bool
 
 
 _state: dict = {}
@@ -62,30 +63,27 @@ def _load(job: Job) -> None:
         tok = load_tokenizer(job.tokenizer)
         tok.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document is text, not a boundary
     threshold = job.settings.dedup_near_threshold
-    _state.update(job=job, tok=tok, hasher=MinHasher(threshold) if threshold else None)
+    hasher = MinHasher(threshold) if threshold and tok is None else None
+    _state.update(job=job, tok=tok, hasher=hasher)
 
 
 def _run(job: Job, task: list[Doc]) -> list[Done]:
     _load(job)
     tok = _state["tok"]
-    out = []
-    for doc in task:
-        a = analyze(doc.text, job.settings, _state["hasher"], job.keys)
-        out.append(Done(doc.file, doc.ordinal, a if doc.want_text or tok else a._replace(text=None), None))
     if tok is None:
-        return out
-    kept = [d for d in out if d.analysis.text is not None]
-    pieces = [list(encoding_pieces(d.analysis.text)) for d in kept]
+        hasher = _state["hasher"]
+        return [Done(d.file, d.ordinal, assess(d.text, job.settings, hasher, d.want_text), None) for d in task]
+    cleaned = [clean(d.text, job.settings) for d in task]
+    pieces = [list(encoding_pieces(text)) for text, _, _ in cleaned]
     encodings = iter(tok.encode_batch_fast([p for doc in pieces for p in doc], add_special_tokens=False))
-    eos, ids = eos_id(tok), {}
-    for d, doc_pieces in zip(kept, pieces, strict=True):
+    eos, out = eos_id(tok), []
+    for d, doc_pieces, (_, size, replaced) in zip(task, pieces, cleaned, strict=True):
         tokens: list[int] = []
         for _ in doc_pieces:
             tokens.extend(next(encodings).ids)
         tokens.append(eos)
-        ids[(d.file, d.ordinal)] = np.array(tokens, dtype=np.uint32)
-    # The text is not needed once tokenized; leaving it behind halves what crosses the process boundary.
-    return [d._replace(analysis=d.analysis._replace(text=None), ids=ids.get((d.file, d.ordinal))) for d in out]
+        out.append(Done(d.file, d.ordinal, None, np.array(tokens, dtype=np.uint32), size, replaced))
+    return out
 
 
 def resolve_workers(requested: int, total_bytes: int) -> int:

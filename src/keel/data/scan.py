@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from keel.data.drops import DropWriter
 from keel.data.pool import Doc, Job, StagePool, tasks
 from keel.data.sources import Sources, read_documents
 from keel.data.stages import Pipeline, StageSettings
@@ -37,6 +38,7 @@ class Scan:
     sample: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
     stages: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)  # where each stage first counted (Pipeline.first), to order the stages
     skipped: dict = field(default_factory=dict)
 
     def split_of(self, key: tuple[int, int], split_hash: float) -> str:
@@ -79,9 +81,15 @@ def raw_documents(
 
 
 def scan(
-    found: Sources, reading: Reading, val_fraction: float, sample_fraction: float, pool: StagePool, pipeline: Pipeline
+    found: Sources,
+    reading: Reading,
+    val_fraction: float,
+    sample_fraction: float,
+    pool: StagePool,
+    pipeline: Pipeline,
+    drops: DropWriter,
 ) -> Scan:
-    """Read everything once: catch bad files before work starts, count, dedup, and sample text for the tokenizer."""
+    """Read everything once: catch bad files, count, decide filters and dedup (recording drops), sample text."""
     result = Scan(
         val_fraction, per_source=[{"glob": g, "files": 0, "documents": 0, "bytes": 0} for g in found.includes]
     )
@@ -97,10 +105,12 @@ def scan(
             yield Doc(index, ordinal, raw, split_hash >= val_fraction and sample_hash < sample_fraction)
 
     sampled = 0
-    for done in pool.map(Job(reading.stages, None, True), tasks(docs())):
+    for done in pool.map(Job(reading.stages, None), tasks(docs())):
         for d in done:
             split_hash, _ = hashes.pop((d.file, d.ordinal))
-            if not pipeline.accept(d.file, d.ordinal, d.analysis):
+            assert d.verdict is not None
+            if not pipeline.accept(d.file, d.ordinal, d.verdict):
+                drops.add(d.file, d.ordinal)
                 continue
             result.documents += 1
             result.per_source[found.files[d.file].source]["documents"] += 1
@@ -108,12 +118,12 @@ def scan(
             result.highest = max(result.highest, (split_hash, (d.file, d.ordinal)))
             if split_hash < val_fraction:
                 result.val += 1
-            elif d.analysis.text is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
-                result.sample.append(d.analysis.text)
-                sampled += len(d.analysis.text)
+            elif d.verdict.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
+                result.sample.append(d.verdict.sample)
+                sampled += len(d.verdict.sample)
         if pipeline.store is not None:
             pipeline.store.commit()
-    result.stages, result.skipped = pipeline.stats, dict(skipped)
+    result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     if result.documents == 0:
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
         raise DataError(

@@ -1,0 +1,249 @@
+"""Prepare at the speed of the encoder: each stage once, the same bytes as before, tiktoken, worker-side reading."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+import keel.data.minhash
+import keel.data.stages
+from conftest import near_copy, quiet
+from keel.data.minhash import MinHasher
+from keel.data.pii import DETECTORS, scrub
+from keel.data.prepare import prepare_dataset
+from keel.data.stages import StageSettings, _char_counts, assess
+
+ALL_ON = StageSettings(
+    normalize="NFC",
+    min_words=6,
+    max_words=400,
+    min_mean_word_length=2.0,
+    max_mean_word_length=12.0,
+    max_symbol_ratio=0.45,
+    max_digit_ratio=0.4,
+    max_repeated_line_fraction=0.5,
+    max_top_ngram_fraction=0.3,
+    dedup_exact=True,
+    dedup_near_threshold=0.8,
+    pii=True,
+)
+WORDS = "the a model reads tokens and predicts next one while optimizer follows gradient down checkpoint".split()
+WORDS += ["café", "naïve", "日本語", "straße", "cafe\u0301", "ｆｕｌｌ", "über", "x²", "Ω"]
+CODE = [
+    "def f(x):\n    return x + 1\n",
+    "std::vector<int> v; a::b::c(d);\n",
+    "for i in range(10):\n    print(i, i * 2)\n",
+    "if (a && b) { return c[0x1f]; }\n",
+    "value = {'k': [1, 2, 3], 'deadbeef': 0xdeadbeef}\n",
+]
+PII = [
+    "mail jane.doe@example.org now",
+    "call +1 415-555-0132 today",
+    "card 4111 1111 1111 1111 ok",
+    "card 4111-1111-1111-1112 bad",
+    "host 10.0.0.7 and 2001:db8::7334",
+    "time 12:30:45 version 1.2.3.4.5 date 2024-05-06",
+    "ff::1 and fe80::1ff:fe23:4567:890a",
+]
+
+
+def _document(rng: random.Random) -> str:
+    """A prose, code, PII or filter-bait document; some non-ASCII, some decomposed (NFC changes them)."""
+    kind = rng.randrange(10)
+    if kind < 4:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 120)))
+    if kind < 6:
+        return "".join(rng.choice(CODE) for _ in range(rng.randint(1, 12)))
+    if kind < 8:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + " " + rng.choice(PII)
+    return rng.choice(
+        [
+            "spam line\n" * rng.randint(2, 9) + "end of it here and more words",
+            "buy it now " * rng.randint(3, 30),
+            "12 34 56 78 90 " * rng.randint(1, 9) + "words",
+            "{}[]<>;;;; ()" * rng.randint(1, 5) + " a b c d e f",
+            "supercalifragilisticexpialidocious " * rng.randint(6, 9),
+            "   \n\t ",
+        ]
+    )
+
+
+def speed_corpus(root: Path, seed: int = 0) -> list[str]:
+    """Every input format, with exact and near duplicates across files, PII, bad-filter documents and blank lines."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    docs = [_document(rng) for _ in range(600)]
+    docs[300] = docs[10]
+    docs[450] = near_copy(docs[20] + " " + " ".join(rng.choice(WORDS[:15]) for _ in range(80)))
+    docs[451] = docs[450].replace("changed", "altered")
+
+    def jsonl(texts: list[str]) -> bytes:
+        blank = ["\n\n" if i % 17 == 0 else "\n" for i in range(len(texts))]  # blank lines count as lines
+        return "".join(json.dumps({"text": t}) + end for t, end in zip(texts, blank, strict=True)).encode()
+
+    (root / "a.jsonl").write_bytes(jsonl(docs[:200]))
+    (root / "b.jsonl").write_bytes(jsonl(docs[200:280]))
+    (root / "c.jsonl.gz").write_bytes(gzip.compress(jsonl(docs[280:360])))
+    (root / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(docs[360:440])))
+    pq.write_table(pa.table({"text": docs[440:560]}), root / "e.parquet", row_group_size=25)
+    for i, text in enumerate(docs[560:]):
+        (root / f"f{i:02d}.txt").write_text(text, encoding="utf-8")
+    return [str(root / "*.jsonl*"), str(root / "*.parquet"), str(root / "*.txt")]
+
+
+def fingerprint(dataset: Path, root: Path) -> str:
+    """One SHA-256 over every file of a dataset (the manifest with the temporary directory taken out)."""
+    digest = hashlib.sha256()
+    for p in sorted(dataset.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                data = data.replace(str(root).encode(), b"ROOT")
+            digest.update(p.relative_to(dataset).as_posix().encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+# Recorded with the two-pass prepare of commit c63ee73, before any stage ran only once.
+GOLDEN = {
+    "trained, all on": "e91f686b87a2ae63e6d90cb3470375fb20c72b748d4dd97fa21e14ea48ca93bc",
+    "given, all on, 2 workers": "e91f686b87a2ae63e6d90cb3470375fb20c72b748d4dd97fa21e14ea48ca93bc",
+    "given, stages off": "0d3d62c22ed9e9d959241f7a894d957db933d560b407ea11d05c456b9aa13cf8",
+}
+
+
+def test_shards_and_manifests_are_byte_identical_to_before(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    sources = speed_corpus(raw)
+    root = tmp_path
+    got = {}
+    prepare_dataset(
+        sources, tmp_path / "t", vocab_size=400, val_fraction=0.1, shard_tokens=4000, stages=ALL_ON, log=quiet
+    )
+    got["trained, all on"] = fingerprint(tmp_path / "t", root)
+    tok = tmp_path / "tok.json"
+    shutil.copyfile(tmp_path / "t" / "tokenizer.json", tok)
+    monkeypatch.setattr("keel.data.pool.TASK_CHARS", 3000)
+    for name, stages, workers in (("given, all on, 2 workers", ALL_ON, 2), ("given, stages off", StageSettings(), 1)):
+        out = tmp_path / name.replace(" ", "").replace(",", "-")
+        prepare_dataset(
+            sources,
+            out,
+            tokenizer=str(tok),
+            val_fraction=0.1,
+            shard_tokens=4000,
+            stages=stages,
+            workers=workers,
+            log=quiet,
+        )
+        got[name] = fingerprint(out, root)
+    assert got == GOLDEN
+
+
+def test_each_stage_runs_once_per_document(tmp_path, monkeypatch):
+    sources = speed_corpus(tmp_path / "raw")
+    prepare_dataset(sources, tmp_path / "tok", vocab_size=400, log=quiet)
+    calls = {"quality_failure": 0, "scrub": 0, "signature": 0}
+    for name, target in (
+        ("quality_failure", keel.data.stages),
+        ("scrub", keel.data.stages),
+        ("signature", keel.data.minhash.MinHasher),
+    ):
+        original = getattr(target, name)
+
+        def counted(*args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(target, name, counted)
+    m = prepare_dataset(
+        sources, tmp_path / "ds", tokenizer=str(tmp_path / "tok" / "tokenizer.json"), stages=ALL_ON, log=quiet
+    )
+    kept = m.splits["train"].documents + m.splits["val"].documents
+    found = 1 + sum(1 for t in _all_texts(tmp_path / "raw") if t and not t.isspace())
+    dropped_by_filters = sum(e["documents_dropped"] for k, e in m.stages.items() if k.startswith("filter."))
+    assert calls["quality_failure"] == found  # the scan's verdict; the write pass does not filter again
+    assert calls["signature"] == found - dropped_by_filters  # the scan only
+    assert calls["scrub"] == kept  # the write pass only (a given tokenizer: no sample to scrub)
+
+
+def _all_texts(raw: Path) -> list[str]:
+    """Every document of speed_corpus but the first (counted by the caller), read back the simple way."""
+    from keel.data.sources import read_documents
+
+    return [t for p in sorted(raw.iterdir()) for _, t in read_documents(str(p), "text")][1:]
+
+
+def test_filter_statistics_are_computed_only_for_the_filters_that_are_on(monkeypatch):
+    def boom(*_):
+        raise AssertionError("computed a statistic no filter needs")
+
+    monkeypatch.setattr(keel.data.stages, "_char_counts", boom)
+    monkeypatch.setattr(keel.data.stages, "_WORD", type("W", (), {"findall": staticmethod(boom)}))
+    text = "an ordinary sentence, 42 words or so\nand a line\nand a line"
+    assert assess(text, StageSettings(max_repeated_line_fraction=0.9), None).failure is None
+    assert assess(text, StageSettings(pii=True, normalize="NFC"), None).failure is None
+
+
+def test_character_counts_fast_path_agrees_with_the_definition():
+    rng = random.Random(4)
+    alphabet = "ab Z9_\t\n\x0b\x1c\x1f.,;!@٣１é\u00a0\u2003日"
+    for n in range(3000):
+        text = "".join(rng.choice(alphabet[: 14 if n % 2 else None]) for _ in range(rng.randint(0, 30)))
+        visible = [c for c in text if not c.isspace()] or [" "]
+        expected = (len(visible), sum(not c.isalnum() for c in visible), sum(c.isdigit() for c in visible))
+        assert _char_counts(text) == expected, repr(text)
+
+
+def _whole_text_scrub(text: str) -> tuple[str, int]:
+    """The definition: every detector's regex over the whole text, in order."""
+    count = 0
+    for d in DETECTORS:
+
+        def counted(m, d=d):
+            nonlocal count
+            new = d.replace(m)
+            count += new != m.group()
+            return new
+
+        text = d.pattern.sub(counted, text)
+    return text, count
+
+
+def test_pii_scrub_near_hints_finds_exactly_what_the_whole_text_regexes_find():
+    rng = random.Random(5)
+    alphabet = "0123456789 -.:+()@abcdefAFx_%٣１\n"
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert scrub(text) == _whole_text_scrub(text), repr(text)
+    for text in PII + CODE:
+        assert scrub(text) == _whole_text_scrub(text)
+
+
+def test_minhash_signature_is_the_same_as_the_plain_formula():
+    import zlib
+
+    import numpy as np
+
+    hasher = MinHasher(0.8)
+
+    def plain(text: str) -> bytes:
+        words = re.findall(r"\w+", text.lower())
+        n = max(1, min(hasher.ngram, len(words)))
+        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+        x = np.array([zlib.crc32(s.encode()) for s in shingles], dtype=np.uint64)
+        return ((np.outer(x, hasher._a) + hasher._b) % np.uint64(2**61 - 1)).min(axis=0).astype(np.uint32).tobytes()
+
+    rng = random.Random(6)
+    texts = ["", " ", "a", "a b", "İstanbul ǅ ß Ω", "ﬁ ﬂ ΣΑΣ"] + [_document(rng) for _ in range(200)]
+    texts.append(" ".join(f"w{i}" for i in range(5000)))  # more shingles than one block
+    for text in texts:
+        assert hasher.signature(text) == plain(text), repr(text[:50])
