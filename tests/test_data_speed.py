@@ -16,11 +16,12 @@ import zstandard
 
 import keel.data.minhash
 import keel.data.stages
-from conftest import near_copy, quiet
+from conftest import dataset_text, near_copy, quiet
 from keel.data.minhash import MinHasher
 from keel.data.pii import DETECTORS, scrub
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings, _char_counts, assess
+from keel.data.tokenizer import PROBES, Encoder, byte_level_ranks, choose_encoder
 
 ALL_ON = StageSettings(
     normalize="NFC",
@@ -247,3 +248,58 @@ def test_minhash_signature_is_the_same_as_the_plain_formula():
     texts.append(" ".join(f"w{i}" for i in range(5000)))  # more shingles than one block
     for text in texts:
         assert hasher.signature(text) == plain(text), repr(text[:50])
+
+
+def _trained(tmp_path: Path) -> tuple[list[str], Path]:
+    sources = speed_corpus(tmp_path / "raw")
+    prepare_dataset(sources, tmp_path / "tok", vocab_size=400, log=quiet)
+    return sources, tmp_path / "tok" / "tokenizer.json"
+
+
+def test_a_trained_byte_level_bpe_encodes_with_tiktoken_and_the_same_ids(tmp_path):
+    sources, tok = _trained(tmp_path)
+    logged: list[str] = []
+    prepare_dataset(sources, tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, log=logged.append)
+    assert any(line.startswith("encoder: tiktoken (ids identical") for line in logged), logged
+    texts = PROBES + [t for t in _all_texts(tmp_path / "raw")]
+    fast, exact = Encoder(tok, True), Encoder(tok, False)
+    assert fast.tiktoken is not None and exact.tiktoken is None
+    for a, b in zip(fast.encode(texts), exact.encode(texts), strict=True):
+        assert a.tolist() == b.tolist()
+
+
+def _with_merges(tok: Path, out: Path, merges: list[tuple[str, str]]) -> Path:
+    """The tokenizer with merges appended (and their results as new tokens)."""
+    spec = json.loads(tok.read_text())
+    vocab = spec["model"]["vocab"]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+        spec["model"]["merges"].append([a, b])
+    out.write_text(json.dumps(spec))
+    return out
+
+
+def test_a_tokenizer_tiktoken_would_encode_differently_falls_back_and_says_so(tmp_path):
+    sources, tok = _trained(tmp_path)
+    # HF merges "XZ" first and has no rule for ("Q", "XZ"): "QXZ" stays two tokens. tiktoken merges any pair whose
+    # result is a token, so it would reach "QXZ" through "XZ": a different id sequence.
+    odd = _with_merges(tok, tmp_path / "odd.json", [("X", "Z"), ("Q", "X"), ("QX", "Z")])
+    fast, why = choose_encoder(odd, ["QXZ and more"])
+    assert not fast and "tiktoken gave other ids on sample document 0" in why
+    assert choose_encoder(odd, ["no such letters here"])[0]  # the sample decides
+    (tmp_path / "raw" / "a.jsonl").write_text(json.dumps({"text": "QXZ " * 50}) + "\n" + json.dumps({"text": "b"}))
+    logged: list[str] = []
+    prepare_dataset(sources, tmp_path / "ds", tokenizer=str(odd), log=logged.append)
+    assert any("tiktoken gave other ids" in line for line in logged), logged
+    text = dataset_text(tmp_path / "ds")
+    assert "QXZ QXZ" in text
+
+
+def test_a_tokenizer_tiktoken_cannot_represent_uses_tokenizers(tmp_path):
+    _, tok = _trained(tmp_path)
+    spec = json.loads(tok.read_text())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "lower.json").write_text(json.dumps(spec))
+    fast, why = choose_encoder(tmp_path / "lower.json", ["Some Text"])
+    assert not fast and "cannot represent this tokenizer: a subword prefix, suffix or normalizer" in why
+    assert byte_level_ranks(json.loads(tok.read_text()))[0] is not None

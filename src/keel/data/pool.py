@@ -13,7 +13,7 @@ import numpy as np
 
 from keel.data.minhash import MinHasher
 from keel.data.stages import StageSettings, Verdict, assess, clean
-from keel.data.tokenizer import encoding_pieces, eos_id, load_tokenizer
+from keel.data.tokenizer import Encoder
 from keel.errors import ConfigError
 
 TASK_CHARS = 1_000_000  # text per pool task: large enough that pickling is cheap next to the work
@@ -40,10 +40,11 @@ class Done(NamedTuple):
 
 
 class Job(NamedTuple):
-    """What a pass asks of the workers: the stage settings, and the tokenizer to encode with (None: scan)."""
+    """What a pass asks of the workers: the stage settings, the tokenizer to encode with (None: scan), which encoder."""
 
     settings: StageSettings
     tokenizer: str | None
+    fast: bool = False  # tiktoken, checked at load to give the tokenizer's own ids
 
 
 _state: dict = {}
@@ -55,35 +56,28 @@ def _single_threaded() -> None:
 
 
 def _load(job: Job) -> None:
-    """Build a job's tokenizer and hasher once per process; the next pass's job replaces them."""
+    """Build a job's encoder and hasher once per process; the next pass's job replaces them."""
     if _state.get("job") == job:
         return
-    tok = None
-    if job.tokenizer is not None:
-        tok = load_tokenizer(job.tokenizer)
-        tok.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document is text, not a boundary
+    encoder = None if job.tokenizer is None else Encoder(job.tokenizer, job.fast)
     threshold = job.settings.dedup_near_threshold
-    hasher = MinHasher(threshold) if threshold and tok is None else None
-    _state.update(job=job, tok=tok, hasher=hasher)
+    hasher = MinHasher(threshold) if threshold and encoder is None else None
+    _state.update(job=job, encoder=encoder, hasher=hasher)
 
 
 def _run(job: Job, task: list[Doc]) -> list[Done]:
     _load(job)
-    tok = _state["tok"]
-    if tok is None:
+    encoder: Encoder | None = _state["encoder"]
+    if encoder is None:
         hasher = _state["hasher"]
         return [Done(d.file, d.ordinal, assess(d.text, job.settings, hasher, d.want_text), None) for d in task]
     cleaned = [clean(d.text, job.settings) for d in task]
-    pieces = [list(encoding_pieces(text)) for text, _, _ in cleaned]
-    encodings = iter(tok.encode_batch_fast([p for doc in pieces for p in doc], add_special_tokens=False))
-    eos, out = eos_id(tok), []
-    for d, doc_pieces, (_, size, replaced) in zip(task, pieces, cleaned, strict=True):
-        tokens: list[int] = []
-        for _ in doc_pieces:
-            tokens.extend(next(encodings).ids)
-        tokens.append(eos)
-        out.append(Done(d.file, d.ordinal, None, np.array(tokens, dtype=np.uint32), size, replaced))
-    return out
+    ids = encoder.encode([text for text, _, _ in cleaned])
+    eos = np.array([encoder.eos], dtype=np.uint32)
+    return [
+        Done(d.file, d.ordinal, None, np.concatenate([doc, eos]), size, replaced)
+        for d, doc, (_, size, replaced) in zip(task, ids, cleaned, strict=True)
+    ]
 
 
 def resolve_workers(requested: int, total_bytes: int) -> int:

@@ -31,7 +31,7 @@ from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, doc_hashes, raw_do
 from keel.data.shards import ShardWriter
 from keel.data.sources import Sources, expand_sources
 from keel.data.stages import Pipeline, StageSettings, in_order
-from keel.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from keel.data.tokenizer import choose_encoder, eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError, KeelError
 from keel.io import check_writable_dir, filesystem_errors, fsync_path, sha256_file
 
@@ -251,7 +251,9 @@ def _write(
     mb = sum(e["bytes"] for e in scan.per_source) / 1e6
     t0 = last_log = time.perf_counter()
     finished = sum(len(w.shards) for w in writers.values())
-    for done in pool.map(Job(s, str(staging / "tokenizer.json")), tasks(docs())):
+    fast, why = choose_encoder(staging / "tokenizer.json", _sample(found, reading))
+    log(why)
+    for done in pool.map(Job(s, str(staging / "tokenizer.json"), fast), tasks(docs())):
         _add(done, found, scan, writers, written)
         if sum(len(w.shards) for w in writers.values()) > finished:
             finished = sum(len(w.shards) for w in writers.values())
@@ -278,6 +280,17 @@ def _write(
         skipped=scan.skipped,
         settings=settings,
     )
+
+
+def _sample(found: Sources, reading: Reading, chars: int = 1 << 20) -> list[str]:
+    """The corpus's first documents, about `chars` of text, to check the fast encoder against the tokenizer on."""
+    out, size = [], 0
+    for _, _, raw in raw_documents(found, reading, Counter()):
+        out.append(raw)
+        size += len(raw)
+        if size >= chars:
+            break
+    return out
 
 
 def _add(done: list[Done], found: Sources, scan: Scan, writers: dict[str, ShardWriter], written: Pipeline) -> None:
