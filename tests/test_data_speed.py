@@ -15,12 +15,16 @@ import pyarrow.parquet as pq
 import zstandard
 
 import keel.data.minhash
+import keel.data.sources
+import keel.data.spans
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
 from keel.data.minhash import MinHasher
 from keel.data.pii import DETECTORS, scrub
 from keel.data.prepare import prepare_dataset
-from keel.data.stages import StageSettings, _char_counts, assess
+from keel.data.sources import BadRecord, expand_sources, read_records
+from keel.data.spans import plan, read_span
+from keel.data.stages import StageSettings, _char_counts, _word_count, assess
 from keel.data.tokenizer import PROBES, Encoder, byte_level_ranks, choose_encoder
 
 ALL_ON = StageSettings(
@@ -188,6 +192,7 @@ def test_filter_statistics_are_computed_only_for_the_filters_that_are_on(monkeyp
         raise AssertionError("computed a statistic no filter needs")
 
     monkeypatch.setattr(keel.data.stages, "_char_counts", boom)
+    monkeypatch.setattr(keel.data.stages, "_word_count", boom)
     monkeypatch.setattr(keel.data.stages, "_WORD", type("W", (), {"findall": staticmethod(boom)}))
     text = "an ordinary sentence, 42 words or so\nand a line\nand a line"
     assert assess(text, StageSettings(max_repeated_line_fraction=0.9), None).failure is None
@@ -303,3 +308,48 @@ def test_a_tokenizer_tiktoken_cannot_represent_uses_tokenizers(tmp_path):
     fast, why = choose_encoder(tmp_path / "lower.json", ["Some Text"])
     assert not fast and "cannot represent this tokenizer: a subword prefix, suffix or normalizer" in why
     assert byte_level_ranks(json.loads(tok.read_text()))[0] is not None
+
+
+def test_word_count_fast_path_agrees_with_the_regex():
+    rng = random.Random(8)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab_9 \t\n.,-'é日") for _ in range(rng.randint(0, 30)))
+        assert _word_count(text) == len(re.findall(r"\w+", text)), repr(text)
+
+
+def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path):
+    lines = [json.dumps({"text": f"doc {i} " + "x" * (i % 13)}) for i in range(60)]
+    lines[5], lines[9], lines[20] = "", "   ", '{"text": "bad'
+    data = "\n".join(lines).replace("doc 3 ", "doc\r3 ").encode()  # no final newline, a CR inside a line
+    (tmp_path / "a.jsonl").write_bytes(data)
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(23)]}), tmp_path / "b.parquet", row_group_size=5)
+    files = expand_sources([str(tmp_path / "*")]).files
+    for path, kinds in ((files[0], {"lines"}), (files[1], {"rows"})):
+        whole = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for r in read_records(path.path, "text")]
+        for size in (1, 7, 100, 10_000):
+            spans = list(plan([path], "text", size))
+            assert {s.kind for s in spans} == kinds and (size == 10_000 or len(spans) > 1)
+            got = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for s in spans for r in read_span(s, "text")]
+            assert got == whole
+    bad = [str(r) for s in plan([files[0]], "text", 50) for r in read_span(s, "text") if isinstance(r, BadRecord)]
+    assert [b.split(": ")[0] for b in bad] == [f"{files[0].path}:4", f"{files[0].path}:21"]  # numbered in the file
+
+
+def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch):
+    sources, tok = _trained(tmp_path)
+    raw = tmp_path / "big"
+    raw.mkdir()
+    rng = random.Random(2)
+    (raw / "0.jsonl").write_text(json.dumps({"text": "first " * 50_000}) + "\n")  # all the encoder check reads
+    for f in range(1, 4):
+        (raw / f"{f}.jsonl").write_text("".join(json.dumps({"text": _document(rng)}) + "\n" for _ in range(200)))
+    monkeypatch.setattr("keel.data.pool.TASK_CHARS", 20_000)
+    parsed = []
+    for module in (keel.data.sources, keel.data.spans):
+        original = module.jsonl_record
+        monkeypatch.setattr(module, "jsonl_record", lambda *a, _o=original: parsed.append(1) or _o(*a))
+    m = prepare_dataset(
+        [str(raw / "*.jsonl")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
+    )
+    assert m.splits["train"].documents + m.splits["val"].documents > 300
+    assert len(parsed) == 1  # the encoder check's sample; every other line was parsed in a worker

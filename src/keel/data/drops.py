@@ -47,7 +47,7 @@ class DropWriter:
         self._file.close()
 
 
-def dropped_in(path: Path, file: int, first: int = 0, last: int = _ORDINALS - 1) -> set[int]:
+def dropped_in(path: Path, file: int, first: int, last: int) -> set[int]:
     """The dropped ordinals of one file between first and last (inclusive), read from the sorted keys on disk."""
     if os.path.getsize(path) == 0:
         return set()

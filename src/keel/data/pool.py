@@ -1,50 +1,66 @@
-"""The stateless document work of `keel data prepare` (stages, dedup keys, tokenization) over a process pool."""
+"""The stateless work of `keel data prepare` over a process pool: read and parse spans, stages, keys, encoding."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from keel.data.drops import dropped_in
 from keel.data.minhash import MinHasher
+from keel.data.sources import BadRecord
+from keel.data.spans import Span, read_span
 from keel.data.stages import StageSettings, Verdict, assess, clean
 from keel.data.tokenizer import Encoder
 from keel.errors import ConfigError
 
-TASK_CHARS = 1_000_000  # text per pool task: large enough that pickling is cheap next to the work
+TASK_CHARS = 1_000_000  # input per pool task: large enough that pickling is cheap next to the work
 
 
-class Doc(NamedTuple):
-    """A raw document sent to a worker: where it is from and whether its processed text must come back."""
-
-    file: int
-    ordinal: int
-    text: str
-    want_text: bool = False
+def doc_hashes(key: str, ordinal: int) -> tuple[float, float]:
+    """Two independent uniform numbers in [0, 1) for a document: one picks its split, one its sampling."""
+    digest = hashlib.blake2b(f"{key}\0{ordinal}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
 
 
 class Done(NamedTuple):
     """A worker's result for one document: the scan's verdict, or the write pass's ids (ending in EOS) and PII count."""
 
-    file: int
     ordinal: int
+    split_hash: float
     verdict: Verdict | None  # scan
     ids: np.ndarray | None  # write
     pii_size: int = 0  # write: bytes before scrubbing
     pii_replaced: int = 0
 
 
+class Result(NamedTuple):
+    """A span's documents in order, its bad records, and the file-level problem that ended the file in it."""
+
+    file: int
+    done: list[Done]
+    bad: list[BadRecord]
+    failed: BadRecord | None
+
+
 class Job(NamedTuple):
-    """What a pass asks of the workers: the stage settings, the tokenizer to encode with (None: scan), which encoder."""
+    """What a pass asks of the workers: how to read, the stage settings, and for the write pass how to encode."""
 
     settings: StageSettings
-    tokenizer: str | None
+    text_field: str
+    val_fraction: float
+    sample_fraction: float = 0.0  # scan: the share of training documents whose text comes back to train the BPE
+    tokenizer: str | None = None  # None: the scan
     fast: bool = False  # tiktoken, checked at load to give the tokenizer's own ids
+    drops: str | None = None  # write: the scan's list of dropped documents
+    after: tuple[int, int] | None = None  # write, resuming: only documents after this (file, ordinal)
 
 
 _state: dict = {}
@@ -65,19 +81,40 @@ def _load(job: Job) -> None:
     _state.update(job=job, encoder=encoder, hasher=hasher)
 
 
-def _run(job: Job, task: list[Doc]) -> list[Done]:
+def _run(job: Job, span: Span) -> Result:
+    """Read and parse a span, then run the pass's stages on its documents."""
     _load(job)
+    docs, bad, failed = [], [], None
+    try:
+        for record in read_span(span, job.text_field):
+            if isinstance(record, BadRecord):
+                bad.append(record)
+            elif record[1] and not record[1].isspace():
+                docs.append(record)
+    except BadRecord as e:
+        failed = e
+    if job.after is not None and span.file == job.after[0]:
+        docs = [d for d in docs if d[0] > job.after[1]]  # written before the crash
+    if job.drops is not None and docs:
+        dropped = dropped_in(Path(job.drops), span.file, docs[0][0], docs[-1][0])
+        docs = [d for d in docs if d[0] not in dropped]  # the scan decided the filters and dedup, in order
+    hashes = [doc_hashes(span.source.key, ordinal) for ordinal, _ in docs]
     encoder: Encoder | None = _state["encoder"]
     if encoder is None:
-        hasher = _state["hasher"]
-        return [Done(d.file, d.ordinal, assess(d.text, job.settings, hasher, d.want_text), None) for d in task]
-    cleaned = [clean(d.text, job.settings) for d in task]
+        hasher, s = _state["hasher"], job.settings
+        done = [
+            Done(o, split, assess(text, s, hasher, split >= job.val_fraction and sample < job.sample_fraction), None)
+            for (o, text), (split, sample) in zip(docs, hashes, strict=True)
+        ]
+        return Result(span.file, done, bad, failed)
+    cleaned = [clean(text, job.settings) for _, text in docs]
     ids = encoder.encode([text for text, _, _ in cleaned])
     eos = np.array([encoder.eos], dtype=np.uint32)
-    return [
-        Done(d.file, d.ordinal, None, np.concatenate([doc, eos]), size, replaced)
-        for d, doc, (_, size, replaced) in zip(task, ids, cleaned, strict=True)
+    done = [
+        Done(o, split, None, np.concatenate([doc, eos]), size, replaced)
+        for (o, _), (split, _), doc, (_, size, replaced) in zip(docs, hashes, ids, cleaned, strict=True)
     ]
+    return Result(span.file, done, bad, failed)
 
 
 def resolve_workers(requested: int, total_bytes: int) -> int:
@@ -86,19 +123,6 @@ def resolve_workers(requested: int, total_bytes: int) -> int:
         raise ConfigError(f"prepare.workers ({requested}) must be 0 (every core) or a positive process count")
     wanted = requested or os.cpu_count() or 1
     return max(1, min(wanted, -(-total_bytes // TASK_CHARS)))
-
-
-def tasks(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
-    """Group documents into tasks of about TASK_CHARS characters, in order."""
-    task, chars = [], 0
-    for doc in docs:
-        task.append(doc)
-        chars += len(doc.text)
-        if chars >= TASK_CHARS:
-            yield task
-            task, chars = [], 0
-    if task:
-        yield task
 
 
 class StagePool:
@@ -114,8 +138,8 @@ class StagePool:
             context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
 
-    def map(self, job: Job, work: Iterable[list[Doc]]) -> Iterator[list[Done]]:
-        """Results of each task, in the order the tasks were given."""
+    def map(self, job: Job, work: Iterable[Span]) -> Iterator[Result]:
+        """Results of each span, in the order the spans were given."""
         if self._executor is None:
             yield from (_run(job, task) for task in work)
             return

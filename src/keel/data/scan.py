@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from keel.data.drops import DropWriter
-from keel.data.pool import Doc, Job, StagePool, tasks
-from keel.data.sources import Sources, read_documents
+from keel.data.pool import Job, Result, StagePool
+from keel.data.sources import Sources
+from keel.data.spans import plan
 from keel.data.stages import Pipeline, StageSettings
 from keel.errors import DataError
 
@@ -60,26 +60,6 @@ class Scan:
         return cls(**d, lowest=(low[0], tuple(low[1])), highest=(high[0], tuple(high[1])))
 
 
-def doc_hashes(key: str, ordinal: int) -> tuple[float, float]:
-    """Two independent uniform numbers in [0, 1) for a document: one picks its split, one its sampling."""
-    digest = hashlib.blake2b(f"{key}\0{ordinal}".encode(), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
-
-
-def raw_documents(
-    found: Sources, reading: Reading, skipped: Counter, after: tuple[int, int] | None = None
-) -> Iterator[tuple[int, int, str]]:
-    """Every non-empty raw document as (file index, ordinal, text), starting after the (file, ordinal) `after`."""
-    for index, source in enumerate(found.files):
-        if after is not None and index < after[0]:
-            continue  # finished before the crash: not even read again
-        for ordinal, raw in read_documents(source.path, reading.text_field, skipped if reading.skip_bad else None):
-            if after is not None and (index, ordinal) <= after:
-                continue
-            if raw and not raw.isspace():
-                yield index, ordinal, raw
-
-
 def scan(
     found: Sources,
     reading: Reading,
@@ -88,6 +68,7 @@ def scan(
     pool: StagePool,
     pipeline: Pipeline,
     drops: DropWriter,
+    task_size: int,
 ) -> Scan:
     """Read everything once: catch bad files, count, decide filters and dedup (recording drops), sample text."""
     result = Scan(
@@ -97,30 +78,25 @@ def scan(
         result.per_source[source.source]["files"] += 1
         result.per_source[source.source]["bytes"] += os.path.getsize(source.path)
     skipped: Counter = Counter()
-    hashes: dict[tuple[int, int], tuple[float, float]] = {}  # only for the documents in flight in the pool
-
-    def docs() -> Iterator[Doc]:
-        for index, ordinal, raw in raw_documents(found, reading, skipped):
-            split_hash, sample_hash = hashes[(index, ordinal)] = doc_hashes(found.files[index].key, ordinal)
-            yield Doc(index, ordinal, raw, split_hash >= val_fraction and sample_hash < sample_fraction)
-
     sampled = 0
-    for done in pool.map(Job(reading.stages, None), tasks(docs())):
-        for d in done:
-            split_hash, _ = hashes.pop((d.file, d.ordinal))
-            assert d.verdict is not None
-            if not pipeline.accept(d.file, d.ordinal, d.verdict):
-                drops.add(d.file, d.ordinal)
+    job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction)
+    for r in readable(pool.map(job, plan(found.files, reading.text_field, task_size)), reading.skip_bad, skipped):
+        for d in r.done:
+            v = d.verdict
+            assert v is not None
+            if not pipeline.accept(r.file, d.ordinal, v):
+                drops.add(r.file, d.ordinal)
                 continue
+            key = (r.file, d.ordinal)
             result.documents += 1
-            result.per_source[found.files[d.file].source]["documents"] += 1
-            result.lowest = min(result.lowest, (split_hash, (d.file, d.ordinal)))
-            result.highest = max(result.highest, (split_hash, (d.file, d.ordinal)))
-            if split_hash < val_fraction:
+            result.per_source[found.files[r.file].source]["documents"] += 1
+            result.lowest = min(result.lowest, (d.split_hash, key))
+            result.highest = max(result.highest, (d.split_hash, key))
+            if d.split_hash < val_fraction:
                 result.val += 1
-            elif d.verdict.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
-                result.sample.append(d.verdict.sample)
-                sampled += len(d.verdict.sample)
+            elif v.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
+                result.sample.append(v.sample)
+                sampled += len(v.sample)
         if pipeline.store is not None:
             pipeline.store.commit()
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
@@ -136,3 +112,21 @@ def scan(
             "split it into several files or JSON Lines records"
         )
     return result
+
+
+def readable(results: Iterable[Result], skip_bad: bool, skipped: Counter) -> Iterator[Result]:
+    """The spans' results with bad records raised, or counted and left out; a file-level problem ends its file."""
+    ended: set[int] = set()
+    for r in results:
+        if r.file in ended:
+            continue  # the file ended in an earlier span: its later spans were read for nothing
+        for bad in r.bad:
+            if not skip_bad:
+                raise bad
+            skipped[bad.kind] += 1
+        if r.failed is not None:
+            if not skip_bad:
+                raise r.failed
+            skipped[r.failed.kind] += 1
+            ended.add(r.file)
+        yield r

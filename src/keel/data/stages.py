@@ -45,24 +45,41 @@ _ALNUM = bytes(c for c in range(128) if chr(c).isalnum())
 _DIGIT = bytes(c for c in range(128) if chr(c).isdigit())
 
 
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# Word characters to "a", the rest to " ": bytes.split() then counts the words of ASCII text in C.
+_WORDS_TO_A = bytes(ord("a") if re.match(r"\w", chr(c)) else ord(" ") for c in range(128)) + b" " * 128
+
+
 def _char_counts(text: str) -> tuple[int, int, int]:
     """(visible, symbol, digit) characters; no visible character counts as one symbol, as a lone " " would."""
-    if text.isascii():  # bytes.translate deletes in C: the counts are the lengths that go
-        data = text.encode("ascii")
-        spaces, alnum, digits = (len(data) - len(data.translate(None, chars)) for chars in (_SPACE, _ALNUM, _DIGIT))
-    else:
-        spaces, alnum, digits = (sum(map(test, text)) for test in (str.isspace, str.isalnum, str.isdigit))
+    # ASCII bytes of UTF-8 are the ASCII characters: bytes.translate deletes them in C and the counts are what
+    # goes; the few non-ASCII characters are counted one by one.
+    data = text.encode()
+    spaces, alnum, digits = (len(data) - len(data.translate(None, chars)) for chars in (_SPACE, _ALNUM, _DIGIT))
+    if len(data) != len(text):
+        rest = "".join(_NON_ASCII.findall(text))
+        spaces += sum(map(str.isspace, rest))
+        alnum += sum(map(str.isalnum, rest))
+        digits += sum(map(str.isdigit, rest))
     visible = len(text) - spaces  # no character is both a space and alphanumeric (or a digit)
     return (visible, visible - alnum, digits) if visible else (1, 1, 0)
 
 
+def _word_count(text: str) -> int:
+    """len(_WORD.findall(text)), without building the words where the text is ASCII."""
+    if text.isascii():
+        return len(text.encode().translate(_WORDS_TO_A).split())
+    return len(_WORD.findall(text))
+
+
 def quality_failure(text: str, s: StageSettings) -> str | None:
     """The name of the first quality filter the document fails, or None; computes only what the filters on need."""
-    need_words = s.min_words or s.max_words or s.min_mean_word_length or s.max_mean_word_length
-    words = _WORD.findall(text) if need_words or s.max_top_ngram_fraction else []
-    if s.min_words and len(words) < s.min_words:
+    need_words = s.min_mean_word_length or s.max_mean_word_length or s.max_top_ngram_fraction
+    words = _WORD.findall(text) if need_words else []
+    count = len(words) if need_words else _word_count(text) if s.min_words or s.max_words else 0
+    if s.min_words and count < s.min_words:
         return "min_words"
-    if s.max_words and len(words) > s.max_words:
+    if s.max_words and count > s.max_words:
         return "max_words"
     if s.min_mean_word_length or s.max_mean_word_length:
         mean = sum(map(len, words)) / max(len(words), 1)
