@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import dataset_text, near_copy, quiet, random_document
 from keel.cli import app
-from keel.data.dedup_store import DedupStore
+from keel.data.dedup_store import DedupStore, Keys
 from keel.data.inspect import verify_dataset
 from keel.data.minhash import MinHasher, lsh_bands
 from keel.data.pii import luhn_ok, scrub
@@ -132,9 +132,14 @@ def test_scrub_leaves_code_versions_and_dates_alone():
 def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     rng = random.Random(3)
     docs = [random_document(rng, 300) for _ in range(40)]
-    hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d.sqlite", exact=False, near_threshold=0.8)
-    assert not any(store.check(0, i, None, hasher.signature(d)) for i, d in enumerate(docs))
-    assert store.check(1, 0, None, hasher.signature(near_copy(docs[7]))) == "dedup_near"
+    hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d", exact=False, near_threshold=0.8)
+
+    def keys(file: int, ordinal: int, text: str) -> Keys:
+        signature = hasher.signature(text)
+        return Keys(file, ordinal, None, signature, hasher.band_hashes(signature))
+
+    assert store.check([keys(0, i, d) for i, d in enumerate(docs)]) == [None] * 40
+    assert store.check([keys(1, 0, near_copy(docs[7]))]) == ["dedup_near"]
     assert lsh_bands(128, 0.8)[0] * lsh_bands(128, 0.8)[1] <= 128
 
 
@@ -149,7 +154,7 @@ def test_quality_filters_name_the_failing_filter():
 def test_normalization_is_counted_as_a_change():
     s = StageSettings(normalize="NFC")
     p, v = Pipeline(s), assess("cafe\u0301", s, None)
-    assert p.accept(0, 0, v) and clean("cafe\u0301", s)[0] == "caf\u00e9"
+    assert p.accept([(0, 0, v)]) == [True] and clean("cafe\u0301", s)[0] == "caf\u00e9"
     assert p.stats["normalize"] == {"documents_changed": 1, "bytes_changed": 6}
 
 

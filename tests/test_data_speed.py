@@ -19,6 +19,8 @@ import keel.data.sources
 import keel.data.spans
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
+from keel.data.dedup_store import DedupStore, Keys
+from keel.data.merge import merge_datasets
 from keel.data.minhash import MinHasher
 from keel.data.pii import DETECTORS, scrub
 from keel.data.prepare import prepare_dataset
@@ -353,3 +355,75 @@ def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch
     )
     assert m.splits["train"].documents + m.splits["val"].documents > 300
     assert len(parsed) == 1  # the encoder check's sample; every other line was parsed in a worker
+
+
+def _one_at_a_time(docs: list[Keys], hasher: MinHasher, exact: bool, near: bool) -> list[str | None]:
+    """The rules of the sqlite store this replaced: each document against every earlier one, in order."""
+    digests: set = set()
+    first: dict = {}  # (band, band's values) -> signature of the first kept document with it
+    out: list[str | None] = []
+    step = 4 * hasher.rows
+    for d in docs:
+        if exact and d.digest in digests:
+            out.append("dedup_exact")
+            continue
+        digests.add(d.digest)
+        keys = [(b, d.signature[b * step : (b + 1) * step]) for b in range(hasher.bands)] if near else []
+        if any(k in first and hasher.similar(first[k], d.signature) for k in keys):
+            out.append("dedup_near")
+            continue
+        for k in keys:
+            first.setdefault(k, d.signature)
+        out.append(None)
+    return out
+
+
+def test_the_batched_dedup_store_decides_as_one_document_at_a_time(tmp_path):
+    rng = random.Random(11)
+    hasher = MinHasher(0.8)
+    texts = [" ".join(rng.choice(WORDS[:15]) + str(rng.randrange(40)) for _ in range(60)) for _ in range(150)]
+    for _ in range(150):  # exact copies, near copies and copies of near copies, near and far from the original
+        base = rng.choice(texts)
+        texts.insert(rng.randrange(len(texts) + 1), rng.choice([base, near_copy(base), base.replace("a", "b", 2)]))
+    docs = []
+    for i, text in enumerate(texts):
+        sig = hasher.signature(text)
+        docs.append(Keys(0, i, hashlib.blake2b(text.encode(), digest_size=16).digest(), sig, hasher.band_hashes(sig)))
+    for exact, near in ((True, True), (True, False), (False, True)):
+        expected = _one_at_a_time(docs, hasher, exact, near)
+        assert (not near or expected.count("dedup_near") > 20) and (not exact or expected.count("dedup_exact") > 20)
+        for size in (1, 7, 64, len(docs)):
+            store = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0)
+            got = [stage for lo in range(0, len(docs), size) for stage in store.check(docs[lo : lo + size])]
+            store.close()
+            assert got == expected, (exact, near, size)
+            reopened = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0, readonly=True)
+            kept = [k for batch in reopened.kept_documents(batch=50) for k in batch]
+            want = [d for d, stage in zip(docs, expected, strict=True) if stage is None]
+            strip = {"digest": None} if not exact else {"signature": None, "bands": None} if not near else {}
+            assert kept == [d._replace(**strip) for d in want]
+            reopened.close()
+
+
+def test_merge_looks_up_the_parts_stores_and_fills_none(tmp_path, monkeypatch):
+    rng = random.Random(12)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    texts = [" ".join(rng.choice(WORDS) + str(rng.randrange(99)) for _ in range(80)) for _ in range(20)]
+    files = [texts[:10], texts[10:] + [texts[2], near_copy(texts[4])]]
+    for i, docs in enumerate(files):
+        (raw / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare_dataset([str(raw / "*.jsonl")], tmp_path / "tok", vocab_size=400, log=quiet)
+    stages = StageSettings(dedup_exact=True, dedup_near_threshold=0.8)
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        tok = str(tmp_path / "tok" / "tokenizer.json")
+        prepare_dataset([str(raw / "*.jsonl")], part, tokenizer=tok, stages=stages, part=(i, 2), log=quiet)
+
+    def refill(*_):
+        raise AssertionError("merge filled a store again")
+
+    monkeypatch.setattr(DedupStore, "check", refill)
+    merged = merge_datasets(parts, tmp_path / "merged")
+    assert merged.stages["merge.dedup_exact"]["documents_dropped"] == 1
+    assert merged.stages["merge.dedup_near"]["documents_dropped"] == 1

@@ -1,13 +1,14 @@
 """MinHash signatures and LSH band keys for near-duplicate detection.
 
 Not `datasketch`: its LSH index lives in process memory (or Redis / Cassandra), while prepare must keep
-bounded memory and resume after a crash, so the index is our sqlite `DedupStore`; what remains, the
+bounded memory and resume after a crash, so the index is our on-disk `DedupStore`; what remains, the
 signature, is the same universal-hash family (a*x+b mod 2**61-1) in a few lines of numpy, where the
 package would bring scipy along.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 
@@ -65,10 +66,19 @@ class MinHasher:
             np.minimum(best, _mod_mersenne(y).min(axis=0), out=best)
         return best.astype(np.uint32).tobytes()
 
-    def band_keys(self, signature: bytes) -> list[bytes]:
-        """The signature's LSH band keys: documents sharing any key are candidates for a similarity check."""
+    @property
+    def signature_bytes(self) -> int:
+        """The size of a signature."""
+        return 4 * len(self._a)
+
+    def band_hashes(self, signature: bytes) -> bytes:
+        """The signature's LSH band keys as one uint64 each: documents sharing one are checked for similarity."""
         step = 4 * self.rows
-        return [signature[i * step : (i + 1) * step] for i in range(self.bands)]
+        # The band's number is hashed in: equal values in different bands are different keys.
+        return b"".join(
+            hashlib.blake2b(signature[i * step : (i + 1) * step], digest_size=8, salt=bytes([i])).digest()
+            for i in range(self.bands)
+        )
 
     def similar(self, a: bytes, b: bytes) -> bool:
         """True if the estimated Jaccard similarity of two signatures reaches the threshold."""

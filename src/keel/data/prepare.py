@@ -155,7 +155,7 @@ def _prepare(
             tok = load_tokenizer(staging / "tokenizer.json")
         manifest = _write(staging, found, result, reading, tok, settings, progress, pool, log)
         if part is None or not (staging / STORE).exists():
-            (staging / STORE).unlink(missing_ok=True)  # the dedup keys outlive the run only where a merge needs them
+            shutil.rmtree(staging / STORE, ignore_errors=True)  # the dedup keys outlive the run only for a merge
         else:
             manifest.dedup_store = STORE
         write_manifest(staging, manifest)

@@ -15,6 +15,7 @@ from keel.data.stages import Pipeline, StageSettings
 from keel.errors import DataError
 
 TRAIN_SAMPLE_CHARS = 16_000_000  # a BPE trained on ~16 MB is as good as on more, in a fraction of the time
+DEDUP_BATCH = 4096  # documents per dedup-store check: large enough that its array work dwarfs its overhead
 
 
 @dataclass(frozen=True)
@@ -78,27 +79,14 @@ def scan(
         result.per_source[source.source]["files"] += 1
         result.per_source[source.source]["bytes"] += os.path.getsize(source.path)
     skipped: Counter = Counter()
-    sampled = 0
     job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction)
+    batch: list[Result] = []
     for r in readable(pool.map(job, plan(found.files, reading.text_field, task_size)), reading.skip_bad, skipped):
-        for d in r.done:
-            v = d.verdict
-            assert v is not None
-            if not pipeline.accept(r.file, d.ordinal, v):
-                drops.add(r.file, d.ordinal)
-                continue
-            key = (r.file, d.ordinal)
-            result.documents += 1
-            result.per_source[found.files[r.file].source]["documents"] += 1
-            result.lowest = min(result.lowest, (d.split_hash, key))
-            result.highest = max(result.highest, (d.split_hash, key))
-            if d.split_hash < val_fraction:
-                result.val += 1
-            elif v.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
-                result.sample.append(v.sample)
-                sampled += len(v.sample)
-        if pipeline.store is not None:
-            pipeline.store.commit()
+        batch.append(r)
+        if sum(len(b.done) for b in batch) >= DEDUP_BATCH:
+            _decide(batch, found, pipeline, drops, result)
+            batch = []
+    _decide(batch, found, pipeline, drops, result)
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     if result.documents == 0:
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
@@ -112,6 +100,28 @@ def scan(
             "split it into several files or JSON Lines records"
         )
     return result
+
+
+def _decide(batch: list[Result], found: Sources, pipeline: Pipeline, drops: DropWriter, result: Scan) -> None:
+    """Apply the filters' verdicts and dedup to a batch of spans' documents in order; count, split, sample."""
+    docs = [(r.file, d.ordinal, d.verdict) for r in batch for d in r.done]
+    kept = iter(pipeline.accept(docs))  # type: ignore[arg-type]
+    sampled = sum(map(len, result.sample))
+    for r in batch:
+        for d in r.done:
+            key = (r.file, d.ordinal)
+            if not next(kept):
+                drops.add(*key)
+                continue
+            result.documents += 1
+            result.per_source[found.files[r.file].source]["documents"] += 1
+            result.lowest = min(result.lowest, (d.split_hash, key))
+            result.highest = max(result.highest, (d.split_hash, key))
+            if d.split_hash < result.val_fraction:
+                result.val += 1
+            elif d.verdict is not None and d.verdict.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
+                result.sample.append(d.verdict.sample)
+                sampled += len(d.verdict.sample)
 
 
 def readable(results: Iterable[Result], skip_bad: bool, skipped: Counter) -> Iterator[Result]:

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from keel.data.dedup_store import DedupStore
+from keel.data.dedup_store import DedupStore, Keys
 from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
 
@@ -114,6 +114,7 @@ class Verdict(NamedTuple):
     size: int  # bytes of the normalized text (what the filter and dedup statistics count)
     digest: bytes | None  # exact-dedup key
     signature: bytes | None  # MinHash signature for near dedup
+    bands: bytes | None  # its LSH band keys (uint64 each), computed here so the main process only looks them up
     sample: str | None  # the text as it will be tokenized (PII scrubbed), only for the tokenizer's training sample
 
 
@@ -128,11 +129,12 @@ def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: boo
     data = text.encode()
     reason = quality_failure(text, s)
     if reason is not None:
-        return Verdict(reason, normalized_bytes, len(data), None, None, None)
+        return Verdict(reason, normalized_bytes, len(data), None, None, None, None)
     digest = hashlib.blake2b(data, digest_size=16).digest() if s.dedup_exact else None
     signature = hasher.signature(text) if hasher is not None else None
+    bands = hasher.band_hashes(signature) if hasher is not None and signature is not None else None
     sample = (scrub(text)[0] if s.pii else text) if want_text else None
-    return Verdict(None, normalized_bytes, len(data), digest, signature, sample)
+    return Verdict(None, normalized_bytes, len(data), digest, signature, bands, sample)
 
 
 def clean(text: str, s: StageSettings) -> tuple[str, int, int]:
@@ -159,19 +161,25 @@ class Pipeline:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     first: dict[str, list[int]] = field(default_factory=dict)  # (file, ordinal, rank) where each stage first counted
 
-    def accept(self, file: int, ordinal: int, v: Verdict) -> bool:
-        """Count the document's scan outcomes; True if it survives every stage, dedup included."""
-        if v.normalized_bytes:
-            self.count("normalize", "changed", v.normalized_bytes, file, ordinal)
-        if v.failure is not None:
-            self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
-            return False
-        if self.store is not None:
-            dropped = self.store.check(file, ordinal, v.digest, v.signature)
-            if dropped is not None:
-                self.count(dropped, "dropped", v.size, file, ordinal)
-                return False
-        return True
+    def accept(self, docs: list[tuple[int, int, Verdict]]) -> list[bool]:
+        """Count (file, ordinal, verdict)s' scan outcomes; True for each that survives every stage, dedup included."""
+        passed = []
+        for k, (file, ordinal, v) in enumerate(docs):
+            if v.normalized_bytes:
+                self.count("normalize", "changed", v.normalized_bytes, file, ordinal)
+            if v.failure is not None:
+                self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
+            else:
+                passed.append(k)
+        keys = [Keys(*docs[k][:2], docs[k][2].digest, docs[k][2].signature, docs[k][2].bands) for k in passed]
+        stages = self.store.check(keys) if self.store is not None else [None] * len(passed)
+        out = [False] * len(docs)
+        for k, stage in zip(passed, stages, strict=True):
+            if stage is None:
+                out[k] = True
+            else:
+                self.count(stage, "dropped", docs[k][2].size, docs[k][0], docs[k][1])
+        return out
 
     def count_pii(self, file: int, ordinal: int, size: int, replaced: int) -> None:
         """Count a kept document's PII replacements (the write pass scrubs)."""
@@ -182,7 +190,7 @@ class Pipeline:
     def count(self, stage: str, what: str, size: int, file: int, ordinal: int) -> None:
         """Add one document of `size` bytes to a stage's dropped or changed counts."""
         entry = self.stats.setdefault(stage, {})
-        self.first.setdefault(stage, [file, ordinal, _RANK.get(stage, 1)])
+        self.first[stage] = min(self.first.get(stage, [file, ordinal, 9]), [file, ordinal, _RANK.get(stage, 1)])
         entry[f"documents_{what}"] = entry.get(f"documents_{what}", 0) + 1
         entry[f"bytes_{what}"] = entry.get(f"bytes_{what}", 0) + size
 

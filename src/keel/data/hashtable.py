@@ -1,0 +1,136 @@
+"""Hash tables of 64-bit keys in memory-mapped files, sharded by key and worked on a batch at a time with numpy.
+
+Why not sqlite: one row at a time from Python, and a B-tree whose random inserts slow down as it outgrows its
+cache. Here a batch of keys is looked up or inserted with a few array operations per probe round (open
+addressing, linear probing), every operation costs the same however full the table is (each shard doubles
+before it is 60% full), and the process's own memory is the batch: the tables are file pages that the
+kernel caches and writes back. Doubling a shard streams its old file into the new one in bounded chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from keel.io import fsync_path
+
+SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
+FIRST_SLOTS = 1 << 12
+MAX_LOAD = 0.6
+_CHUNK = 1 << 20  # slots per step when a shard doubles
+
+
+class ShardedTable:
+    """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**SHARD_BITS files."""
+
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, state: dict | None = None, readonly=False):
+        self.directory, self.name, self.dtype, self.readonly = Path(directory), name, np.dtype(dtype), readonly
+        shards = 1 << SHARD_BITS
+        self.slots: list[int] = list(state["slots"]) if state else [FIRST_SLOTS] * shards
+        self.counts: list[int] = list(state["counts"]) if state else [0] * shards
+        self._maps: list[np.memmap | None] = [None] * shards
+
+    def state(self) -> dict:
+        """What reopening the table needs (slots and entries per shard)."""
+        return {"slots": self.slots, "counts": self.counts}
+
+    def find(self, entries: np.ndarray) -> np.ndarray:
+        """The stored entry equal to each entry on every key field ("k", and "k2" if the dtype has it), or zeros."""
+        out = np.zeros(len(entries), self.dtype)
+        for shard, index in self._by_shard(entries):
+            out[index] = self._find(shard, entries[index])
+        return out
+
+    def insert(self, entries: np.ndarray) -> None:
+        """Add entries whose keys are distinct and not in the table yet."""
+        for shard, index in self._by_shard(entries):
+            while self.counts[shard] + len(index) > MAX_LOAD * self.slots[shard]:
+                self._grow(shard)
+            _place(self._map(shard), entries[index])
+            self.counts[shard] += len(index)
+
+    def entries(self) -> int:
+        """How many entries the table holds."""
+        return sum(self.counts)
+
+    def bytes_on_disk(self) -> int:
+        """The size of the table's files."""
+        return sum(s * self.dtype.itemsize for s in self.slots)
+
+    def close(self) -> None:
+        """Write every changed page back and fsync the files."""
+        for shard, table in enumerate(self._maps):
+            if table is not None and not self.readonly:
+                table.flush()
+                fsync_path(self._path(shard))
+            self._maps[shard] = None
+
+    def _by_shard(self, entries: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        shard = (entries["k"] >> np.uint64(64 - SHARD_BITS)).astype(np.int64)
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange((1 << SHARD_BITS) + 1))
+        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(1 << SHARD_BITS) if bounds[s] < bounds[s + 1]]
+
+    def _path(self, shard: int) -> Path:
+        return self.directory / f"{self.name}-{shard:02d}.bin"
+
+    def _map(self, shard: int) -> np.memmap:
+        table = self._maps[shard]
+        if table is None:
+            path = self._path(shard)
+            if not path.exists():
+                with open(path, "wb") as f:
+                    f.truncate(self.slots[shard] * self.dtype.itemsize)  # a sparse file of empty slots
+            table = np.memmap(path, self.dtype, mode="r" if self.readonly else "r+", shape=(self.slots[shard],))
+            self._maps[shard] = table
+        return table
+
+    def _find(self, shard: int, keys: np.ndarray) -> np.ndarray:
+        table = self._map(shard)
+        mask = np.uint64(len(table) - 1)
+        pos = (keys["k"] & mask).astype(np.int64)
+        out = np.zeros(len(keys), self.dtype)
+        active = np.arange(len(keys))
+        fields = [f for f in ("k", "k2") if f in self.dtype.names]
+        while active.size:
+            slot = table[pos[active]]
+            hit = np.logical_and.reduce([slot[f] == keys[f][active] for f in fields])
+            out[active[hit]] = slot[hit]
+            active = active[~hit & (slot["k"] != 0)]  # neither found nor at an empty slot: probe the next one
+            pos[active] = (pos[active] + 1) & int(mask)
+        return out
+
+    def _grow(self, shard: int) -> None:
+        old, path = self._map(shard), self._path(shard)
+        new_slots = 2 * self.slots[shard]
+        tmp = path.with_name(path.name + ".grow")
+        with open(tmp, "wb") as f:
+            f.truncate(new_slots * self.dtype.itemsize)
+        new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
+        for lo in range(0, len(old), _CHUNK):
+            chunk = old[lo : lo + _CHUNK]
+            _place(new, np.asarray(chunk[chunk["k"] != 0]))
+        new.flush()
+        del new, old
+        self._maps[shard] = None
+        os.replace(tmp, path)
+        self.slots[shard] = new_slots
+
+
+def _place(table: np.ndarray, entries: np.ndarray) -> None:
+    """Put distinct new entries into free slots by linear probing, all at once: one array pass per probe round."""
+    mask = len(table) - 1
+    pos = (entries["k"] & np.uint64(mask)).astype(np.int64)
+    active = np.arange(len(entries))
+    while active.size:
+        free = table["k"][pos[active]] == 0
+        # Several entries may want the same free slot: the first of each takes it, the others probe on.
+        wanted, first = np.unique(pos[active][free], return_index=True)
+        winners = np.flatnonzero(free)[first]
+        table[wanted] = entries[active[winners]]
+        placed = np.zeros(len(active), bool)
+        placed[winners] = True
+        active = active[~placed]
+        pos[active] = (pos[active] + 1) & mask
