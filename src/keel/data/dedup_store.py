@@ -107,14 +107,18 @@ class DedupStore:
                 for b in np.flatnonzero(shared[j] & ~stored[j]):
                     first_kept.setdefault(int(keys[j, b]), i)
             kept.append(i)
-        rows = {i: self.kept + n for n, i in enumerate(kept)}
-        new = [(j, b) for j, i in enumerate(alive) if i in rows for b in range(keys.shape[1]) if not stored[j, b]]
-        new = [(j, b) for j, b in new if not shared[j, b] or first_kept[int(keys[j, b])] == alive[j]]
-        if new:
-            add = np.zeros(len(new), BAND)
-            add["k"] = [keys[j, b] for j, b in new]
-            add["v"] = [rows[alive[j]] for j, _ in new]
-            self._bands.insert(add)
+        kept_set = set(kept)
+        is_kept = np.array([i in kept_set for i in alive], bool)
+        new = ~stored & is_kept[:, None]
+        # A key recurring in the batch goes in once, for its first kept document (row-major order is doc order).
+        recurring = np.flatnonzero((new & shared).ravel())
+        _, first = np.unique(keys.ravel()[recurring], return_index=True)
+        new &= ~shared
+        new.ravel()[recurring[first]] = True
+        add = np.zeros(int(new.sum()), BAND)
+        add["k"] = keys[new]
+        add["v"] = (self.kept + np.cumsum(is_kept) - 1)[:, None].repeat(keys.shape[1], axis=1)[new]
+        self._bands.insert(add)
         return kept
 
     def _near_hit(
