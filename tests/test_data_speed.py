@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 
 import keel.data.minhash
+import keel.data.prepare
 import keel.data.sources
 import keel.data.spans
 import keel.data.stages
@@ -427,3 +429,27 @@ def test_merge_looks_up_the_parts_stores_and_fills_none(tmp_path, monkeypatch):
     merged = merge_datasets(parts, tmp_path / "merged")
     assert merged.stages["merge.dedup_exact"]["documents_dropped"] == 1
     assert merged.stages["merge.dedup_near"]["documents_dropped"] == 1
+
+
+def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    sources, tok = _trained(tmp_path)
+    args = {"tokenizer": str(tok), "shard_tokens": 1500, "stages": ALL_ON, "log": quiet}
+    prepare_dataset(sources, tmp_path / "whole", **args)
+    calls = {"n": 0}
+    original = keel.data.prepare._add
+
+    def crash_later(*a):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise RuntimeError("killed")
+        original(*a)
+
+    with monkeypatch.context() as m:
+        m.setattr(keel.data.prepare, "_add", crash_later)
+        m.setattr("keel.data.pool.TASK_CHARS", 2000)
+        with pytest.raises(RuntimeError):
+            prepare_dataset(sources, tmp_path / "out", **args)
+    logged: list[str] = []
+    prepare_dataset(sources, tmp_path / "out", **{**args, "log": logged.append})
+    assert any(line.startswith("resuming ") and not line.endswith(": 0 shards already done") for line in logged)
+    assert fingerprint(tmp_path / "out", tmp_path) == fingerprint(tmp_path / "whole", tmp_path)
