@@ -27,6 +27,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, for ever
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -87,6 +88,11 @@ def median_seconds(run: Callable[[int], None], repeats: int) -> float:
     return statistics.median(seconds)
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process only: not the pool's workers
+    return usage.ru_utime + usage.ru_stime
+
+
 def _spin(n: int) -> int:
     return sum(i * i for i in range(n))
 
@@ -116,6 +122,7 @@ def main() -> None:
         prepare_dataset([str(root / "raw" / "*.jsonl")], root / "tok", vocab_size=8192, log=lambda m: None)
         tok = root / "tok" / "tokenizer.json"
         rows: dict[str, tuple[float, int]] = {}  # name -> (MB/s, processes)
+        main_cpu: dict[str, float] = {}  # Keel with a pool: the main process's CPU seconds per wall second
         hf, fast = Encoder(tok, False), Encoder(tok, True)
         assert all(a.tolist() == b.tolist() for a, b in zip(hf.encode(docs), fast.encode(docs), strict=True))
         for name, encoder in (("HF tokenizers encode_batch_fast alone", hf), ("tiktoken alone (same ids)", fast)):
@@ -134,7 +141,11 @@ def main() -> None:
                         log=lambda m: None,
                     )
 
-                rows[f"Keel, {label}, {workers} worker(s)"] = (mb / median_seconds(run, args.repeats), workers)
+                cpu0 = _cpu()
+                seconds = median_seconds(run, args.repeats)
+                rows[f"Keel, {label}, {workers} worker(s)"] = (mb / seconds, workers)
+                if workers > 1:
+                    main_cpu[label] = (_cpu() - cpu0) / args.repeats / seconds
         if args.peer_python:
             peer = Path(__file__).with_name("datatrove_peer.py")
             for workers in (1, args.workers):
@@ -168,6 +179,11 @@ def main() -> None:
         one, pool = rows[f"Keel, {label}, 1 worker(s)"][0], rows[f"Keel, {label}, {args.workers} worker(s)"][0]
         print(f"{label}: pool of {args.workers} / 1 worker = {pool / one:.2f}x")
     print(f"machine ceiling: a pure-Python loop in a pool of {args.workers} / 1 process = {limit:.2f}x")
+    for label, busy in main_cpu.items():
+        print(
+            f"{label}, pool of {args.workers}: the main process was busy {busy:.0%} of the time: it would keep up "
+            f"with about {args.workers / max(busy, 1e-9):.0f} workers"
+        )
 
 
 if __name__ == "__main__":

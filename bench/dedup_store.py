@@ -54,14 +54,16 @@ def main() -> None:
             t0 = time.perf_counter()
             dropped += sum(s is not None for s in store.check(docs))
             spent += time.perf_counter() - t0  # generating the keys is not the store's time
-            for mark in (tenth, args.documents - tenth, args.documents):
+            for mark in range(tenth, args.documents + 1, tenth):
                 if start < mark <= start + len(docs):
                     marks[mark] = (start + len(docs), spent)
         store.close()
         size = store.bytes_on_disk()
         tables = sum(p.stat().st_size for p in store.path.glob("*-*.bin"))
-        (d1, t1), (d2, t2), (d3, t3) = (marks[m] for m in sorted(marks))
-        first, last = d1 / t1, (d3 - d2) / (t3 - t2)
+        points = [(0, 0.0)] + [marks[m] for m in sorted(marks)]
+        rates = [(d - d0) / (t - t0) for (d0, t0), (d, t) in zip(points, points[1:], strict=False)]
+        first, last, t3 = rates[0], rates[-1], points[-1][1]
+        print("documents/s per tenth: " + ", ".join(f"{r:,.0f}" for r in rates))
         print(
             f"{args.documents:,} documents ({dropped:,} dropped as duplicates) in {t3:.0f} s of store time: "
             f"first 10% {first:,.0f} documents/s, last 10% {last:,.0f} documents/s "

@@ -10,6 +10,7 @@ duplicate if the first kept document with one of its band keys has a signature s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ META = "store.json"
 EXACT = np.dtype([("k", "<u8"), ("k2", "<u8")])  # the 128-bit digest
 BAND = np.dtype([("k", "<u8"), ("v", "<u4")])  # band key -> kept-document number (its signature's row)
 MAX_KEPT = 2**32 - 1
+SYNC_BYTES = 64 << 20  # the logs are written out every this many bytes
 
 
 class Keys(NamedTuple):
@@ -57,6 +59,7 @@ class DedupStore:
             self.path.mkdir(parents=True)
             meta = {"kept": 0}
         self.kept = meta["kept"]
+        self._synced = 0
         self._digests = ShardedTable(self.path, "exact", EXACT, meta.get("exact"), readonly) if exact else None
         self._bands = ShardedTable(self.path, "band", BAND, meta.get("band"), readonly) if self.hasher else None
         mode = "rb" if readonly else "ab+"
@@ -162,6 +165,14 @@ class DedupStore:
             self._logs["digests"].write(b"".join(docs[i].digest or b"" for i in kept))
         if self._bands is not None:
             self._logs["signatures"].write(b"".join(docs[i].signature or b"" for i in kept))
+        written = self.kept * (16 + 16 * self.exact + (self.hasher.signature_bytes if self.hasher else 0))
+        if written // SYNC_BYTES != self._synced:
+            # Written out now, the logs' pages stay cached but clean: the kernel's background writeback is not
+            # set off by them, and so does not keep writing back (and write-protecting) the tables' pages.
+            self._synced = written // SYNC_BYTES
+            for f in self._logs.values():
+                f.flush()
+                os.fdatasync(f.fileno())
 
     def exact_duplicates(self, docs: list[Keys]) -> list[bool]:
         """Which of these documents (of another store) have a digest this store holds; the store is unchanged."""

@@ -20,6 +20,7 @@ SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch 
 FIRST_SLOTS = 1 << 12
 MAX_LOAD = 0.6  # on average: shard s doubles at 0.45 + 0.3 s / 15, so the shards' doublings come one at a time
 _SCALAR = 16  # probing fewer entries than this goes on in Python: numpy calls cost more than they do
+PENDING_SLOTS = 1 << 18  # per shard: new entries wait in RAM (an in-memory table) and go to the file together
 _CHUNK = 1 << 20  # slots per step when a shard doubles
 
 
@@ -33,6 +34,10 @@ class ShardedTable:
         self.counts: list[int] = list(state["counts"]) if state else [0] * shards
         self._maps: list[np.memmap | None] = [None] * shards
         self._arrays: list[np.ndarray | None] = [None] * shards  # the same memory without memmap's per-call cost
+        # Random single writes into file pages make the kernel's writeback fight the inserts (a page being written
+        # back is write-protected and faults again); written together, in slot order, each page is dirtied once.
+        self._pending = [np.zeros(0, self.dtype)] * shards
+        self._pending_counts = [0] * shards
 
     def state(self) -> dict:
         """What reopening the table needs (slots and entries per shard)."""
@@ -42,28 +47,48 @@ class ShardedTable:
         """The stored entry equal to each entry on every key field ("k", and "k2" if the dtype has it), or zeros."""
         out = np.zeros(len(entries), self.dtype)
         for shard, index in self._by_shard(entries):
-            out[index] = self._find(shard, entries[index])
+            found = _probe(self._pending[shard], entries[index]) if self._pending_counts[shard] else None
+            if found is None or not (found["k"] != 0).all():
+                on_disk = _probe(self._map(shard), entries[index])
+                found = on_disk if found is None else np.where(found["k"] != 0, found, on_disk)
+            out[index] = found
         return out
 
     def insert(self, entries: np.ndarray) -> None:
         """Add entries whose keys are distinct and not in the table yet."""
         for shard, index in self._by_shard(entries):
-            load = MAX_LOAD - 0.15 + 0.3 * shard / ((1 << SHARD_BITS) - 1)
-            while self.counts[shard] + len(index) > load * self.slots[shard]:
-                self._grow(shard)
-            _place(self._map(shard), entries[index])
-            self.counts[shard] += len(index)
+            if self._pending_counts[shard] + len(index) > PENDING_SLOTS // 2:
+                self._flush(shard)
+            if not len(self._pending[shard]):
+                self._pending[shard] = np.zeros(max(PENDING_SLOTS, 2 * len(index)), self.dtype)
+            _place(self._pending[shard], entries[index])
+            self._pending_counts[shard] += len(index)
+
+    def _flush(self, shard: int) -> None:
+        """Move a shard's pending entries into its file, in slot order."""
+        pending = self._pending[shard]
+        entries = pending[pending["k"] != 0]
+        load = MAX_LOAD - 0.15 + 0.3 * shard / ((1 << SHARD_BITS) - 1)
+        while self.counts[shard] + len(entries) > load * self.slots[shard]:
+            self._grow(shard)
+        entries = entries[np.argsort(entries["k"] & np.uint64(self.slots[shard] - 1))]
+        _place(self._map(shard), entries)
+        self.counts[shard] += len(entries)
+        self._pending[shard], self._pending_counts[shard] = np.zeros(0, self.dtype), 0
 
     def entries(self) -> int:
         """How many entries the table holds."""
-        return sum(self.counts)
+        return sum(self.counts) + sum(self._pending_counts)
 
     def bytes_on_disk(self) -> int:
         """The size of the table's files."""
         return sum(s * self.dtype.itemsize for s in self.slots)
 
     def close(self) -> None:
-        """Write every changed page back and fsync the files."""
+        """Write the pending entries and every changed page back, and fsync the files."""
+        for shard in range(1 << SHARD_BITS):
+            if self._pending_counts[shard]:
+                self._flush(shard)
         for shard, table in enumerate(self._maps):
             if table is not None and not self.readonly:
                 table.flush()
@@ -90,26 +115,6 @@ class ShardedTable:
             self._maps[shard], self._arrays[shard] = table, array = table, table.view(np.ndarray)
         return array
 
-    def _find(self, shard: int, keys: np.ndarray) -> np.ndarray:
-        table = self._map(shard)
-        mask = len(table) - 1
-        pos = (keys["k"] & np.uint64(mask)).astype(np.int64)
-        out = np.zeros(len(keys), self.dtype)
-        active = np.arange(len(keys))
-        fields = [f for f in ("k", "k2") if f in self.dtype.names]
-        while len(active) >= _SCALAR:
-            slot = table[pos[active]]
-            hit = np.logical_and.reduce([slot[f] == keys[f][active] for f in fields])
-            out[active[hit]] = slot[hit]
-            active = active[~hit & (slot["k"] != 0)]  # neither found nor at an empty slot: probe the next one
-            pos[active] = (pos[active] + 1) & mask
-        for i in active.tolist():
-            p, key = int(pos[i]), keys[i]
-            while table[p]["k"] != 0 and any(table[p][f] != key[f] for f in fields):
-                p = (p + 1) & mask
-            out[i] = table[p]
-        return out
-
     def _grow(self, shard: int) -> None:
         old, path = self._map(shard), self._path(shard)
         new_slots = 2 * self.slots[shard]
@@ -125,6 +130,27 @@ class ShardedTable:
         self._maps[shard] = self._arrays[shard] = None
         os.replace(tmp, path)
         self.slots[shard] = new_slots
+
+
+def _probe(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros."""
+    mask = len(table) - 1
+    pos = (keys["k"] & np.uint64(mask)).astype(np.int64)
+    out = np.zeros(len(keys), table.dtype)
+    active = np.arange(len(keys))
+    fields = [f for f in ("k", "k2") if f in table.dtype.names]
+    while len(active) >= _SCALAR:
+        slot = table[pos[active]]
+        hit = np.logical_and.reduce([slot[f] == keys[f][active] for f in fields])
+        out[active[hit]] = slot[hit]
+        active = active[~hit & (slot["k"] != 0)]  # neither found nor at an empty slot: probe the next one
+        pos[active] = (pos[active] + 1) & mask
+    for i in active.tolist():
+        p, key = int(pos[i]), keys[i]
+        while table[p]["k"] != 0 and any(table[p][f] != key[f] for f in fields):
+            p = (p + 1) & mask
+        out[i] = table[p]
+    return out
 
 
 def _place(table: np.ndarray, entries: np.ndarray) -> None:
