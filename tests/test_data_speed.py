@@ -22,6 +22,7 @@ import keel.data.spans
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
 from keel.data.dedup_store import DedupStore, Keys
+from keel.data.hashtable import ShardedTable
 from keel.data.merge import merge_datasets
 from keel.data.minhash import MinHasher
 from keel.data.pii import DETECTORS, scrub
@@ -453,3 +454,37 @@ def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp
     prepare_dataset(sources, tmp_path / "out", **{**args, "log": logged.append})
     assert any(line.startswith("resuming ") and not line.endswith(": 0 shards already done") for line in logged)
     assert fingerprint(tmp_path / "out", tmp_path) == fingerprint(tmp_path / "whole", tmp_path)
+
+
+def test_the_hash_tables_keep_every_entry_through_doublings_flushes_and_a_reopen(tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr("keel.data.hashtable.FIRST_SLOTS", 64)
+    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 256)
+    monkeypatch.setattr("keel.data.hashtable._CHUNK", 100)
+    band = np.dtype([("k", "<u8"), ("v", "<u4")])
+    table, stored = ShardedTable(tmp_path, "t", band), {}
+    rng = np.random.default_rng(1)
+    for batch in range(40):
+        keys = rng.integers(1, 2**64 - 1, 1000, dtype=np.uint64)
+        keys[:50] = keys[50:100]  # repeats inside the batch
+        if stored:
+            keys[100:150] = list(stored)[:50]  # and keys stored already
+        entries = np.zeros(len(keys), band)
+        entries["k"], entries["v"] = keys, np.arange(len(keys)) + 1000 * batch
+        found = table.find(entries)
+        assert [int(v) if k else None for k, v in zip(found["k"], found["v"], strict=True)] == [
+            stored.get(int(k)) for k in keys
+        ]
+        _, first = np.unique(keys, return_index=True)
+        new = np.zeros(len(keys), bool)
+        new[first] = True
+        new &= found["k"] == 0
+        table.insert(entries[new])
+        stored.update({int(e["k"]): int(e["v"]) for e in entries[new]})
+    table.close()
+    assert max(table.slots) > 64 and sum(table.counts) == len(stored)
+    reopened = ShardedTable(tmp_path, "t", band, table.state(), readonly=True)
+    entries = np.zeros(len(stored), band)
+    entries["k"] = list(stored)
+    assert reopened.find(entries)["v"].tolist() == list(stored.values())

@@ -2,9 +2,10 @@
 
 Why not sqlite: one row at a time from Python, and a B-tree whose random inserts slow down as it outgrows its
 cache. Here a batch of keys is looked up or inserted with a few array operations per probe round (open
-addressing, linear probing), every operation costs the same however full the table is (each shard doubles
-before it is 60% full), and the process's own memory is the batch: the tables are file pages that the
-kernel caches and writes back. Doubling a shard streams its old file into the new one in bounded chunks.
+addressing, linear probing), an operation costs about the same however full the table is (each shard doubles
+before it is 45-75% full), and the process's own memory is bounded: a batch and a fixed-size table of new
+entries per shard; the tables are file pages that the kernel caches and writes back. Doubling a shard
+streams its old file into the new one in bounded chunks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ _CHUNK = 1 << 20  # slots per step when a shard doubles
 class ShardedTable:
     """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**SHARD_BITS files."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype, state: dict | None = None, readonly=False):
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, state: dict | None = None, readonly: bool = False):
         self.directory, self.name, self.dtype, self.readonly = Path(directory), name, np.dtype(dtype), readonly
         shards = 1 << SHARD_BITS
         self.slots: list[int] = list(state["slots"]) if state else [FIRST_SLOTS] * shards
@@ -75,14 +76,6 @@ class ShardedTable:
         _place(self._map(shard), entries)
         self.counts[shard] += len(entries)
         self._pending[shard], self._pending_counts[shard] = np.zeros(0, self.dtype), 0
-
-    def entries(self) -> int:
-        """How many entries the table holds."""
-        return sum(self.counts) + sum(self._pending_counts)
-
-    def bytes_on_disk(self) -> int:
-        """The size of the table's files."""
-        return sum(s * self.dtype.itemsize for s in self.slots)
 
     def close(self) -> None:
         """Write the pending entries and every changed page back, and fsync the files."""
