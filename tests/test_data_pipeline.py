@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from conftest import dataset_text, near_copy, quiet, random_document
 from keel.cli import app
-from keel.data.dedup_store import DedupStore
+from keel.data.dedup_store import DedupStore, Keys
 from keel.data.inspect import verify_dataset
 from keel.data.minhash import MinHasher, lsh_bands
 from keel.data.pii import luhn_ok, scrub
 from keel.data.prepare import prepare_dataset
-from keel.data.stages import Pipeline, StageSettings, analyze, quality_failure
+from keel.data.stages import Pipeline, StageSettings, assess, clean, quality_failure
 from keel.errors import ConfigError, DataError
 
 PII_DOC = "contact jane.doe@example.org or +1 415-555-0132, card 4111 1111 1111 1111, host 10.0.0.7 and 2001:db8::7334"
@@ -132,10 +132,14 @@ def test_scrub_leaves_code_versions_and_dates_alone():
 def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     rng = random.Random(3)
     docs = [random_document(rng, 300) for _ in range(40)]
-    hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d.sqlite", exact=False, near_threshold=0.8)
-    assert not any(store.check(0, i, None, hasher.signature(d)) for i, d in enumerate(docs))
-    assert store.check(1, 0, None, hasher.signature(near_copy(docs[7]))) == "dedup_near"
-    assert store.is_dropped(1, 0) and not store.is_dropped(0, 7)
+    hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d", exact=False, near_threshold=0.8)
+
+    def keys(file: int, ordinal: int, text: str) -> Keys:
+        signature = hasher.signature(text)
+        return Keys(file, ordinal, None, signature, hasher.band_hashes(signature))
+
+    assert store.check([keys(0, i, d) for i, d in enumerate(docs)]) == [None] * 40
+    assert store.check([keys(1, 0, near_copy(docs[7]))]) == ["dedup_near"]
     assert lsh_bands(128, 0.8)[0] * lsh_bands(128, 0.8)[1] <= 128
 
 
@@ -149,8 +153,8 @@ def test_quality_filters_name_the_failing_filter():
 
 def test_normalization_is_counted_as_a_change():
     s = StageSettings(normalize="NFC")
-    p, a = Pipeline(s), analyze("cafe\u0301", s, None)
-    assert p.accept(0, 0, a) and a.text == "caf\u00e9"
+    p, v = Pipeline(s), assess("cafe\u0301", s, None)
+    assert p.accept([(0, 0, v)]) == [True] and clean("cafe\u0301", s)[0] == "caf\u00e9"
     assert p.stats["normalize"] == {"documents_changed": 1, "bytes_changed": 6}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keel.data.dedup_store import STORE, DedupStore
+from keel.data.dedup_store import DedupStore
 from keel.data.lineage import document_spans, remove_documents
 from keel.data.manifest import FORMAT, Manifest, SourceEntry, Split, load_manifest, resolve_inside, write_manifest
 from keel.data.prepare import check_output, commit_dataset
@@ -63,23 +63,30 @@ def _dedup_across_parts(parts: list[Path], manifests: list[Manifest], staging: P
             raise DataError(f"{path}: other stage settings than {parts[0]}; prepare every part with the same ones")
         if m.dedup_store is None:
             raise DataError(f"{path}: no dedup keys in the manifest; prepare it again with `--shard i/N`")
-    # The keys of every kept document, on disk, in merged order: part 0's files first, then part 1's, ...
-    merged = DedupStore(staging / STORE, exact, near)
+    # Each later part's kept documents are looked up in the earlier parts' stores as they are: no store is
+    # filled again. Exact first, as prepare decides.
+    stores = [
+        DedupStore(resolve_inside(path, m.dedup_store), exact, near, readonly=True)
+        for path, m in zip(parts, manifests, strict=True)
+    ]
     drop: dict[tuple[int, int], str] = {}
-    offset = 0
+    offset = len(manifests[0].files)
     try:
-        for p, (path, m) in enumerate(zip(parts, manifests, strict=True)):
-            part = DedupStore(resolve_inside(path, m.dedup_store), exact, near, readonly=True)
-            for file, ordinal, digest, sig in part.kept():
-                stage = merged.check(file + offset, ordinal, digest, sig)
-                if stage is not None and p > 0:
-                    drop[(file + offset, ordinal)] = stage
-            part.close()
-            merged.commit()
-            offset += len(m.files)
+        for p in range(1, len(parts)):
+            for batch in stores[p].kept_documents():
+                for stage, test in (
+                    ("dedup_exact", DedupStore.exact_duplicates),
+                    ("dedup_near", DedupStore.near_duplicates),
+                ):
+                    for earlier in stores[:p]:
+                        alive = [k for k in batch if (k.file + offset, k.ordinal) not in drop]
+                        for k, hit in zip(alive, test(earlier, alive), strict=True):
+                            if hit:
+                                drop[(k.file + offset, k.ordinal)] = stage
+            offset += len(manifests[p].files)
     finally:
-        merged.close()
-        (staging / STORE).unlink(missing_ok=True)
+        for store in stores:
+            store.close()
     if not drop:
         return manifest
     spans = [

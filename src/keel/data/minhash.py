@@ -1,13 +1,14 @@
 """MinHash signatures and LSH band keys for near-duplicate detection.
 
 Not `datasketch`: its LSH index lives in process memory (or Redis / Cassandra), while prepare must keep
-bounded memory and resume after a crash, so the index is our sqlite `DedupStore`; what remains, the
+bounded memory and resume after a crash, so the index is our on-disk `DedupStore`; what remains, the
 signature, is the same universal-hash family (a*x+b mod 2**61-1) in a few lines of numpy, where the
 package would bring scipy along.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 
@@ -15,6 +16,18 @@ import numpy as np
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _WORD = re.compile(r"\w+")
+_WORD_BYTES = re.compile(rb"\w+")
+_BLOCK = 1024  # shingles per block of the (shingles x permutations) product
+
+
+def _mod_mersenne(y: np.ndarray) -> np.ndarray:
+    """y % (2**61 - 1), in place, without a division: 2**61 = 1 modulo the prime, so fold the high bits on."""
+    high = y >> np.uint64(61)
+    y &= _MERSENNE
+    y += high  # now < 2**61 + 8: at most one subtraction is left, and it is almost never needed
+    if y.max() >= _MERSENNE:
+        np.subtract(y, _MERSENNE, out=y, where=y >= _MERSENNE)
+    return y
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
@@ -35,18 +48,37 @@ class MinHasher:
 
     def signature(self, text: str) -> bytes:
         """MinHash signature over word n-gram shingles (uint32 per permutation), as bytes."""
-        words = _WORD.findall(text.lower())
+        lower = text.lower()
+        if lower.isascii():  # ASCII \w is [A-Za-z0-9_] in both str and bytes patterns: hash the bytes as they are
+            words: list = _WORD_BYTES.findall(lower.encode())
+            space = b" "
+        else:
+            words, space = [w.encode() for w in _WORD.findall(lower)], b" "
         n = max(1, min(self.ngram, len(words)))
-        shingles = {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
-        x = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64, count=len(shingles))
-        # uint64 products wrap; that is still a fixed pseudo-random permutation family, the same on every machine.
-        hashed = (np.outer(x, self._a) + self._b) % _MERSENNE
-        return hashed.min(axis=0).astype(np.uint32).tobytes()
+        # The n-grams joined by single spaces, as before, but built and hashed in C (zip, map, set).
+        shingles = set(map(space.join, zip(*(words[i:] for i in range(n)), strict=False))) if words else {b""}
+        x = np.fromiter(map(zlib.crc32, shingles), dtype=np.uint64, count=len(shingles))
+        best = np.full(len(self._a), _MERSENNE, dtype=np.uint64)
+        for lo in range(0, len(x), _BLOCK):  # bounded memory for a huge document
+            # uint64 products wrap; that is still a fixed pseudo-random permutation family, the same on every machine.
+            y = np.multiply.outer(x[lo : lo + _BLOCK], self._a)
+            y += self._b
+            np.minimum(best, _mod_mersenne(y).min(axis=0), out=best)
+        return best.astype(np.uint32).tobytes()
 
-    def band_keys(self, signature: bytes) -> list[bytes]:
-        """The signature's LSH band keys: documents sharing any key are candidates for a similarity check."""
+    @property
+    def signature_bytes(self) -> int:
+        """The size of a signature."""
+        return 4 * len(self._a)
+
+    def band_hashes(self, signature: bytes) -> bytes:
+        """The signature's LSH band keys as one uint64 each: documents sharing one are checked for similarity."""
         step = 4 * self.rows
-        return [signature[i * step : (i + 1) * step] for i in range(self.bands)]
+        # The band's number is hashed in: equal values in different bands are different keys.
+        return b"".join(
+            hashlib.blake2b(signature[i * step : (i + 1) * step], digest_size=8, salt=bytes([i])).digest()
+            for i in range(self.bands)
+        )
 
     def similar(self, a: bytes, b: bytes) -> bool:
         """True if the estimated Jaccard similarity of two signatures reaches the threshold."""

@@ -1,48 +1,66 @@
-"""The stateless document work of `keel data prepare` (stages, dedup keys, tokenization) over a process pool."""
+"""The stateless work of `keel data prepare` over a process pool: read and parse spans, stages, keys, encoding."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from keel.data.drops import dropped_in
 from keel.data.minhash import MinHasher
-from keel.data.stages import Analysis, StageSettings, analyze
-from keel.data.tokenizer import encoding_pieces, eos_id, load_tokenizer
+from keel.data.sources import BadRecord
+from keel.data.spans import Span, read_span
+from keel.data.stages import StageSettings, Verdict, assess, clean
+from keel.data.tokenizer import Encoder
 from keel.errors import ConfigError
 
-TASK_CHARS = 1_000_000  # text per pool task: large enough that pickling is cheap next to the work
+TASK_CHARS = 1_000_000  # input per pool task: large enough that pickling is cheap next to the work
 
 
-class Doc(NamedTuple):
-    """A raw document sent to a worker: where it is from and whether its processed text must come back."""
-
-    file: int
-    ordinal: int
-    text: str
-    want_text: bool = False
+def doc_hashes(key: str, ordinal: int) -> tuple[float, float]:
+    """Two independent uniform numbers in [0, 1) for a document: one picks its split, one its sampling."""
+    digest = hashlib.blake2b(f"{key}\0{ordinal}".encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
 
 
 class Done(NamedTuple):
-    """A worker's result for one document: the stage verdict and, when tokenizing, its ids ending in EOS."""
+    """A worker's result for one document: the scan's verdict, or the write pass's ids (ending in EOS) and PII count."""
+
+    ordinal: int
+    split_hash: float
+    verdict: Verdict | None  # scan
+    ids: np.ndarray | None  # write
+    pii_size: int = 0  # write: bytes before scrubbing
+    pii_replaced: int = 0
+
+
+class Result(NamedTuple):
+    """A span's documents in order, its bad records, and the file-level problem that ended the file in it."""
 
     file: int
-    ordinal: int
-    analysis: Analysis
-    ids: np.ndarray | None
+    done: list[Done]
+    bad: list[BadRecord]
+    failed: BadRecord | None
 
 
 class Job(NamedTuple):
-    """What a pass asks of the workers: the stage settings, the tokenizer to encode with, whether to hash for dedup."""
+    """What a pass asks of the workers: how to read, the stage settings, and for the write pass how to encode."""
 
     settings: StageSettings
-    tokenizer: str | None
-    keys: bool
+    text_field: str
+    val_fraction: float
+    sample_fraction: float = 0.0  # scan: the share of training documents whose text comes back to train the BPE
+    tokenizer: str | None = None  # None: the scan
+    fast: bool = False  # tiktoken, checked at load to give the tokenizer's own ids
+    drops: str | None = None  # write: the scan's list of dropped documents
+    after: tuple[int, int] | None = None  # write, resuming: only documents after this (file, ordinal)
 
 
 _state: dict = {}
@@ -54,38 +72,49 @@ def _single_threaded() -> None:
 
 
 def _load(job: Job) -> None:
-    """Build a job's tokenizer and hasher once per process; the next pass's job replaces them."""
+    """Build a job's encoder and hasher once per process; the next pass's job replaces them."""
     if _state.get("job") == job:
         return
-    tok = None
-    if job.tokenizer is not None:
-        tok = load_tokenizer(job.tokenizer)
-        tok.encode_special_tokens = True  # a literal "<|endoftext|>" inside a document is text, not a boundary
+    encoder = None if job.tokenizer is None else Encoder(job.tokenizer, job.fast)
     threshold = job.settings.dedup_near_threshold
-    _state.update(job=job, tok=tok, hasher=MinHasher(threshold) if threshold else None)
+    hasher = MinHasher(threshold) if threshold and encoder is None else None
+    _state.update(job=job, encoder=encoder, hasher=hasher)
 
 
-def _run(job: Job, task: list[Doc]) -> list[Done]:
+def _run(job: Job, span: Span) -> Result:
+    """Read and parse a span, then run the pass's stages on its documents."""
     _load(job)
-    tok = _state["tok"]
-    out = []
-    for doc in task:
-        a = analyze(doc.text, job.settings, _state["hasher"], job.keys)
-        out.append(Done(doc.file, doc.ordinal, a if doc.want_text or tok else a._replace(text=None), None))
-    if tok is None:
-        return out
-    kept = [d for d in out if d.analysis.text is not None]
-    pieces = [list(encoding_pieces(d.analysis.text)) for d in kept]
-    encodings = iter(tok.encode_batch_fast([p for doc in pieces for p in doc], add_special_tokens=False))
-    eos, ids = eos_id(tok), {}
-    for d, doc_pieces in zip(kept, pieces, strict=True):
-        tokens: list[int] = []
-        for _ in doc_pieces:
-            tokens.extend(next(encodings).ids)
-        tokens.append(eos)
-        ids[(d.file, d.ordinal)] = np.array(tokens, dtype=np.uint32)
-    # The text is not needed once tokenized; leaving it behind halves what crosses the process boundary.
-    return [d._replace(analysis=d.analysis._replace(text=None), ids=ids.get((d.file, d.ordinal))) for d in out]
+    docs, bad, failed = [], [], None
+    try:
+        for record in read_span(span, job.text_field):
+            if isinstance(record, BadRecord):
+                bad.append(record)
+            elif record[1] and not record[1].isspace():
+                docs.append(record)
+    except BadRecord as e:
+        failed = e
+    if job.after is not None and span.file == job.after[0]:
+        docs = [d for d in docs if d[0] > job.after[1]]  # written before the crash
+    if job.drops is not None and docs:
+        dropped = dropped_in(Path(job.drops), span.file, docs[0][0], docs[-1][0])
+        docs = [d for d in docs if d[0] not in dropped]  # the scan decided the filters and dedup, in order
+    hashes = [doc_hashes(span.source.key, ordinal) for ordinal, _ in docs]
+    encoder: Encoder | None = _state["encoder"]
+    if encoder is None:
+        hasher, s = _state["hasher"], job.settings
+        done = [
+            Done(o, split, assess(text, s, hasher, split >= job.val_fraction and sample < job.sample_fraction), None)
+            for (o, text), (split, sample) in zip(docs, hashes, strict=True)
+        ]
+        return Result(span.file, done, bad, failed)
+    cleaned = [clean(text, job.settings) for _, text in docs]
+    ids = encoder.encode([text for text, _, _ in cleaned])
+    eos = np.array([encoder.eos], dtype=np.uint32)
+    done = [
+        Done(o, split, None, np.concatenate([doc, eos]), size, replaced)
+        for (o, _), (split, _), doc, (_, size, replaced) in zip(docs, hashes, ids, cleaned, strict=True)
+    ]
+    return Result(span.file, done, bad, failed)
 
 
 def resolve_workers(requested: int, total_bytes: int) -> int:
@@ -94,19 +123,6 @@ def resolve_workers(requested: int, total_bytes: int) -> int:
         raise ConfigError(f"prepare.workers ({requested}) must be 0 (every core) or a positive process count")
     wanted = requested or os.cpu_count() or 1
     return max(1, min(wanted, -(-total_bytes // TASK_CHARS)))
-
-
-def tasks(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
-    """Group documents into tasks of about TASK_CHARS characters, in order."""
-    task, chars = [], 0
-    for doc in docs:
-        task.append(doc)
-        chars += len(doc.text)
-        if chars >= TASK_CHARS:
-            yield task
-            task, chars = [], 0
-    if task:
-        yield task
 
 
 class StagePool:
@@ -122,8 +138,8 @@ class StagePool:
             context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
             self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
 
-    def map(self, job: Job, work: Iterable[list[Doc]]) -> Iterator[list[Done]]:
-        """Results of each task, in the order the tasks were given."""
+    def map(self, job: Job, work: Iterable[Span]) -> Iterator[Result]:
+        """Results of each span, in the order the spans were given."""
         if self._executor is None:
             yield from (_run(job, task) for task in work)
             return

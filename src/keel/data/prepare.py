@@ -6,14 +6,16 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from keel.config import Config
+from keel.data import pool as pools
 from keel.data.dedup_store import STORE, DedupStore
+from keel.data.drops import DROPS, DropWriter
 from keel.data.journal import PROGRESS, open_staging, run_key, write_progress
 from keel.data.manifest import (
     FORMAT,
@@ -25,12 +27,13 @@ from keel.data.manifest import (
     TokenizerEntry,
     write_manifest,
 )
-from keel.data.pool import Doc, Done, Job, StagePool, resolve_workers, tasks
-from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, doc_hashes, raw_documents, scan
+from keel.data.pool import Job, Result, StagePool, resolve_workers
+from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, readable, scan
 from keel.data.shards import ShardWriter
-from keel.data.sources import Sources, expand_sources
-from keel.data.stages import Pipeline, StageSettings
-from keel.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from keel.data.sources import Sources, expand_sources, read_documents
+from keel.data.spans import plan
+from keel.data.stages import Pipeline, StageSettings, in_order
+from keel.data.tokenizer import choose_encoder, eos_id, load_tokenizer, train_tokenizer
 from keel.errors import ConfigError, DataError, KeelError
 from keel.io import check_writable_dir, filesystem_errors, fsync_path, sha256_file
 
@@ -152,10 +155,11 @@ def _prepare(
             tok = load_tokenizer(staging / "tokenizer.json")
         manifest = _write(staging, found, result, reading, tok, settings, progress, pool, log)
         if part is None or not (staging / STORE).exists():
-            (staging / STORE).unlink(missing_ok=True)  # the dedup keys outlive the run only where a merge needs them
+            shutil.rmtree(staging / STORE, ignore_errors=True)  # the dedup keys outlive the run only for a merge
         else:
             manifest.dedup_store = STORE
         write_manifest(staging, manifest)
+        (staging / DROPS).unlink()
         (staging / PROGRESS).unlink()
         commit_dataset(staging, out_dir)
     except KeelError:
@@ -189,9 +193,11 @@ def _scan_and_tokenizer(
     sample_fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total_bytes, 1)) if tok is None else 0.0
     s = reading.stages
     store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold) if _dedups(s) else None
+    drops = DropWriter(staging / DROPS)
     try:
-        result = scan(found, reading, val_fraction, sample_fraction, pool, Pipeline(s, store))
+        result = scan(found, reading, val_fraction, sample_fraction, pool, Pipeline(s, store), drops, pools.TASK_CHARS)
     finally:
+        drops.close()
         if store is not None:
             store.close()
     log(
@@ -234,30 +240,36 @@ def _write(
         writers[split].resume(state)
     after = None if progress["position"] is None else tuple(progress["position"])
     s = reading.stages
-    store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold, readonly=True) if _dedups(s) else None
-
-    def docs() -> Iterator[Doc]:
-        for index, ordinal, raw in raw_documents(found, reading, Counter(), after):
-            if store is None or not store.is_dropped(index, ordinal):  # the scan decided dedup, in order
-                yield Doc(index, ordinal, raw)
-
+    written = Pipeline(s, **(progress.get("written") or {}))  # the write pass's own statistics: PII
+    fast, why = choose_encoder(staging / "tokenizer.json", _sample(found, reading))
+    log(why)
+    job = Job(
+        s,
+        reading.text_field,
+        settings.val_fraction,
+        0.0,
+        str(staging / "tokenizer.json"),
+        fast,
+        str(staging / DROPS),
+        after,
+    )
+    spans = plan(found.files, reading.text_field, pools.TASK_CHARS, 0 if after is None else after[0])
     mb = sum(e["bytes"] for e in scan.per_source) / 1e6
     t0 = last_log = time.perf_counter()
     finished = sum(len(w.shards) for w in writers.values())
-    try:
-        for done in pool.map(Job(s, str(staging / "tokenizer.json"), False), tasks(docs())):
-            _add(done, found, scan, writers)
-            if sum(len(w.shards) for w in writers.values()) > finished:
-                finished = sum(len(w.shards) for w in writers.values())
-                position = [done[-1].file, done[-1].ordinal]
-                states = {split: w.checkpoint() for split, w in writers.items()}
-                write_progress(staging, {**progress, "position": position, "writers": states})
-            if time.perf_counter() - last_log > PROGRESS_SECONDS:
-                last_log = time.perf_counter()
-                log(f"tokenized up to file {done[-1].file + 1} of {len(found.files)} (~{mb:.0f} MB in all)")
-    finally:
-        if store is not None:
-            store.close()
+    for r in readable(pool.map(job, spans), reading.skip_bad, Counter()):
+        if not r.done:
+            continue
+        _add(r, scan, writers, written)
+        if sum(len(w.shards) for w in writers.values()) > finished:
+            finished = sum(len(w.shards) for w in writers.values())
+            position = [r.file, r.done[-1].ordinal]
+            states = {split: w.checkpoint() for split, w in writers.items()}
+            counts = {"stats": written.stats, "first": written.first}
+            write_progress(staging, {**progress, "position": position, "writers": states, "written": counts})
+        if time.perf_counter() - last_log > PROGRESS_SECONDS:
+            last_log = time.perf_counter()
+            log(f"tokenized up to file {r.file + 1} of {len(found.files)} (~{mb:.0f} MB in all)")
     elapsed = time.perf_counter() - t0
     log(f"tokenized {mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s, {pool.workers} processes)")
     excluded = [SourceEntry(glob=g, files=n, documents=0, bytes=0) for g, n in found.excludes]
@@ -270,22 +282,34 @@ def _write(
         splits={split: writer.finish() for split, writer in writers.items()},
         sources=[SourceEntry.model_validate(e) for e in scan.per_source] + excluded,
         files=[FileEntry(path=f.path, key=f.key, source=f.source) for f in found.files],
-        stages=scan.stages,
+        stages=in_order(Pipeline(s, stats=scan.stages, first=scan.first), written),
         skipped=scan.skipped,
         settings=settings,
     )
 
 
-def _add(done: list[Done], found: Sources, scan: Scan, writers: dict[str, ShardWriter]) -> None:
-    """Append a task's tokenized documents (each already ending in EOS) to their splits, in order."""
+def _sample(found: Sources, reading: Reading, chars: int = 1 << 18) -> list[str]:
+    """The corpus's first documents, about `chars` of text, to check the fast encoder against the tokenizer on."""
+    out, size = [], 0
+    for source in found.files:
+        for _, raw in read_documents(source.path, reading.text_field, Counter()):
+            out.append(raw)
+            size += len(raw)
+            if size >= chars:
+                return out
+    return out
+
+
+def _add(r: Result, scan: Scan, writers: dict[str, ShardWriter], written: Pipeline) -> None:
+    """Append a span's tokenized documents (each already ending in EOS) to their splits, in order; count PII."""
     out: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     origins: dict[str, list[tuple[int, int]]] = {"train": [], "val": []}
-    for d in done:
-        if d.ids is None:
-            continue  # a quality filter dropped it
-        split = scan.split_of((d.file, d.ordinal), doc_hashes(found.files[d.file].key, d.ordinal)[0])
+    for d in r.done:
+        assert d.ids is not None
+        written.count_pii(r.file, d.ordinal, d.pii_size, d.pii_replaced)
+        split = scan.split_of((r.file, d.ordinal), d.split_hash)
         out[split].append(d.ids)
-        origins[split].append((d.file, d.ordinal))
+        origins[split].append((r.file, d.ordinal))
     for split, docs in out.items():
         writers[split].add(docs, np.array(origins[split], dtype=np.int64).reshape(-1, 2))
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from keel.data.pool import Doc, Job, StagePool, tasks
-from keel.data.sources import Sources, read_documents
+from keel.data.drops import DropWriter
+from keel.data.pool import Job, Result, StagePool
+from keel.data.sources import Sources
+from keel.data.spans import plan
 from keel.data.stages import Pipeline, StageSettings
 from keel.errors import DataError
 
 TRAIN_SAMPLE_CHARS = 16_000_000  # a BPE trained on ~16 MB is as good as on more, in a fraction of the time
+DEDUP_BATCH = 4096  # documents per dedup-store check: large enough that its array work dwarfs its overhead
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Scan:
     sample: list[str] = field(default_factory=list)
     per_source: list[dict] = field(default_factory=list)
     stages: dict = field(default_factory=dict)
+    first: dict = field(default_factory=dict)  # where each stage first counted (Pipeline.first), to order the stages
     skipped: dict = field(default_factory=dict)
 
     def split_of(self, key: tuple[int, int], split_hash: float) -> str:
@@ -58,30 +61,17 @@ class Scan:
         return cls(**d, lowest=(low[0], tuple(low[1])), highest=(high[0], tuple(high[1])))
 
 
-def doc_hashes(key: str, ordinal: int) -> tuple[float, float]:
-    """Two independent uniform numbers in [0, 1) for a document: one picks its split, one its sampling."""
-    digest = hashlib.blake2b(f"{key}\0{ordinal}".encode(), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little") / 2**64, int.from_bytes(digest[8:], "little") / 2**64
-
-
-def raw_documents(
-    found: Sources, reading: Reading, skipped: Counter, after: tuple[int, int] | None = None
-) -> Iterator[tuple[int, int, str]]:
-    """Every non-empty raw document as (file index, ordinal, text), starting after the (file, ordinal) `after`."""
-    for index, source in enumerate(found.files):
-        if after is not None and index < after[0]:
-            continue  # finished before the crash: not even read again
-        for ordinal, raw in read_documents(source.path, reading.text_field, skipped if reading.skip_bad else None):
-            if after is not None and (index, ordinal) <= after:
-                continue
-            if raw and not raw.isspace():
-                yield index, ordinal, raw
-
-
 def scan(
-    found: Sources, reading: Reading, val_fraction: float, sample_fraction: float, pool: StagePool, pipeline: Pipeline
+    found: Sources,
+    reading: Reading,
+    val_fraction: float,
+    sample_fraction: float,
+    pool: StagePool,
+    pipeline: Pipeline,
+    drops: DropWriter,
+    task_size: int,
 ) -> Scan:
-    """Read everything once: catch bad files before work starts, count, dedup, and sample text for the tokenizer."""
+    """Read everything once: catch bad files, count, decide filters and dedup (recording drops), sample text."""
     result = Scan(
         val_fraction, per_source=[{"glob": g, "files": 0, "documents": 0, "bytes": 0} for g in found.includes]
     )
@@ -89,31 +79,15 @@ def scan(
         result.per_source[source.source]["files"] += 1
         result.per_source[source.source]["bytes"] += os.path.getsize(source.path)
     skipped: Counter = Counter()
-    hashes: dict[tuple[int, int], tuple[float, float]] = {}  # only for the documents in flight in the pool
-
-    def docs() -> Iterator[Doc]:
-        for index, ordinal, raw in raw_documents(found, reading, skipped):
-            split_hash, sample_hash = hashes[(index, ordinal)] = doc_hashes(found.files[index].key, ordinal)
-            yield Doc(index, ordinal, raw, split_hash >= val_fraction and sample_hash < sample_fraction)
-
-    sampled = 0
-    for done in pool.map(Job(reading.stages, None, True), tasks(docs())):
-        for d in done:
-            split_hash, _ = hashes.pop((d.file, d.ordinal))
-            if not pipeline.accept(d.file, d.ordinal, d.analysis):
-                continue
-            result.documents += 1
-            result.per_source[found.files[d.file].source]["documents"] += 1
-            result.lowest = min(result.lowest, (split_hash, (d.file, d.ordinal)))
-            result.highest = max(result.highest, (split_hash, (d.file, d.ordinal)))
-            if split_hash < val_fraction:
-                result.val += 1
-            elif d.analysis.text is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
-                result.sample.append(d.analysis.text)
-                sampled += len(d.analysis.text)
-        if pipeline.store is not None:
-            pipeline.store.commit()
-    result.stages, result.skipped = pipeline.stats, dict(skipped)
+    job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction)
+    batch: list[Result] = []
+    for r in readable(pool.map(job, plan(found.files, reading.text_field, task_size)), reading.skip_bad, skipped):
+        batch.append(r)
+        if sum(len(b.done) for b in batch) >= DEDUP_BATCH:
+            _decide(batch, found, pipeline, drops, result)
+            batch = []
+    _decide(batch, found, pipeline, drops, result)
+    result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     if result.documents == 0:
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
         raise DataError(
@@ -126,3 +100,43 @@ def scan(
             "split it into several files or JSON Lines records"
         )
     return result
+
+
+def _decide(batch: list[Result], found: Sources, pipeline: Pipeline, drops: DropWriter, result: Scan) -> None:
+    """Apply the filters' verdicts and dedup to a batch of spans' documents in order; count, split, sample."""
+    docs = [(r.file, d.ordinal, d.verdict) for r in batch for d in r.done]
+    kept = iter(pipeline.accept(docs))  # type: ignore[arg-type]
+    sampled = sum(map(len, result.sample))
+    for r in batch:
+        for d in r.done:
+            key = (r.file, d.ordinal)
+            if not next(kept):
+                drops.add(*key)
+                continue
+            result.documents += 1
+            result.per_source[found.files[r.file].source]["documents"] += 1
+            result.lowest = min(result.lowest, (d.split_hash, key))
+            result.highest = max(result.highest, (d.split_hash, key))
+            if d.split_hash < result.val_fraction:
+                result.val += 1
+            elif d.verdict is not None and d.verdict.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
+                result.sample.append(d.verdict.sample)
+                sampled += len(d.verdict.sample)
+
+
+def readable(results: Iterable[Result], skip_bad: bool, skipped: Counter) -> Iterator[Result]:
+    """The spans' results with bad records raised, or counted and left out; a file-level problem ends its file."""
+    ended: set[int] = set()
+    for r in results:
+        if r.file in ended:
+            continue  # the file ended in an earlier span: its later spans were read for nothing
+        for bad in r.bad:
+            if not skip_bad:
+                raise bad
+            skipped[bad.kind] += 1
+        if r.failed is not None:
+            if not skip_bad:
+                raise r.failed
+            skipped[r.failed.kind] += 1
+            ended.add(r.file)
+        yield r

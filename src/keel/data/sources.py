@@ -72,6 +72,9 @@ class BadRecord(DataError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self) -> tuple:
+        return BadRecord, (self.kind, str(self))  # a pool worker's bad record crosses to the main process
+
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
@@ -82,7 +85,7 @@ def read_documents(path: str, text_field: str, skipped: Counter | None = None) -
     A bad record raises DataError naming file:line, or, when `skipped` is given, is counted there by reason.
     """
     try:
-        for item in _records(path, text_field):
+        for item in read_records(path, text_field):
             if isinstance(item, BadRecord):
                 if skipped is None:
                     raise item
@@ -99,7 +102,8 @@ def read_documents(path: str, text_field: str, skipped: Counter | None = None) -
 Record = tuple[int, str] | BadRecord  # per-record problems are yielded, so reading can go on after them
 
 
-def _records(path: str, text_field: str) -> Iterator[Record]:
+def read_records(path: str, text_field: str) -> Iterator[Record]:
+    """A file's records in order: (ordinal, text) or a bad record; a file-level problem raises BadRecord."""
     if path.endswith(JSONL_SUFFIXES):
         return _jsonl_documents(path, text_field)
     if path.endswith(".parquet"):
@@ -111,7 +115,7 @@ def _records(path: str, text_field: str) -> Iterator[Record]:
 SKIP_HINT = "exclude it with a '!GLOB' in prepare.sources, or set prepare.bad_input = \"skip\" to skip and count it"
 
 
-def _unreadable(path: str, e: OSError) -> BadRecord:
+def unreadable(path: str, e: OSError) -> BadRecord:
     return BadRecord("unreadable_file", f"{path}: cannot read this source ({e.strerror or first_line(e)}); {SKIP_HINT}")
 
 
@@ -120,7 +124,7 @@ def _whole_file(path: str) -> Iterator[Record]:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     try:
         yield 0, raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -194,7 +198,7 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
     try:
         f = _open_lines(path)
     except OSError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     with f:
         while True:
             try:
@@ -210,21 +214,26 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
                     "corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e}); {SKIP_HINT}"
                 ) from None
             except OSError as e:
-                raise _unreadable(path, e) from None
+                raise unreadable(path, e) from None
             if not raw:
                 return
             lineno += 1
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except UnicodeDecodeError:
-                yield BadRecord("invalid_utf8", f"{path}:{lineno}: not valid UTF-8")
-                continue
-            except json.JSONDecodeError as e:
-                yield BadRecord("invalid_json", f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            yield _text_of(lineno, record, text_field, f"{path}:{lineno}")
+            record = jsonl_record(raw, lineno, path, text_field)
+            if record is not None:
+                yield record
+
+
+def jsonl_record(raw: bytes, lineno: int, path: str, text_field: str) -> Record | None:
+    """The document of one JSON Lines line (bytes, with its newline), a bad record, or None for a blank line."""
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw)
+    except UnicodeDecodeError:
+        return BadRecord("invalid_utf8", f"{path}:{lineno}: not valid UTF-8")
+    except json.JSONDecodeError as e:
+        return BadRecord("invalid_json", f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+    return text_of(lineno, record, text_field, f"{path}:{lineno}")
 
 
 def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
@@ -238,7 +247,7 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
             "unreadable_parquet", f"{path}: not a readable Parquet file ({first_line(e)}); {SKIP_HINT}"
         ) from None
     except OSError as e:
-        raise _unreadable(path, e) from None
+        raise unreadable(path, e) from None
     if text_field not in pf.schema_arrow.names:
         raise BadRecord(
             "missing_field",
@@ -258,11 +267,12 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[Record]:
         if batch is None:
             return
         for text in batch.column(0).to_pylist():
-            yield _text_of(row, {text_field: text}, text_field, f"{path}:row {row}")
+            yield text_of(row, {text_field: text}, text_field, f"{path}:row {row}")
             row += 1
 
 
-def _text_of(ordinal: int, record: object, text_field: str, where: str) -> Record:
+def text_of(ordinal: int, record: object, text_field: str, where: str) -> Record:
+    """The document in a parsed record, or a bad record naming `where` if it has no string text field."""
     if not isinstance(record, dict) or text_field not in record:
         return BadRecord(
             "missing_field",

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from keel.data.dedup_store import DedupStore
+from keel.data.dedup_store import DedupStore, Keys
 from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
 
@@ -39,27 +39,64 @@ class StageSettings:
         return cls(**{f.name: getattr(prepare, f.name) for f in fields(cls)})
 
 
+# Which ASCII bytes count as space, alphanumeric, digit: taken from str's own methods, so the byte counts agree.
+_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_ALNUM = bytes(c for c in range(128) if chr(c).isalnum())
+_DIGIT = bytes(c for c in range(128) if chr(c).isdigit())
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+# Word characters to "a", the rest to " ": bytes.split() then counts the words of ASCII text in C.
+_WORDS_TO_A = bytes(ord("a") if re.match(r"\w", chr(c)) else ord(" ") for c in range(128)) + b" " * 128
+
+
+def _char_counts(text: str) -> tuple[int, int, int]:
+    """(visible, symbol, digit) characters; no visible character counts as one symbol, as a lone " " would."""
+    # ASCII bytes of UTF-8 are the ASCII characters: bytes.translate deletes them in C and the counts are what
+    # goes; the few non-ASCII characters are counted one by one.
+    data = text.encode()
+    spaces, alnum, digits = (len(data) - len(data.translate(None, chars)) for chars in (_SPACE, _ALNUM, _DIGIT))
+    if len(data) != len(text):
+        rest = "".join(_NON_ASCII.findall(text))
+        spaces += sum(map(str.isspace, rest))
+        alnum += sum(map(str.isalnum, rest))
+        digits += sum(map(str.isdigit, rest))
+    visible = len(text) - spaces  # no character is both a space and alphanumeric (or a digit)
+    return (visible, visible - alnum, digits) if visible else (1, 1, 0)
+
+
+def _word_count(text: str) -> int:
+    """len(_WORD.findall(text)), without building the words where the text is ASCII."""
+    if text.isascii():
+        return len(text.encode().translate(_WORDS_TO_A).split())
+    return len(_WORD.findall(text))
+
+
 def quality_failure(text: str, s: StageSettings) -> str | None:
-    """The name of the first quality filter the document fails, or None if it passes them all."""
-    words = _WORD.findall(text)
-    if s.min_words and len(words) < s.min_words:
+    """The name of the first quality filter the document fails, or None; computes only what the filters on need."""
+    need_words = s.min_mean_word_length or s.max_mean_word_length or s.max_top_ngram_fraction
+    words = _WORD.findall(text) if need_words else []
+    count = len(words) if need_words else _word_count(text) if s.min_words or s.max_words else 0
+    if s.min_words and count < s.min_words:
         return "min_words"
-    if s.max_words and len(words) > s.max_words:
+    if s.max_words and count > s.max_words:
         return "max_words"
-    mean = sum(map(len, words)) / max(len(words), 1)
-    if s.min_mean_word_length and mean < s.min_mean_word_length:
-        return "min_mean_word_length"
-    if s.max_mean_word_length and mean > s.max_mean_word_length:
-        return "max_mean_word_length"
-    visible = [c for c in text if not c.isspace()] or [" "]
-    if s.max_symbol_ratio and sum(not c.isalnum() for c in visible) / len(visible) > s.max_symbol_ratio:
-        return "max_symbol_ratio"
-    if s.max_digit_ratio and sum(c.isdigit() for c in visible) / len(visible) > s.max_digit_ratio:
-        return "max_digit_ratio"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if s.max_repeated_line_fraction and lines:
+    if s.min_mean_word_length or s.max_mean_word_length:
+        mean = sum(map(len, words)) / max(len(words), 1)
+        if s.min_mean_word_length and mean < s.min_mean_word_length:
+            return "min_mean_word_length"
+        if s.max_mean_word_length and mean > s.max_mean_word_length:
+            return "max_mean_word_length"
+    if s.max_symbol_ratio or s.max_digit_ratio:
+        visible, symbols, digits = _char_counts(text)
+        if s.max_symbol_ratio and symbols / visible > s.max_symbol_ratio:
+            return "max_symbol_ratio"
+        if s.max_digit_ratio and digits / visible > s.max_digit_ratio:
+            return "max_digit_ratio"
+    if s.max_repeated_line_fraction:
+        lines = [line for line in map(str.strip, text.splitlines()) if line]
         repeated = sum(n for n in Counter(lines).values() if n > 1)
-        if repeated / len(lines) > s.max_repeated_line_fraction:
+        if lines and repeated / len(lines) > s.max_repeated_line_fraction:
             return "max_repeated_line_fraction"
     if s.max_top_ngram_fraction and len(words) >= 3:
         # Gopher-style: the share of word characters covered by the most frequent word trigram.
@@ -69,36 +106,50 @@ def quality_failure(text: str, s: StageSettings) -> str | None:
     return None
 
 
-class Analysis(NamedTuple):
-    """The stateless stages' verdict on one document (computed in a pool worker); dedup is decided later, in order."""
+class Verdict(NamedTuple):
+    """The scan's stateless findings on one document (computed in a pool worker); dedup is decided later, in order."""
 
-    text: str | None  # after every stateless stage; None if a quality filter dropped it
     failure: str | None  # the quality filter that dropped it
     normalized_bytes: int  # bytes of the original text if normalization changed it, else 0
-    size: int  # bytes of the normalized text (what dedup and PII statistics count)
+    size: int  # bytes of the normalized text (what the filter and dedup statistics count)
     digest: bytes | None  # exact-dedup key
     signature: bytes | None  # MinHash signature for near dedup
-    pii_replaced: int
+    bands: bytes | None  # its LSH band keys (uint64 each), computed here so the main process only looks them up
+    sample: str | None  # the text as it will be tokenized (PII scrubbed), only for the tokenizer's training sample
 
 
-def analyze(text: str, s: StageSettings, hasher: MinHasher | None, keys: bool = True) -> Analysis:
-    """Run normalize, the quality filters and PII scrubbing; with keys, also compute the dedup keys."""
+def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: bool = False) -> Verdict:
+    """The scan's work on a document: normalize, the quality filters on, the dedup keys; PII only for the sample."""
     normalized_bytes = 0
     if s.normalize != "none":
         new = unicodedata.normalize(s.normalize, text)
         if new != text:
             normalized_bytes = len(text.encode())
         text = new
-    size = len(text.encode())
+    data = text.encode()
     reason = quality_failure(text, s)
     if reason is not None:
-        return Analysis(None, reason, normalized_bytes, size, None, None, 0)
-    digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if keys and s.dedup_exact else None
-    signature = hasher.signature(text) if keys and hasher is not None else None
-    replaced = 0
-    if s.pii:
-        text, replaced = scrub(text)
-    return Analysis(text, None, normalized_bytes, size, digest, signature, replaced)
+        return Verdict(reason, normalized_bytes, len(data), None, None, None, None)
+    digest = hashlib.blake2b(data, digest_size=16).digest() if s.dedup_exact else None
+    signature = hasher.signature(text) if hasher is not None else None
+    bands = hasher.band_hashes(signature) if hasher is not None and signature is not None else None
+    sample = (scrub(text)[0] if s.pii else text) if want_text else None
+    return Verdict(None, normalized_bytes, len(data), digest, signature, bands, sample)
+
+
+def clean(text: str, s: StageSettings) -> tuple[str, int, int]:
+    """The write pass's work on a kept document: (text to tokenize, bytes before PII scrubbing, PII replaced)."""
+    if s.normalize != "none":
+        text = unicodedata.normalize(s.normalize, text)
+    if not s.pii:
+        return text, 0, 0
+    size = len(text.encode())
+    text, replaced = scrub(text)
+    return text, size, replaced
+
+
+# Within one document the stages count in this order; across documents, in document order.
+_RANK = {"normalize": 0, "pii": 2}
 
 
 @dataclass
@@ -108,25 +159,44 @@ class Pipeline:
     settings: StageSettings
     store: DedupStore | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    first: dict[str, list[int]] = field(default_factory=dict)  # (file, ordinal, rank) where each stage first counted
 
-    def accept(self, file: int, ordinal: int, a: Analysis) -> bool:
-        """Count the document's stage outcomes; True if it survives every stage, dedup included."""
-        if a.normalized_bytes:
-            self._count("normalize", "changed", a.normalized_bytes)
-        if a.failure is not None:
-            self._count(f"filter.{a.failure}", "dropped", a.size)
-            return False
-        if self.store is not None:
-            dropped = self.store.check(file, ordinal, a.digest, a.signature)
-            if dropped is not None:
-                self._count(dropped, "dropped", a.size)
-                return False
-        if a.pii_replaced:
-            self._count("pii", "changed", a.size)
-            self.stats["pii"]["replacements"] = self.stats["pii"].get("replacements", 0) + a.pii_replaced
-        return True
+    def accept(self, docs: list[tuple[int, int, Verdict]]) -> list[bool]:
+        """Count (file, ordinal, verdict)s' scan outcomes; True for each that survives every stage, dedup included."""
+        passed = []
+        for k, (file, ordinal, v) in enumerate(docs):
+            if v.normalized_bytes:
+                self.count("normalize", "changed", v.normalized_bytes, file, ordinal)
+            if v.failure is not None:
+                self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
+            else:
+                passed.append(k)
+        keys = [Keys(*docs[k][:2], docs[k][2].digest, docs[k][2].signature, docs[k][2].bands) for k in passed]
+        stages = self.store.check(keys) if self.store is not None else [None] * len(passed)
+        out = [False] * len(docs)
+        for k, stage in zip(passed, stages, strict=True):
+            if stage is None:
+                out[k] = True
+            else:
+                self.count(stage, "dropped", docs[k][2].size, docs[k][0], docs[k][1])
+        return out
 
-    def _count(self, stage: str, what: str, size: int) -> None:
+    def count_pii(self, file: int, ordinal: int, size: int, replaced: int) -> None:
+        """Count a kept document's PII replacements (the write pass scrubs)."""
+        if replaced:
+            self.count("pii", "changed", size, file, ordinal)
+            self.stats["pii"]["replacements"] = self.stats["pii"].get("replacements", 0) + replaced
+
+    def count(self, stage: str, what: str, size: int, file: int, ordinal: int) -> None:
+        """Add one document of `size` bytes to a stage's dropped or changed counts."""
         entry = self.stats.setdefault(stage, {})
+        self.first[stage] = min(self.first.get(stage, [file, ordinal, 9]), [file, ordinal, _RANK.get(stage, 1)])
         entry[f"documents_{what}"] = entry.get(f"documents_{what}", 0) + 1
         entry[f"bytes_{what}"] = entry.get(f"bytes_{what}", 0) + size
+
+
+def in_order(*pipelines: Pipeline) -> dict[str, dict[str, int]]:
+    """The pipelines' statistics in one dict, stages in the order they first counted (as one pass would list them)."""
+    stats = {k: v for p in pipelines for k, v in p.stats.items()}
+    first = {k: v for p in pipelines for k, v in p.first.items()}
+    return {k: stats[k] for k in sorted(stats, key=lambda k: first[k])}

@@ -1,0 +1,57 @@
+"""The scan's list of dropped documents (filters and dedup), so the write pass skips them without redoing the work."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from keel.errors import DataError
+
+DROPS = "dropped.bin"  # int64 keys file << 32 | ordinal, in document order (so sorted), native byte order
+_ORDINALS = 1 << 32
+_BUFFER = 1 << 16  # keys held before a write: bounded memory for any number of drops
+
+
+def drop_key(file: int, ordinal: int) -> int:
+    """One sortable int64 for a document's (file, ordinal)."""
+    if ordinal >= _ORDINALS:
+        raise DataError(f"source file #{file} holds more than {_ORDINALS - 1} records; split it into several files")
+    return file * _ORDINALS + ordinal
+
+
+class DropWriter:
+    """Appends the dropped documents' keys during the scan; close() makes them durable."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "wb")
+        self._keys: list[int] = []
+
+    def add(self, file: int, ordinal: int) -> None:
+        """Record one dropped document (calls come in document order)."""
+        self._keys.append(drop_key(file, ordinal))
+        if len(self._keys) >= _BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._file.write(np.array(self._keys, dtype=np.int64).tobytes())
+        self._keys.clear()
+
+    def close(self) -> None:
+        """Write what is buffered and fsync: the progress file that follows vouches for it."""
+        self._flush()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def dropped_in(path: Path, file: int, first: int, last: int) -> set[int]:
+    """The dropped ordinals of one file between first and last (inclusive), read from the sorted keys on disk."""
+    if os.path.getsize(path) == 0:
+        return set()
+    keys = np.memmap(path, dtype=np.int64, mode="r")
+    lo = int(np.searchsorted(keys, drop_key(file, first), side="left"))
+    hi = int(np.searchsorted(keys, drop_key(file, last), side="right"))
+    return set((keys[lo:hi] - file * _ORDINALS).tolist())
