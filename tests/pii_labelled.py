@@ -393,8 +393,7 @@ def build(seed: int = SEED) -> list[dict]:
 
 
 def evaluate(records: list[dict], find) -> dict[str, dict[str, float]]:
-    """Per label: span recall (a labelled span counts when predictions of its label cover all its characters),
-    character precision (the share of predicted characters inside labelled spans of the same label), counts."""
+    """Per label: span recall (all of a span covered by its label) and character precision, with the counts."""
     out: dict[str, dict[str, float]] = {}
     for record in records:
         text, predicted = record["text"], find(record["text"])

@@ -82,8 +82,7 @@ def replace(text: str, found: Sequence[Found]) -> str:
 
 
 def _passes(text: str, regions: tuple[str, ...], ner: bool, seen: Callable[[str, list[Found]], None]) -> str:
-    """Run every pass (NER first when on, then each detector) on the text the ones before left; `seen` gets each
-    pass's input text and replacements; return the scrubbed text."""
+    """Run NER (when on), then each detector, on the text the ones before left; `seen` gets each replacement."""
     if ner:
         from keel.data.pii_ner import find_entities  # optional: spaCy and a model, only with prepare.pii_ner
 
@@ -108,8 +107,8 @@ def scrub(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> t
 
 
 def find(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> list[Found]:
-    """What scrub replaces, as spans of the original text (a later match over an earlier placeholder covers
-    that placeholder's original text)."""
+    """What scrub replaces, as (start, end, label) spans of the original text."""
+    # A later match over an earlier placeholder covers that placeholder's original text.
     # Placeholders in the current text: (current start, current end, original start, original end, label).
     marks: list[tuple[int, int, int, int, str]] = []
 

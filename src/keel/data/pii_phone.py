@@ -69,8 +69,7 @@ def _plausible(digits: str, region: str) -> bool:
 
 
 def _valid_alone(raw: str, region: str) -> bool:
-    """Whether the whole candidate parses as one valid personal number of the region (about 25 us, a fifth of
-    the matcher's cost): the gate before the matcher, for candidates short enough to be one number."""
+    """Whether the whole candidate is one valid personal number of the region (25 us: the matcher's gate)."""
     try:
         number = phonenumbers.parse(raw, region, keep_raw_input=True)
     except phonenumbers.NumberParseException:
@@ -107,8 +106,7 @@ def numbers_in(raw: str, regions: tuple[str, ...]) -> tuple[Span, ...]:
 
 
 def phone_spans(raw: str, regions: tuple[str, ...]) -> tuple[Span, ...]:
-    """numbers_in, or when it finds none, numbers_in without the last one or two words (a date, a count) that the
-    phone regex took along: "06 12 34 56 78 06/05/2024"."""
+    """numbers_in, or without the last one or two words the regex took along ("06 12 34 56 78 06/05/2024")."""
     found = numbers_in(raw, regions)
     cut = raw
     for _ in range(2):

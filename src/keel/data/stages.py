@@ -150,8 +150,7 @@ def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: boo
 
 
 def clean(text: str, s: StageSettings) -> tuple[str, int, tuple[tuple[str, int], ...]]:
-    """The write pass's work on a kept document: (text to tokenize, bytes before PII scrubbing, PII replaced per
-    label)."""
+    """The write pass's work on a document: (text to tokenize, bytes before scrubbing, PII replaced per label)."""
     if s.normalize != "none":
         text = unicodedata.normalize(s.normalize, text)
     if not s.pii:
