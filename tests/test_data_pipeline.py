@@ -18,7 +18,8 @@ from keel.cli import app
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.inspect import verify_dataset
 from keel.data.minhash import MinHasher, lsh_bands
-from keel.data.pii import luhn_ok, scrub
+from keel.data.pii import scrub
+from keel.data.pii_rules import luhn_ok
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import Pipeline, StageSettings, assess, clean, quality_failure
 from keel.errors import ConfigError, DataError
@@ -80,6 +81,13 @@ def test_mixed_formats_drop_planted_duplicates_and_count_every_stage(mixed):
     assert stages["filter.min_words"]["documents_dropped"] == 1
     assert stages["filter.max_repeated_line_fraction"]["documents_dropped"] == 1
     assert stages["pii"]["documents_changed"] == 1 and stages["pii"]["replacements"] == 5
+    per_label = {k: v for k, v in stages["pii"].items() if k.startswith("replacements.")}
+    assert per_label == {
+        "replacements.EMAIL": 1,
+        "replacements.CREDIT_CARD": 1,
+        "replacements.IP_ADDRESS": 2,
+        "replacements.PHONE_NUMBER": 1,
+    }
     assert all(v > 0 for e in stages.values() for k, v in e.items() if k.startswith("bytes_"))
     assert manifest.splits["train"].documents + manifest.splits["val"].documents == 30 + 1
     assert [s.license for s in manifest.sources] == ["CC-BY-4.0", "unknown", "MIT"]
@@ -89,7 +97,7 @@ def test_pii_is_replaced_by_typed_placeholders_in_the_shards(mixed):
     text = dataset_text(mixed[0])
     for secret in ("jane.doe@example.org", "415-555-0132", "4111 1111 1111 1111", "10.0.0.7", "2001:db8::7334"):
         assert secret not in text
-    for placeholder in ("<EMAIL>", "<PHONE>", "<CREDIT_CARD>", "<IP_ADDRESS>"):
+    for placeholder in ("<EMAIL>", "<PHONE_NUMBER>", "<CREDIT_CARD>", "<IP_ADDRESS>"):
         assert placeholder in text
 
 
@@ -120,13 +128,13 @@ def test_inspect_shows_licenses_and_stage_counts(mixed):
 
 def test_luhn_decides_which_digit_runs_are_cards():
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
-    assert scrub("pay 4111-1111-1111-1112 now") == ("pay 4111-1111-1111-1112 now", 0)
-    assert scrub("pay 5500 0000 0000 0004 now") == ("pay <CREDIT_CARD> now", 1)
+    assert scrub("pay 4111-1111-1111-1112 now") == ("pay 4111-1111-1111-1112 now", {})
+    assert scrub("pay 5500 0000 0000 0004 now") == ("pay <CREDIT_CARD> now", {"CREDIT_CARD": 1})
 
 
 def test_scrub_leaves_code_versions_and_dates_alone():
     text = "std::vector a::b at 12:30:45, version 1.2.3.4.5, on 2024-05-06, pi 3.14159"
-    assert scrub(text) == (text, 0)
+    assert scrub(text) == (text, {})
 
 
 def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):

@@ -60,6 +60,10 @@ class DataConfig(Section):
         return data
 
 
+# Where a phone number written without its country code is looked up, in order (phonenumbers' region codes).
+PHONE_REGIONS = ("US", "CA", "GB", "DE", "FR", "ES", "IT", "NL", "IN", "BR", "JP", "CN", "AU")
+
+
 class PrepareConfig(Section):
     """How `keel data prepare` turns raw sources into the dataset at data.dataset."""
 
@@ -98,7 +102,34 @@ class PrepareConfig(Section):
     dedup_near_threshold: float = Field(
         0.0, ge=0, lt=1, description="Drop MinHash near-duplicates at this Jaccard similarity (e.g. 0.8); 0 is off."
     )
-    pii: bool = Field(False, description="Replace e-mails, phones, IPs and Luhn-valid card numbers by placeholders.")
+    pii: bool = Field(
+        False,
+        description="Replace e-mails, phones, IPs, cards, IBANs, US SSNs and secrets by typed placeholders (<EMAIL>).",
+    )
+    pii_regions: list[str] = Field(
+        default_factory=lambda: list(PHONE_REGIONS),
+        min_length=1,
+        description="Regions (e.g. GB) whose numbering plans validate phone numbers written without a +country code.",
+    )
+    pii_ner: bool = Field(
+        False, description="Also replace person names and street addresses, found by a spaCy NER model (optional)."
+    )
+
+    @field_validator("pii_regions")
+    @classmethod
+    def _known_regions(cls, regions: list[str]) -> list[str]:
+        import phonenumbers  # here, not at the top: only a config that sets the key pays for the import
+
+        unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown phone region {unknown[0]!r}; use two-letter region codes such as 'US', 'GB'")
+        return regions
+
+    @model_validator(mode="after")
+    def _ner_scrubs(self) -> PrepareConfig:
+        if self.pii_ner and not self.pii:
+            raise ValueError("pii_ner: scrubs names only with prepare.pii = true; set both")
+        return self
 
 
 class TrainConfig(Section):

@@ -1,59 +1,35 @@
-"""PII scrubbing: e-mail addresses, phone numbers, IPv4/IPv6 addresses and Luhn-valid card numbers -> placeholders.
+"""PII scrubbing: each detector's matches -> a typed placeholder (<EMAIL>, <PHONE_NUMBER>, <IBAN>, <SECRET>, ...).
 
-Each detector is a regex plus two cheap ones: a hint that every match contains, and the class of characters a
-match is made of. A detector runs its regex only on the runs of its class that hold a hint (most text holds
-none), with one character of context on each side for the look-arounds. Matches never leave their run, so
-this finds exactly what the regex finds on the whole text, at the speed of the hint's search.
+Each detector is a regex, a judge that validates its matches (a checksum, a numbering plan, the words before
+it), and two cheap ones: a hint that every accepted match contains, and the class of characters a match is
+made of. A detector runs its regex only on the runs of its class that hold a hint (most text holds none), as
+`finditer` over the whole text from the run's start (so look-behinds and judges see the real text before it)
+to a little past its end (look-aheads may read CONTEXT characters). Matches never leave their run, so this
+finds exactly what the regex finds on the whole text, at the speed of the hint's search.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-PHONE = re.compile(r"(?<![\w+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])")
-IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
-IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])")
+from keel.data import pii_rules as rules
+from keel.data.pii_phone import REGIONS, phone_detector_parts
 
-
-def luhn_ok(digits: str) -> bool:
-    """True if the digit string passes the Luhn checksum that every payment card number carries."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _card(m: re.Match) -> str:
-    digits = re.sub(r"[ -]", "", m.group())
-    return "<CREDIT_CARD>" if 13 <= len(digits) <= 19 and luhn_ok(digits) else m.group()
-
-
-def _ipv6(m: re.Match) -> str:
-    # The regex is loose (it would match "a:b:c"); the standard library decides what is an address.
-    # "a::b" is C++ or Rust, not an address: require a digit somewhere.
-    if not any(c.isdigit() for c in m.group()):
-        return m.group()
-    try:
-        ipaddress.IPv6Address(m.group())
-    except ValueError:
-        return m.group()
-    return "<IP_ADDRESS>"
+CONTEXT = 16  # characters a pattern's look-ahead may read past its match
+Span = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Detector:
-    """One kind of PII: its regex, its replacement, a hint every match contains, and the characters matches use."""
+    """One kind of PII: its regex and judge, its placeholder's label, a hint every match holds, its characters."""
 
-    pattern: re.Pattern
-    replace: Callable[[re.Match], str]
+    pattern: re.Pattern  # no ^, $, \A or \Z: they would see the run's bounds, not the text's
+    judge: Callable[[re.Match], Sequence[Span]]  # the spans of a match to replace (none: not PII)
+    label: str
     hint: re.Pattern  # starts with a literal or a character class, so re's search skips ahead in C
     chars: str  # a regex character class holding every character of every match (and of every hint match)
     run: re.Pattern = field(init=False)
@@ -61,50 +37,106 @@ class Detector:
     def __post_init__(self) -> None:
         object.__setattr__(self, "run", re.compile(f"{self.chars}*"))
 
-    def scrub(self, text: str) -> tuple[str, int]:
-        """Replace this detector's matches; return the new text and the number replaced."""
-        out, count, done = [], 0, 0
-        reverse = None
-
-        def counted(m: re.Match) -> str:
-            nonlocal count
-            new = self.replace(m)
-            count += new != m.group()
-            return new
-
+    def find(self, text: str) -> list[Span]:
+        """The spans this detector replaces in `text`, in order."""
+        found: list[Span] = []
+        done, n, reverse = 0, len(text), None
         for hint in self.hint.finditer(text):
             if hint.start() < done:
-                continue  # inside the run already scrubbed
+                continue  # inside the run already searched
             if reverse is None:
                 reverse = text[::-1]  # re cannot match backwards: the run's start is a forward match in reverse
-            start = len(text) - self.run.match(reverse, len(text) - hint.start()).end()  # type: ignore[union-attr]
+            start = n - self.run.match(reverse, n - hint.start()).end()  # type: ignore[union-attr]
             end = self.run.match(text, hint.end()).end()  # type: ignore[union-attr]
-            lo, hi = max(start - 1, 0), min(end + 1, len(text))  # one character of context for the look-arounds
-            # The context characters are never part of a match, so they come back unchanged: cut them off again.
-            new = self.pattern.sub(counted, text[lo:hi])
-            out += [text[done:start], new[start - lo : len(new) - (hi - end)]]
+            for m in self.pattern.finditer(text, start, min(end + CONTEXT, n)):
+                if m.start() >= end:
+                    break  # past the run: another run's, searched when a hint leads there
+                found += self.judge(m)
             done = end
-        if not out:
-            return text, 0
-        out.append(text[done:])
-        return "".join(out), count
+        return found
 
 
-# In order: each sees the text the ones before it left. Cards before phones: a card number also looks like a
-# long phone number. A new detector goes where its matches should win over the later ones'.
-DETECTORS: list[Detector] = [
-    Detector(EMAIL, lambda m: "<EMAIL>", re.compile("@"), "[A-Za-z0-9._%+@-]"),
-    Detector(CARD, _card, re.compile(r"\d(?:[ -]?\d){12}"), r"[\d -]"),
-    Detector(IPV4, lambda m: "<IP_ADDRESS>", re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d"), r"[\d.]"),
-    Detector(IPV6, _ipv6, re.compile(":[0-9A-Fa-f]{0,4}:"), "[0-9A-Fa-f:]"),
-    Detector(PHONE, lambda m: "<PHONE>", re.compile(r"\d{3,4}[ .-]\d{3,4}"), r"[\d +.()-]"),
-]
+@lru_cache(maxsize=16)
+def detectors(regions: tuple[str, ...] = REGIONS) -> tuple[Detector, ...]:
+    """Every structured detector, in order: each sees the text the ones before it left."""
+    # Secrets first (a key block holds anything; a URL's password sits before an @), then what holds long digit
+    # runs (IBAN, card, SSN) before the phone numbers those would also look like; IPv6 before IPv4 (::ffff:1.2.3.4).
+    parts = [*rules.SECRETS, *rules.EMAILS, rules.IBAN_PARTS, rules.CARD_PARTS, rules.SSN_PARTS]
+    parts += [rules.IPV6_PARTS, rules.IPV4_PARTS]
+    parts.append(phone_detector_parts(regions))
+    return tuple(Detector(*p) for p in parts)
 
 
-def scrub(text: str) -> tuple[str, int]:
-    """Replace PII with typed placeholders; return the new text and how many replacements were made."""
-    count = 0
-    for detector in DETECTORS:
-        text, n = detector.scrub(text)
-        count += n
-    return text, count
+DETECTORS = detectors()
+Found = tuple[int, int, str]  # (start, end, label)
+
+
+def replace(text: str, found: Sequence[Found]) -> str:
+    """`text` with each (start, end, label), in order and not overlapping, replaced by <label>."""
+    out, done = [], 0
+    for start, end, label in found:
+        out += [text[done:start], f"<{label}>"]
+        done = end
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _passes(text: str, regions: tuple[str, ...], ner: bool, seen: Callable[[str, list[Found]], None]) -> str:
+    """Run NER (when on), then each detector, on the text the ones before left; `seen` gets each replacement."""
+    if ner:
+        from keel.data.pii_ner import find_entities  # optional: spaCy and a model, only with prepare.pii_ner
+
+        found = find_entities(text)
+        if found:
+            seen(text, found)
+            text = replace(text, found)
+    for d in detectors(regions):
+        spans = d.find(text)
+        if spans:
+            found = [(start, end, d.label) for start, end in spans]
+            seen(text, found)
+            text = replace(text, found)
+    return text
+
+
+def scrub(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> tuple[str, Counter[str]]:
+    """Replace PII with typed placeholders; return the new text and the replacements per label."""
+    counts: Counter[str] = Counter()
+    text = _passes(text, regions, ner, lambda _, found: counts.update(label for _, _, label in found))
+    return text, counts
+
+
+def find(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> list[Found]:
+    """What scrub replaces, as (start, end, label) spans of the original text."""
+    # A later match over an earlier placeholder covers that placeholder's original text.
+    # Placeholders in the current text: (current start, current end, original start, original end, label).
+    marks: list[tuple[int, int, int, int, str]] = []
+
+    def original(p: int, left: bool) -> int:
+        delta = 0
+        for c0, c1, o0, o1, _ in marks:
+            if c1 <= p:
+                delta = o1 - c1  # the text between placeholders is unchanged: offsets differ by a constant
+            elif c0 < p:
+                return o0 if left else o1  # inside a placeholder: the whole of its original text
+            else:
+                break
+        return p + delta
+
+    def remap(_: str, found: list[Found]) -> None:
+        k, shift, out = 0, 0, []
+        for start, end, label in found:
+            while k < len(marks) and marks[k][1] <= start:
+                c0, c1, o0, o1, lab = marks[k]
+                out.append((c0 + shift, c1 + shift, o0, o1, lab))
+                k += 1
+            o0, o1 = original(start, True), original(end, False)
+            while k < len(marks) and marks[k][0] < end:
+                k += 1  # covered by the new match
+            out.append((start + shift, start + shift + len(label) + 2, o0, o1, label))
+            shift += len(label) + 2 - (end - start)
+        out += [(c0 + shift, c1 + shift, o0, o1, lab) for c0, c1, o0, o1, lab in marks[k:]]
+        marks[:] = out
+
+    _passes(text, regions, ner, remap)
+    return [(o0, o1, label) for _, _, o0, o1, label in marks]

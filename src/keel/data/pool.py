@@ -38,7 +38,7 @@ class Done(NamedTuple):
     verdict: Verdict | None  # scan
     ids: np.ndarray | None  # write
     pii_size: int = 0  # write: bytes before scrubbing
-    pii_replaced: int = 0
+    pii_replaced: tuple[tuple[str, int], ...] = ()  # write: (label, replacements)
 
 
 class Result(NamedTuple):

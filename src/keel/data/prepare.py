@@ -27,6 +27,7 @@ from keel.data.manifest import (
     TokenizerEntry,
     write_manifest,
 )
+from keel.data.pii_ner import require_ner
 from keel.data.pool import Job, Result, StagePool, resolve_workers
 from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, readable, scan
 from keel.data.shards import ShardWriter
@@ -91,6 +92,8 @@ def prepare_dataset(
             f"prepare.licenses: {unknown[0]!r} is not one of prepare.sources; key each license by its glob"
         )
     stages = stages or StageSettings()
+    if stages.pii and stages.pii_ner:
+        require_ner()  # a missing model is a one-line error now, not a traceback in every worker
     settings = PrepareSettings(
         val_fraction=val_fraction, text_field=text_field, shard_tokens=shard_tokens, bad_input=bad_input, stages=stages
     )

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
+from keel.data.pii_phone import REGIONS
 
 _WORD = re.compile(r"\w+")
 
@@ -32,11 +33,22 @@ class StageSettings:
     dedup_exact: bool = False
     dedup_near_threshold: float = 0.0
     pii: bool = False
+    # None, not a value, unless PII scrubbing is on: the manifests of datasets prepared without them stay as they were.
+    pii_regions: tuple[str, ...] | None = None  # None: keel.data.pii_phone.REGIONS
+    pii_ner: bool | None = None
 
     @classmethod
     def from_config(cls, prepare: object) -> StageSettings:
         """The settings named by the same keys of a [prepare] config section."""
-        return cls(**{f.name: getattr(prepare, f.name) for f in fields(cls)})
+        given = {f.name: getattr(prepare, f.name) for f in fields(cls)}
+        if not given["pii"]:
+            return cls(**{**given, "pii_regions": None, "pii_ner": None})
+        return cls(**{**given, "pii_regions": tuple(given["pii_regions"]), "pii_ner": given["pii_ner"] or None})
+
+    @property
+    def scrubbing(self) -> dict:
+        """keel.data.pii.scrub's keyword arguments for these settings."""
+        return {"regions": self.pii_regions or REGIONS, "ner": bool(self.pii_ner)}
 
 
 # Which ASCII bytes count as space, alphanumeric, digit: taken from str's own methods, so the byte counts agree.
@@ -133,19 +145,19 @@ def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: boo
     digest = hashlib.blake2b(data, digest_size=16).digest() if s.dedup_exact else None
     signature = hasher.signature(text) if hasher is not None else None
     bands = hasher.band_hashes(signature) if hasher is not None and signature is not None else None
-    sample = (scrub(text)[0] if s.pii else text) if want_text else None
+    sample = (scrub(text, **s.scrubbing)[0] if s.pii else text) if want_text else None
     return Verdict(None, normalized_bytes, len(data), digest, signature, bands, sample)
 
 
-def clean(text: str, s: StageSettings) -> tuple[str, int, int]:
-    """The write pass's work on a kept document: (text to tokenize, bytes before PII scrubbing, PII replaced)."""
+def clean(text: str, s: StageSettings) -> tuple[str, int, tuple[tuple[str, int], ...]]:
+    """The write pass's work on a document: (text to tokenize, bytes before scrubbing, PII replaced per label)."""
     if s.normalize != "none":
         text = unicodedata.normalize(s.normalize, text)
     if not s.pii:
-        return text, 0, 0
+        return text, 0, ()
     size = len(text.encode())
-    text, replaced = scrub(text)
-    return text, size, replaced
+    text, replaced = scrub(text, **s.scrubbing)
+    return text, size, tuple(replaced.items())
 
 
 # Within one document the stages count in this order; across documents, in document order.
@@ -181,11 +193,14 @@ class Pipeline:
                 self.count(stage, "dropped", docs[k][2].size, docs[k][0], docs[k][1])
         return out
 
-    def count_pii(self, file: int, ordinal: int, size: int, replaced: int) -> None:
-        """Count a kept document's PII replacements (the write pass scrubs)."""
+    def count_pii(self, file: int, ordinal: int, size: int, replaced: tuple[tuple[str, int], ...]) -> None:
+        """Count a kept document's PII replacements, in all and per label (the write pass scrubs)."""
         if replaced:
             self.count("pii", "changed", size, file, ordinal)
-            self.stats["pii"]["replacements"] = self.stats["pii"].get("replacements", 0) + replaced
+            entry = self.stats["pii"]
+            entry["replacements"] = entry.get("replacements", 0) + sum(n for _, n in replaced)
+            for label, n in replaced:
+                entry[f"replacements.{label}"] = entry.get(f"replacements.{label}", 0) + n
 
     def count(self, stage: str, what: str, size: int, file: int, ordinal: int) -> None:
         """Add one document of `size` bytes to a stage's dropped or changed counts."""
