@@ -147,6 +147,12 @@ class TrainConfig(Section):
         "auto", description="Device to train on; auto picks CUDA if present."
     )
     compile: bool = Field(False, description="Compile the model with torch.compile (helps on GPU, not on CPU).")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute activations in backward: none, selective (see train.ac_every) or every block."
+    )
+    ac_every: int = Field(
+        0, ge=0, description="Selective: recompute every N-th block; 0 keeps matmul and attention outputs per op."
+    )
     eval_every: int = Field(50, ge=0, description="Compute validation loss every this many steps; 0 turns it off.")
     eval_batches: int = Field(4, gt=0, description="Global batches of validation data per evaluation.")
     stop_after: int | None = Field(

@@ -1,4 +1,4 @@
-"""Data parallelism applied to a model from outside it: DDP or FSDP2."""
+"""Parallelism applied to a model from outside it: activation checkpointing, compile, then DDP or FSDP2."""
 
 from __future__ import annotations
 
@@ -12,7 +12,21 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from keel.config import Config
+from keel.distributed.activation_checkpointing import apply_activation_checkpointing
 from keel.distributed.env import DistEnv
+
+
+def parallelize(
+    model: nn.Module, blocks: Callable[[nn.Module], list[nn.Module]], cfg: Config, env: DistEnv
+) -> nn.Module:
+    """Prepare a freshly built model for training, in torchtitan's order: activation checkpointing of its blocks,
+    torch.compile of each block, then data parallelism over all ranks."""
+    apply_activation_checkpointing(model, blocks, cfg.train.activation_checkpointing, cfg.train.ac_every)
+    if cfg.train.compile:
+        for block in blocks(model):
+            block.compile()
+    return apply_data_parallel(model, cfg.parallel.dp, env, blocks)
 
 
 def apply_data_parallel(
@@ -66,7 +80,8 @@ def norm_value(norm: torch.Tensor) -> float:
 
 def parameter_group(name: str) -> str:
     """A parameter's group: its name without layer indices and the trailing weight/bias (layers.attention.wq)."""
-    parts = [p for p in name.split(".") if not p.isdigit()]
+    # Layer indices and the activation-checkpointing wrapper are not part of what a parameter is.
+    parts = [p for p in name.split(".") if not p.isdigit() and p != "_checkpoint_wrapped_module"]
     if len(parts) > 1 and parts[-1] in ("weight", "bias"):
         parts.pop()
     return ".".join(parts)

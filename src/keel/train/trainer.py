@@ -20,7 +20,7 @@ from keel.data.loader import BatchLoader
 from keel.data.mixture import open_mixture
 from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv
-from keel.distributed.parallel import apply_data_parallel, clip_grads, grad_norm, gradient_sync, norm_value
+from keel.distributed.parallel import clip_grads, grad_norm, gradient_sync, norm_value, parallelize
 from keel.models import model_args
 from keel.models.loss import batch_loss
 from keel.observe.events import EventLog
@@ -55,10 +55,7 @@ class Trainer:
         if cfg.checkpoint.init_from_hf and not committed_steps(run.checkpoints):
             # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
             load_hf_weights(model, spec, args, cfg.checkpoint.init_from_hf)
-        if cfg.train.compile:
-            for unit in spec.shard_units(model):
-                unit.compile()
-        self.model = apply_data_parallel(model, cfg.parallel.dp, env, spec.shard_units)
+        self.model = parallelize(model, spec.shard_units, cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.dtype = compute_dtype(cfg, env.device)
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
