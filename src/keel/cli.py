@@ -49,6 +49,15 @@ def train(
         Path | None, typer.Option(help="Continue the run in this run dir from its newest checkpoint.")
     ] = None,
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with its doc.")] = False,
+    nnodes: Annotated[
+        int | None, typer.Option(help="Machines the run spans, each starting --nproc processes (Slurm: SLURM_NNODES).")
+    ] = None,
+    node_rank: Annotated[
+        int | None, typer.Option(help="This machine's number from 0; node 0 creates the run dir (Slurm: SLURM_NODEID).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the c10d rendezvous on node 0 (Slurm: the job's first host:29500).")
+    ] = None,
 ) -> None:
     """Train a model: keel train CONFIG [--set k=v ...] [--nproc N], or keel train --resume RUN_DIR."""
     if help_config:
@@ -56,7 +65,7 @@ def train(
         return
     from keel.launch.train import train as run_train
 
-    raise typer.Exit(run_train(config, overrides or [], resume, nproc))
+    raise typer.Exit(run_train(config, overrides or [], resume, nproc, (nnodes, node_rank, rdzv_endpoint)))
 
 
 @data_app.command("prepare")
