@@ -63,7 +63,7 @@ def resolve_nodes(
         # The step's own numbers under srun; the allocation's in the batch shell (which runs on its first node).
         nnodes = nnodes if nnodes is not None else _slurm_int(env, "SLURM_STEP_NUM_NODES", "SLURM_NNODES")
         node_rank = node_rank if node_rank is not None else _slurm_int(env, "SLURM_NODEID")
-    nnodes, node_rank = nnodes or 1, node_rank or 0
+    nnodes, node_rank = 1 if nnodes is None else nnodes, 0 if node_rank is None else node_rank
     if nnodes < 1:
         raise LaunchError(f"--nnodes {nnodes}: a run needs at least one node")
     if not 0 <= node_rank < nnodes:
