@@ -72,9 +72,9 @@ def check_layout(launch: Launch) -> None:
     per_rank = f" in micro-batches of {micro}" if micro else ""
     fix = f"use --gpus-per-node {fits[0]}, or " if fits else ""
     raise LaunchError(
-        f"--gpus-per-node {gpus} on {nodes} nodes makes {nodes * gpus} data-parallel ranks, more than "
-        f"train.global_batch_size {batch} splits over{per_rank}; {fix}set train.global_batch_size to a multiple of "
-        f"{nodes * gpus * (micro or 1)} (--set train.global_batch_size=N)"
+        f"--gpus-per-node {gpus} on {nodes} nodes makes {nodes * gpus} data-parallel ranks, which "
+        f"train.global_batch_size {batch} does not split over evenly{per_rank}; {fix}set train.global_batch_size "
+        f"to a multiple of {nodes * gpus * (micro or 1)} (--set train.global_batch_size=N)"
     )
 
 
@@ -233,7 +233,7 @@ def to_yaml(value: Any, indent: int = 0) -> str:
     if isinstance(value, list):
         if not value:
             return "[]"
-        items = [to_yaml(v, indent + 2).lstrip() if isinstance(v, dict | list) and v else _scalar(v) for v in value]
+        items = [to_yaml(v, indent + 2).lstrip() if isinstance(v, dict | list) else _scalar(v) for v in value]
         return "\n".join(f"{pad}- {item}" for item in items)
     return _scalar(value)
 
