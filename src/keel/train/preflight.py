@@ -22,6 +22,7 @@ from keel.train.checks import (
     check_environment,
     check_file_hash,
     check_init_from_hf,
+    check_layout,
     check_same_model,
     check_tokenizer,
     mixture_hashes,
@@ -62,6 +63,7 @@ def resolve(cfg: Config) -> Config:
         parse_faults(resolved.resilience.inject, resolved.parallel.nproc)
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
+    check_layout(resolved, args)
     check_data(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
