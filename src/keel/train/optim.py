@@ -9,12 +9,11 @@ from torch import nn
 
 from keel.config import OptimConfig
 
-
 FUSED_DEVICES = ("cuda", "cpu")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; norms and biases (1-d) get no weight decay; fused kernels where torch has them."""
+    """AdamW over the model's parameters; norms and biases (1-d) get no weight decay; fused kernels where there are."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},

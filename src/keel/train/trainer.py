@@ -56,8 +56,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.precision = resolve_precision(cfg, env.device)
         self.dtype = self.precision.dtype
-        if env.is_main:
-            log.info(f"precision: {self.precision.reason}")
+        log.info(f"precision: {self.precision.reason}")
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.loader = self._build_loader()
