@@ -1,12 +1,14 @@
 """Tokens/s of Keel's trainer against a plain Hugging Face transformers training loop on the same Llama, in one run.
 
     PYTHONPATH=src .venv/bin/python bench/vs_hf.py [--steps 20] [--repeats 5] [--hf-precision fp32|bf16]
+        [--keel-precision auto|fp32|bf16]
 
 Both train the identical model (Keel's initial weights exported to a LlamaForCausalLM with SDPA attention) on the
 identical batches (Keel's loader; the HF loop gets them already in memory), one process, the same threads, the
 repeats interleaved (alternating which goes first). Keel runs with `train.precision = "auto"` and its defaults;
 the HF loop is what a user writes: fp32 (or, with --hf-precision bf16, bf16 autocast), torch.optim.AdamW with its
-defaults, gradient clipping, a cosine schedule. Prints the median tokens/s of each and the ratio Keel / HF.
+defaults, gradient clipping, a cosine schedule. Prints the median tokens/s of each and the ratio Keel / HF, and
+the same per second of the process's CPU time, which the load of other jobs on a shared machine distorts less.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from keel.train.trainer import Trainer
 BATCH, SEQ = 8, 256
 
 
-def keel_trainer(root: Path, dataset: Path, steps: int, index: int) -> Trainer:
-    cfg, _ = start_run(load_config(None, run_overrides(dataset, root / f"run{index}", steps, "auto")))
+def keel_trainer(root: Path, dataset: Path, steps: int, index: int, precision: str = "auto") -> Trainer:
+    cfg, _ = start_run(load_config(None, run_overrides(dataset, root / f"run{index}", steps, precision)))
     return Trainer(cfg, init_distributed("cpu"))
 
 
@@ -48,17 +50,28 @@ def hf_model(trainer: Trainer) -> transformers.LlamaForCausalLM:
     return model.train()
 
 
-def keel_tokens_per_s(trainer: Trainer, steps: int) -> tuple[float, float]:
+class Clock:
+    """Wall time and this process's CPU time since it was made; the second is what other jobs' load inflates least."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rates(self, tokens: int) -> tuple[float, float]:
+        """tokens per second of wall time and per second of CPU time (all threads)."""
+        return tokens / (time.perf_counter() - self.wall), tokens / (time.process_time() - self.cpu)
+
+
+def keel_tokens_per_s(trainer: Trainer, steps: int) -> tuple[float, float, float]:
     trainer.train_step(1)  # warm-up, as the HF loop gets
-    start = time.perf_counter()
+    clock = Clock()
     for step in range(2, steps + 1):
         outcome = trainer.train_step(step)
-    return (steps - 1) * BATCH * SEQ / (time.perf_counter() - start), float(outcome.loss)
+    return *clock.rates((steps - 1) * BATCH * SEQ), float(outcome.loss)
 
 
 def hf_tokens_per_s(
     model: transformers.LlamaForCausalLM, batches: list[Batch], cfg: Config, bf16: bool
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """The loop a user writes around LlamaForCausalLM: loss from labels, backward, clip, AdamW, schedule."""
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
@@ -76,10 +89,10 @@ def hf_tokens_per_s(
         return loss.item()
 
     step(batches[0])
-    start = time.perf_counter()
+    clock = Clock()
     for batch in batches[1:]:
         loss = step(batch)
-    return (len(batches) - 1) * BATCH * SEQ / (time.perf_counter() - start), loss
+    return *clock.rates((len(batches) - 1) * BATCH * SEQ), loss
 
 
 def check_same_model(trainer: Trainer, model: transformers.LlamaForCausalLM, batch: Batch) -> tuple[float, float]:
@@ -93,7 +106,7 @@ def check_same_model(trainer: Trainer, model: transformers.LlamaForCausalLM, bat
 
 def repeat(root: Path, dataset: Path, opts: argparse.Namespace, index: int) -> tuple[tuple, tuple, Trainer]:
     """One Keel run and one HF run from the same weights on the same batches; which goes first alternates."""
-    trainer = keel_trainer(root, dataset, opts.steps, index)
+    trainer = keel_trainer(root, dataset, opts.steps, index, opts.keel_precision)
     model = hf_model(trainer)
     batches = [trainer.loader.batch_at(s)[0] for s in range(opts.steps)]  # one micro-batch per step
     if index == 0:
@@ -116,6 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hf-precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--keel-precision", choices=["auto", "fp32", "bf16"], default="auto")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -123,14 +137,16 @@ def main() -> None:
         runs = [repeat(root, dataset, opts, i) for i in range(opts.repeats)]
     trainer = runs[-1][2]
     keel, hf = [r[0] for r in runs], [r[1] for r in runs]
-    k, h = statistics.median(r[0] for r in keel), statistics.median(r[0] for r in hf)
     vocab = model_args(trainer.cfg.model_section())[1].vocab_size
     print(f"model {MODEL} vocab {vocab}, batch {BATCH}x{SEQ}, {torch.get_num_threads()} threads, {opts.steps} steps")
-    n = opts.repeats
-    print(f"HF loop ({opts.hf_precision}): {h:,.0f} tokens/s (median of {n}), last loss {hf[-1][1]:.3f}")
-    print(f"Keel ({trainer.precision.name}):    {k:,.0f} tokens/s (median of {n}), last loss {keel[-1][1]:.3f}")
-    ratios = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(keel, hf, strict=True))
-    print(f"ratio Keel / HF: {k / h:.3f}   (per repeat: {ratios})")
+    print(f"last loss: HF {hf[-1][2]:.3f}, Keel {keel[-1][2]:.3f}")
+    for i, what in ((0, "tokens/s"), (1, "tokens per CPU-second")):
+        k, h = statistics.median(r[i] for r in keel), statistics.median(r[i] for r in hf)
+        ratios = ", ".join(f"{a[i] / b[i]:.2f}" for a, b in zip(keel, hf, strict=True))
+        print(
+            f"{what} (median of {opts.repeats}): HF loop ({opts.hf_precision}) {h:,.0f}, "
+            f"Keel ({trainer.precision.name}) {k:,.0f}; Keel / HF {k / h:.3f} (per repeat: {ratios})"
+        )
 
 
 if __name__ == "__main__":
