@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-# Tokens per chunk: a few MB of logits at the vocabularies Keel trains (the fastest of 128-2048 on a 2-core EPYC).
-CHUNK_TOKENS = 512
+# Tokens per chunk: 7 MB of fp32 logits at an 8k vocabulary. On one Zen 4 core (2,048 tokens, dim 256, vocabulary
+# 7,342) forward + backward took 368 ms (fp32) / 175 ms (bf16) at 256 against 396 / 218 at 2,048 and 470 / 275 for
+# the plain path; fewer tokens a chunk would re-add the vocabulary x dim weight gradient more often.
+CHUNK_TOKENS = 256
 
 
 def compute_dtype(device: torch.device) -> torch.dtype | None:
