@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import transformers
-from common import MODEL, run_overrides, stdlib_dataset
+from common import MODEL, Clock, run_overrides, stdlib_dataset
 
 from keel.config import Config
 from keel.config_toml import load_config
@@ -48,17 +47,6 @@ def hf_model(trainer: Trainer) -> transformers.LlamaForCausalLM:
     state = spec.hf.to_hf(args, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
     model.load_state_dict(state, strict=True)
     return model.train()
-
-
-class Clock:
-    """Wall time and this process's CPU time since it was made; the second is what other jobs' load inflates least."""
-
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def rates(self, tokens: int) -> tuple[float, float]:
-        """tokens per second of wall time and per second of CPU time (all threads)."""
-        return tokens / (time.perf_counter() - self.wall), tokens / (time.process_time() - self.cpu)
 
 
 def keel_tokens_per_s(trainer: Trainer, steps: int) -> tuple[float, float, float]:
