@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from conftest import run_keel, tiny_config
@@ -34,8 +33,8 @@ def test_explicit_precision_is_kept_and_cuda_auto_is_bf16():
     assert resolve_precision(cfg, torch.device("cuda")).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_an_auto_run_logs_its_choice_with_the_figures_and_all_ranks_agree(tmp_path, dataset, nproc):
+def test_an_auto_run_logs_its_choice_with_the_figures_and_all_ranks_agree(tmp_path, dataset):
+    nproc = 2
     config = tiny_config(
         tmp_path / "c.toml", dataset, train={"steps": 2, "precision": "auto"}, parallel={"nproc": nproc}
     )
