@@ -29,6 +29,15 @@ EVAL = {
     "harness": {"lm_eval": "0.4.13", "limit": None,
                 "tasks": {"keel_python_syntax": {"samples": 40, "acc": 0.55, "acc_stderr": 0.08}}},
 }
+# What the energy meter (docs/cards.md) and the planner leave in events.jsonl, as they write it.
+LATER_EVENTS = [
+    {"event": "power_source", "rank": 0, "host": "vm", "device": "cpu", "method": "rated", "estimate": True,
+     "watts": 6.0},
+    {"event": "plan", "step": 0, "host": "vm", "device": "cpu", "layout": "1 process", "step_time_s": 0.5,
+     "tokens_per_s": 500.0, "memory_rss_gb": 0.4, "device_hours": 0.004},
+    {"event": "energy", "step": 12, "host": "vm", "energy_kwh": 0.00012, "energy_estimated_kwh": 0.00012,
+     "device_hours": 0.01, "power_w": 6.0, "final": "finished"},
+]
 AUDIT = {
     "format": "keel-audit/1", "step": 12, "time": "2026-11-25T19:43:49Z", "checkpoint": "/x/step_12",
     "templates": "/t.txt", "templates_sha256": "bdc891aa00", "score": "mean log-likelihood", "bootstrap": 1000,
@@ -77,7 +86,7 @@ def test_report_tells_incidents_in_sentences_and_leaves_out_what_the_run_lacks(r
     assert [s["name"] for s in loss["series"]] == ["loss", "val_loss", "loss (undone)"]
     assert None in loss["series"][0]["y"]  # step 11's NaN: a gap in the line, not a number
     assert data["axes"]["tokens"][-1] == 12 * 8 * 32 and len(data["axes"]["step"]) == len(data["axes"]["time"])
-    for absent in ('id="validation"', 'id="audit"', "model card", "data card", ">evaluation<"):
+    for absent in ('id="validation"', 'id="audit"', 'id="plan"', "model card", "data card", ">evaluation<", "USD"):
         assert absent not in page  # no per-source metrics, eval.json, audit.json or cards in this run
 
 
@@ -92,6 +101,11 @@ def test_report_renders_in_chromium_with_every_plot_drawn(run, dataset, tmp_path
     (data / "data_card.md").write_text("# data\n")
     (copy / "eval.json").write_text(json.dumps(EVAL))
     (copy / "audit.json").write_text(json.dumps(AUDIT))
+    (copy / "config.toml").write_text((copy / "config.toml").read_text().replace(
+        "[observe]\n", "[observe]\nprice_per_device_hour = 2.0\ngrid_gco2_per_kwh = 480.0\n"))
+    start = json.loads((copy / "events.jsonl").read_text().splitlines()[0])["time"]
+    with (copy / "events.jsonl").open("a") as events:
+        events.writelines(json.dumps({"time": start + k, **e}) + "\n" for k, e in enumerate(LATER_EVENTS))
     with pytest.raises(SystemExit) as done:
         keel_main(["report", str(copy)])
     assert done.value.code == 0 and "report.html" in capsys.readouterr().out
@@ -111,7 +125,9 @@ def test_report_renders_in_chromium_with_every_plot_drawn(run, dataset, tmp_path
         assert strong >= 20 and spread > 3, f"{figure}: plot area blank in the screenshot ({strong} px, sd {spread:.1f})"
     text = re.sub(r"<[^>]+>", " ", shown.dom)
     for words in ("Bias audit", "gender", "young over old by 0.4", "*.jsonl", "4.0300", "keel_python_syntax",
-                  "acc 0.55 ± 0.08", "Rolled back from step 10"):
+                  "acc 0.55 ± 0.08", "Rolled back from step 10", "0.02 USD", "0.01 device-hours x 2 USD",
+                  "0.00012 kWh", "0.0576 g CO2e at 480 g/kWh", "rated on cpu (an estimate from rated power)",
+                  "Planned against measured", "layout: 1 process", "step_time_s", "how measured"):
         assert words in text, words
     links = dict((label, href) for href, label in re.findall(r'<a href="([^"#]+)">([^<]+)</a>', page))
     assert set(links) >= {"config", "model card", "evaluation", "bias audit", "data card (data)"}
@@ -184,3 +200,16 @@ def test_report_of_a_directory_without_metrics_is_a_one_line_error(tmp_path, cap
         keel_main(["report", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert done.value.code == 2 and len(err) == 1 and "no metrics.jsonl records" in err[0], err
+
+
+def test_the_browser_check_sees_a_plot_that_fails_to_draw(run, tmp_path):
+    page = tmp_path / "report.html"
+    good = report_page(run)
+    payload = good.split('id="keel-data">')[1].split("</script>")[0]
+    data = json.loads(payload)
+    next(p for p in data["panels"] if p["id"] == "lr")["series"][0]["y"] = None  # a panel whose data are broken
+    page.write_text(good.replace(payload, json.dumps(data)))
+    shown = render(page, tmp_path, screenshot=False)
+    assert shown.panels["panel-lr"] is None and shown.panels["panel-loss"] is not None
+    assert any("panel lr" in line for line in shown.seen), shown.seen
+    assert "This plot could not be drawn" in shown.dom

@@ -2,7 +2,8 @@
 
 A header with the run's state, progress, loss, goodput, energy and cost and links to its cards; plots of every
 metric against step, tokens or wall time (inline SVG drawn by a small script of Keel's own, so the page works
-offline); the incidents as a timeline of sentences; validation per source; the bias audit.
+offline); the incidents as a timeline of sentences; validation per source; the bias audit; the planner's estimate
+against the measured figures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from keel.config_toml import read_toml
 from keel.errors import KeelError
 from keel.io import atomic_write_text, read_jsonl
+from keel.observe.report_plan import plan_html
 from keel.observe.report_results import AuditFile, EvalFile, audit_html, evaluation_html, read_results
 from keel.observe.report_series import plot_data
 from keel.observe.report_summary import duration, header
@@ -32,6 +34,7 @@ SECTIONS = (
     ("audit", "Bias audit", ""),
     ("speed", "Speed and goodput", ""),
     ("resources", "Memory, power and energy", ""),
+    ("plan", "Planned against measured", ""),
     ("other", "Other metrics", ""),
 )
 REPEATS_SHOWN = 3  # a run of more same-kind incidents in a row folds the rest away
@@ -97,7 +100,7 @@ def render(run_dir: Path) -> str:
     undone = read_jsonl(run.metrics_rolled_back)
     t0 = min([r["time"] for r in records + undone] + [e["time"] for e in events])
     incidents = timeline(events, run.root)
-    rows, panels = plot_data(records, undone, [e for e in events if e.get("event") == "goodput"], t0)
+    rows, panels = plot_data(records, undone, events, t0)
     markers = [
         {"step": step, "tokens": rows.tokens_at(step), "time": round(i.time - t0, 3), "severity": i.severity,
          "text": i.text}
@@ -111,12 +114,11 @@ def render(run_dir: Path) -> str:
         "incidents": _timeline_html(incidents, t0),
         "validation": evaluation_html(evaluation, latest, trained_sha),
         "audit": audit_html(audit),
+        "plan": plan_html(events, records, config.get("train", {}).get("steps")),
     }
     body, nav = [], []
     for key, heading, blurb in SECTIONS:
         content = _figures(panels, key) + tables.get(key, "")
-        if key == "incidents":
-            content = tables[key]
         if not content:
             continue
         nav.append(f'<a href="#{key}">{heading}</a>')

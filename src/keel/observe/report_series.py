@@ -118,8 +118,19 @@ class Rows:
         return {"step": self.step, "tokens": tokens, "time": self.time}
 
 
-def _series(name: str, rows: list[int], records: list[dict[str, Any]], style: str = "line") -> dict[str, Any] | None:
-    points = [(row, clean(r[name])) for row, r in zip(rows, records, strict=True) if name in r]
+def _series(
+    name: str, rows: list[int], records: list[dict[str, Any]], breaks: list[float] = (), style: str = "line"
+) -> dict[str, Any] | None:
+    """A metric's points; a line never joins two attempts of the run (a gap where one ended and the next began)."""
+    points: list[tuple[int, float | None]] = []
+    last = None
+    for row, r in zip(rows, records, strict=True):
+        if name not in r:
+            continue
+        if last is not None and any(last < b <= r["time"] for b in breaks):
+            points.append((row, None))
+        points.append((row, clean(r[name])))
+        last = r["time"]
     if not points:
         return None
     points = thin(points)
@@ -127,14 +138,15 @@ def _series(name: str, rows: list[int], records: list[dict[str, Any]], style: st
 
 
 def _panel_series(
-    panel: Panel, names: list[str], rows: list[int], records: list[dict], undone: tuple[list[int], list[dict]]
+    panel: Panel, names: list[str], kept: tuple[list[int], list[dict]], undone: tuple[list[int], list[dict]],
+    breaks: list[float],
 ) -> list[dict[str, Any]]:
     wanted = list(panel.metrics)
     if panel.family:
         wanted += [n for n in names if n.startswith(f"{panel.family}/")]
         if len(wanted) == len(panel.metrics):
             return []  # a family panel without members would repeat another panel's curve
-    series = [s for s in (_series(n, rows, records) for n in wanted) if s]
+    series = [s for s in (_series(n, *kept, breaks) for n in wanted) if s]
     if panel.id == "loss":  # steps a restart or rollback undid: what the run did before it went back
         lost = _series("loss", *undone, style="undone")
         if lost:
@@ -155,9 +167,11 @@ def _goodput_series(rows: Rows, ledger: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def plot_data(
-    records: list[dict[str, Any]], undone: list[dict[str, Any]], ledger: list[dict[str, Any]], t0: float
+    records: list[dict[str, Any]], undone: list[dict[str, Any]], events: list[dict[str, Any]], t0: float
 ) -> tuple[Rows, list[dict[str, Any]]]:
     """Rows and panels (each {id, section, title, unit, log, series}) for every metric the run recorded."""
+    ledger = [e for e in events if e.get("event") == "goodput"]
+    breaks = sorted(e["time"] for e in events if e.get("event") == "start")
     rows = Rows(records + undone, t0)
     kept = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in records]
     lost = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in undone]
@@ -165,7 +179,7 @@ def plot_data(
     panels: list[dict[str, Any]] = []
     placed: set[str] = set()
     for panel in PANELS:
-        series = _panel_series(panel, names, kept, records, (lost, undone))
+        series = _panel_series(panel, names, (kept, records), (lost, undone), breaks)
         if series:
             panels.append({"id": panel.id, "section": panel.section, "title": panel.title, "unit": panel.unit,
                            "log": panel.log, "series": series})
@@ -177,7 +191,7 @@ def plot_data(
                                "unit": "s, cumulative", "log": False, "stacked": True, "series": goodput})
     for name in names:  # whatever no panel above draws still gets a plot of its own
         if name not in placed and name not in AXIS_METRICS:
-            series = _series(name, kept, records)
+            series = _series(name, kept, records, breaks)
             if series:
                 panels.append({"id": f"metric-{name}", "section": "other", "title": name,
                                "unit": unit_of(name) or "", "log": False, "series": [series]})

@@ -115,7 +115,9 @@ def _cost_tiles(config: dict[str, Any], records: list[dict], events: list[dict])
         estimated = energy.get("energy_estimated_kwh", 0.0)
         note = "estimated" if estimated >= kwh > 0 else (f"{estimated:.3g} kWh estimated" if estimated else "measured")
         grid = observe.get("grid_gco2_per_kwh")
-        co2 = f"; {kwh * grid / 1000:.3g} kg CO2e at {grid:g} g/kWh" if isinstance(grid, (int, float)) else ""
+        grams = kwh * grid if isinstance(grid, (int, float)) else None
+        co2 = "" if grams is None else f"; {grams:.3g} g" if grams < 1000 else f"; {grams / 1000:.3g} kg"
+        co2 += f" CO2e at {grid:g} g/kWh" if co2 else ""
         tiles.append(_tile("energy", f"{kwh:.3g} kWh", f"{note}{co2}{_power_source(events)}"))
     if hours is not None:
         price = observe.get("price_per_device_hour")

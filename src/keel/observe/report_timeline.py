@@ -9,8 +9,8 @@ from typing import Any
 
 from keel.observe.status_view import ROUTINE_EVENTS
 
-# Facts the report shows elsewhere (the header's energy line), not incidents.
-FACTS = {"power_source", "energy"}
+# Facts the report shows elsewhere (the header's energy tile, the plan table), not incidents.
+FACTS = {"power_source", "energy", "plan"}
 FAILURES = {"worker_failed", "hang", "checkpoint_corrupt"}
 WARNINGS = {"rollback", "loss_spike", "nonfinite", "straggler"}
 # (event, noun, plural) counted in the summary line, in this order.

@@ -224,17 +224,19 @@
     });
   }
 
+  // Runs one panel's part of the page; a panel that fails says so in its place and the others still draw.
+  function guarded(panel, work) {
+    const box = document.getElementById("panel-" + panel.id).querySelector(".chart");
+    try {
+      work(box);
+    } catch (e) {
+      box.textContent = "This plot could not be drawn: " + e.message;
+      console.error("keel report: panel " + panel.id + ": " + e.message);
+    }
+  }
+
   function drawAll() {
-    data.panels.forEach(function (panel) {
-      const figure = document.getElementById("panel-" + panel.id);
-      const box = figure.querySelector(".chart");
-      try {
-        draw(panel, box);
-      } catch (e) {
-        box.textContent = "This plot could not be drawn: " + e.message;
-        console.error("keel report: panel " + panel.id + ": " + e.message);
-      }
-    });
+    data.panels.forEach(function (panel) { guarded(panel, function (box) { draw(panel, box); }); });
   }
 
   const switcher = document.getElementById("xaxis");
@@ -252,9 +254,10 @@
     switcher.appendChild(button);
   });
   data.panels.forEach(function (panel) {
-    const figure = document.getElementById("panel-" + panel.id);
-    legend(panel, figure.querySelector(".legend"), function () {
-      try { draw(panel, figure.querySelector(".chart")); } catch (e) { console.error(e.message); }
+    guarded(panel, function (box) {
+      legend(panel, box.parentNode.querySelector(".legend"), function () {
+        guarded(panel, function (again) { draw(panel, again); });
+      });
     });
   });
   drawAll();
