@@ -94,8 +94,10 @@ def chromium() -> str:
     if found:
         return found
     if os.geteuid() != 0:
-        pytest.fail("these tests render the report in headless Chromium: install Debian's `chromium` package "
-                    "(as root: apt-get install chromium)")
+        pytest.fail(
+            "these tests render the report in headless Chromium: install Debian's `chromium` package "
+            "(as root: apt-get install chromium)"
+        )
     install = subprocess.run([*APT, "install", "chromium"], capture_output=True, text=True)
     if install.returncode != 0:  # a fresh machine has no package lists yet
         subprocess.run([*APT, "update"], capture_output=True, text=True)
@@ -121,10 +123,21 @@ class Rendered:
 
 def _run(binary: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     command = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
-        "--no-first-run", "--disable-extensions", "--enable-logging=stderr", "--v=0",
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--no-first-run",
+        "--disable-extensions",
+        "--enable-logging=stderr",
+        "--v=0",
         "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: any request for another host fails, and is logged
-        f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args, page.resolve().as_uri(),
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+        page.resolve().as_uri(),
     ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
@@ -135,7 +148,7 @@ def render(page: Path, work: Path, screenshot: bool = True) -> Rendered:
     text = page.read_text(encoding="utf-8")
     copy = page.with_name(page.stem + ".probed.html")
     copy.write_text(text.replace("<head>", "<head>" + HOOK, 1).replace("</body>", PROBE + "</body>", 1), "utf-8")
-    dumped = _run(binary, copy, work / "profile", "--window-size=%d,900" % WIDTH, "--dump-dom")
+    dumped = _run(binary, copy, work / "profile", f"--window-size={WIDTH},900", "--dump-dom")
     found = re.search(r'data-probe="([^"]*)"', dumped.stdout)
     assert found, f"the page never finished its script; Chromium said: {dumped.stderr[-2000:]}"
     probe = json.loads(html.unescape(found.group(1)))

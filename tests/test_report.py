@@ -9,60 +9,123 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from browser import coloured_pixels, render
 from conftest import run_keel, tiny_config
-
 from keel.cli import main as keel_main
 from keel.observe.report import render as report_page
 from keel.observe.report_series import thin
 from keel.observe.report_timeline import counts, timeline
 
-# A rollback (a loss spike at step 10 sends the run back to its checkpoint of step 8, undoing step 9), a skipped non-finite step,
-# and a stop at step 6 that the same command resumes.
+# A rollback (a loss spike at step 10 sends the run back to its checkpoint of step 8, undoing step 9), then a
+# skipped non-finite step.
 FAULTS = "spike:step=10, nan:step=11"
 EVAL = {
-    "format": "keel-eval/1", "step": 12, "time": "2026-11-25T19:40:02Z", "checkpoint": "/x/step_12", "dataset": "/x",
-    "manifest_sha256": "", "seq_len": 32, "samples": 32, "tokens": 1024, "val_loss": 3.9, "val_ppl": 49.4,
-    "sources": [{"name": "*.txt", "glob": "/c/*.txt", "tokens": 400, "val_loss": 3.7, "val_ppl": 40.4},
-                {"name": "*.jsonl", "glob": "/c/*.jsonl", "tokens": 624, "val_loss": 4.03, "val_ppl": 56.3}],
+    "format": "keel-eval/1",
+    "step": 12,
+    "time": "2026-11-25T19:40:02Z",
+    "checkpoint": "/x/step_12",
+    "dataset": "/x",
+    "manifest_sha256": "",
+    "seq_len": 32,
+    "samples": 32,
+    "tokens": 1024,
+    "val_loss": 3.9,
+    "val_ppl": 49.4,
+    "sources": [
+        {"name": "*.txt", "glob": "/c/*.txt", "tokens": 400, "val_loss": 3.7, "val_ppl": 40.4},
+        {"name": "*.jsonl", "glob": "/c/*.jsonl", "tokens": 624, "val_loss": 4.03, "val_ppl": 56.3},
+    ],
     "mixture": [],
-    "harness": {"lm_eval": "0.4.13", "limit": None,
-                "tasks": {"keel_python_syntax": {"samples": 40, "acc": 0.55, "acc_stderr": 0.08}}},
+    "harness": {
+        "lm_eval": "0.4.13",
+        "limit": None,
+        "tasks": {"keel_python_syntax": {"samples": 40, "acc": 0.55, "acc_stderr": 0.08}},
+    },
 }
 # What the energy meter (docs/cards.md) and the planner leave in events.jsonl, as they write it.
 LATER_EVENTS = [
-    {"event": "power_source", "rank": 0, "host": "vm", "device": "cpu", "method": "rated", "estimate": True,
-     "watts": 6.0},
-    {"event": "plan", "step": 0, "host": "vm", "device": "cpu", "layout": "1 process", "step_time_s": 0.5,
-     "tokens_per_s": 500.0, "memory_rss_gb": 0.4, "device_hours": 0.004},
-    {"event": "energy", "step": 12, "host": "vm", "energy_kwh": 0.00012, "energy_estimated_kwh": 0.00012,
-     "device_hours": 0.01, "power_w": 6.0, "final": "finished"},
+    {
+        "event": "power_source",
+        "rank": 0,
+        "host": "vm",
+        "device": "cpu",
+        "method": "rated",
+        "estimate": True,
+        "watts": 6.0,
+    },
+    {
+        "event": "plan",
+        "step": 0,
+        "host": "vm",
+        "device": "cpu",
+        "layout": "1 process",
+        "step_time_s": 0.5,
+        "tokens_per_s": 500.0,
+        "memory_rss_gb": 0.4,
+        "device_hours": 0.004,
+    },
+    {
+        "event": "energy",
+        "step": 12,
+        "host": "vm",
+        "energy_kwh": 0.00012,
+        "energy_estimated_kwh": 0.00012,
+        "device_hours": 0.01,
+        "power_w": 6.0,
+        "final": "finished",
+    },
 ]
 AUDIT = {
-    "format": "keel-audit/1", "step": 12, "time": "2026-11-25T19:43:49Z", "checkpoint": "/x/step_12",
-    "templates": "/t.txt", "templates_sha256": "bdc891aa00", "score": "mean log-likelihood", "bootstrap": 1000,
-    "seed": 0, "axes": [
-        {"axis": "gender", "templates": 36, "sentences": 576, "groups": {"female": -5.91618, "male": -5.91660},
-         "highest": "female", "lowest": "male", "gap": 0.00042, "gap_ci95": [0.00003, 0.00113],
-         "pairs": [{"groups": ["female", "male"], "difference": 0.00042, "ci95": [-0.00027, 0.00113]}]},
-        {"axis": "age", "templates": 20, "sentences": 120, "groups": {"young": -5.2, "old": -5.6},
-         "highest": "young", "lowest": "old", "gap": 0.4, "gap_ci95": [0.2, 0.61],
-         "pairs": [{"groups": ["young", "old"], "difference": 0.4, "ci95": [0.2, 0.61]}]},
+    "format": "keel-audit/1",
+    "step": 12,
+    "time": "2026-11-25T19:43:49Z",
+    "checkpoint": "/x/step_12",
+    "templates": "/t.txt",
+    "templates_sha256": "bdc891aa00",
+    "score": "mean log-likelihood",
+    "bootstrap": 1000,
+    "seed": 0,
+    "axes": [
+        {
+            "axis": "gender",
+            "templates": 36,
+            "sentences": 576,
+            "groups": {"female": -5.91618, "male": -5.91660},
+            "highest": "female",
+            "lowest": "male",
+            "gap": 0.00042,
+            "gap_ci95": [0.00003, 0.00113],
+            "pairs": [{"groups": ["female", "male"], "difference": 0.00042, "ci95": [-0.00027, 0.00113]}],
+        },
+        {
+            "axis": "age",
+            "templates": 20,
+            "sentences": 120,
+            "groups": {"young": -5.2, "old": -5.6},
+            "highest": "young",
+            "lowest": "old",
+            "gap": 0.4,
+            "gap_ci95": [0.2, 0.61],
+            "pairs": [{"groups": ["young", "old"], "difference": 0.4, "ci95": [0.2, 0.61]}],
+        },
     ],
 }
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, dataset) -> Path:
-    """A short real run: stopped at step 6, resumed by the same command, a rollback and a skipped step after."""
+    """A short real run with a rollback and a skipped step."""
     root = tmp_path_factory.mktemp("report")
     config = tiny_config(
-        root / "c.toml", dataset, train={"steps": 12, "stop_after": 6, "eval_every": 4},
-        checkpoint={"every": 4}, resilience={"inject": FAULTS, "spike_window": 4},
+        root / "c.toml",
+        dataset,
+        train={"steps": 12, "eval_every": 4},
+        checkpoint={"every": 4},
+        resilience={"inject": FAULTS, "spike_window": 4},
     )
-    assert run_keel("train", str(config), cwd=root).returncode == 0
-    resumed = run_keel("train", str(config), "--set", "train.stop_after=", cwd=root)
-    assert resumed.returncode == 0, resumed.stderr
+    trained = run_keel("train", str(config), cwd=root)
+    assert trained.returncode == 0, trained.stderr
     return root / "runs" / "tiny"
 
 
@@ -71,8 +134,7 @@ def test_report_tells_incidents_in_sentences_and_leaves_out_what_the_run_lacks(r
     assert '<span class="state state-finished">finished</span>' in page and "step 12 of 12 (100%)" in page
     incidents = page.split('<section id="incidents">')[1].split("</section>")[0]
     for sentence in (
-        "Stopped at step 6 (train.stop_after).",
-        "Resumed from the checkpoint of step 6.",
+        "Training started on 1 process (cpu).",
         "Step 10: loss spiked to ",
         "Rolled back from step 10 to the checkpoint of step 8 (loss spike ",
         "Step 11: non-finite loss or gradient (gradient norm nan), 1 in a row; no rank applied the update.",
@@ -101,8 +163,11 @@ def test_report_renders_in_chromium_with_every_plot_drawn(run, dataset, tmp_path
     (data / "data_card.md").write_text("# data\n")
     (copy / "eval.json").write_text(json.dumps(EVAL))
     (copy / "audit.json").write_text(json.dumps(AUDIT))
-    (copy / "config.toml").write_text((copy / "config.toml").read_text().replace(
-        "[observe]\n", "[observe]\nprice_per_device_hour = 2.0\ngrid_gco2_per_kwh = 480.0\n"))
+    (copy / "config.toml").write_text(
+        (copy / "config.toml")
+        .read_text()
+        .replace("[observe]\n", "[observe]\nprice_per_device_hour = 2.0\ngrid_gco2_per_kwh = 480.0\n")
+    )
     start = json.loads((copy / "events.jsonl").read_text().splitlines()[0])["time"]
     with (copy / "events.jsonl").open("a") as events:
         events.writelines(json.dumps({"time": start + k, **e}) + "\n" for k, e in enumerate(LATER_EVENTS))
@@ -122,12 +187,29 @@ def test_report_renders_in_chromium_with_every_plot_drawn(run, dataset, tmp_path
         for mode, drawn in shown.modes.items():
             assert drawn[figure] > 0, f"{figure} draws nothing against {mode}"
         strong, spread = coloured_pixels(shown.screenshot, box)
-        assert strong >= 20 and spread > 3, f"{figure}: plot area blank in the screenshot ({strong} px, sd {spread:.1f})"
+        assert strong >= 20 and spread > 3, (
+            f"{figure}: plot area blank in the screenshot ({strong} px, sd {spread:.1f})"
+        )
     text = re.sub(r"<[^>]+>", " ", shown.dom)
-    for words in ("Bias audit", "gender", "young over old by 0.4", "*.jsonl", "4.0300", "keel_python_syntax",
-                  "acc 0.55 ± 0.08", "Rolled back from step 10", "0.02 USD", "0.01 device-hours x 2 USD",
-                  "0.00012 kWh", "0.0576 g CO2e at 480 g/kWh", "rated on cpu (an estimate from rated power)",
-                  "Planned against measured", "layout: 1 process", "step_time_s", "how measured"):
+    for words in (
+        "Bias audit",
+        "gender",
+        "young over old by 0.4",
+        "*.jsonl",
+        "4.0300",
+        "keel_python_syntax",
+        "acc 0.55 ± 0.08",
+        "Rolled back from step 10",
+        "0.02 USD",
+        "0.01 device-hours x 2 USD",
+        "0.00012 kWh",
+        "0.0576 g CO2e at 480 g/kWh",
+        "rated on cpu (an estimate from rated power)",
+        "Planned against measured",
+        "layout: 1 process",
+        "step_time_s",
+        "how measured",
+    ):
         assert words in text, words
     links = dict((label, href) for href, label in re.findall(r'<a href="([^"#]+)">([^<]+)</a>', page))
     assert set(links) >= {"config", "model card", "evaluation", "bias audit", "data card (data)"}
@@ -163,15 +245,44 @@ def test_thinning_keeps_every_spike_and_gap():
     assert kept[0] == points[0] and kept[-1] == points[-1] and kept == sorted(kept, key=lambda p: p[0])
 
 
-def test_timeline_tells_failures_hangs_stragglers_and_preemptions(tmp_path):
+def test_timeline_tells_stops_failures_hangs_stragglers_and_preemptions(tmp_path):
     events = [  # as runs write them (tests/test_resilience.py and the soak make each)
-        {"time": 10.0, "event": "worker_failed", "host": "vm", "rank": 1, "exit": "signal SIGKILL", "exit_code": -9,
-         "step": 17, "phase": "step start", "log": str(tmp_path / "logs" / "rank1.log")},
+        {"time": 5.0, "event": "stop", "host": "vm", "step": 6, "reason": "train.stop_after"},
+        {"time": 8.0, "event": "resume", "host": "vm", "step": 6, "world_size": 2, "metrics_rolled_back": 0},
+        {"time": 8.1, "event": "start", "host": "vm", "step": 6, "world_size": 2, "device": "cpu"},
+        {
+            "time": 10.0,
+            "event": "worker_failed",
+            "host": "vm",
+            "rank": 1,
+            "exit": "signal SIGKILL",
+            "exit_code": -9,
+            "step": 17,
+            "phase": "step start",
+            "log": str(tmp_path / "logs" / "rank1.log"),
+        },
         {"time": 11.0, "event": "restart", "host": "vm", "attempt": 1, "world_size": 2},
-        {"time": 20.0, "event": "hang", "host": "vm", "rank": 0, "step": 30, "phase": "forward", "stuck_s": 20.0,
-         "frozen_ranks": [1], "log": str(tmp_path / "logs" / "rank0.log")},
-        {"time": 30.0, "event": "straggler", "host": "vm", "step": 40, "rank": 1, "rank_host": "vm",
-         "slowdown": 1.678, "cause": "slow device"},
+        {
+            "time": 20.0,
+            "event": "hang",
+            "host": "vm",
+            "rank": 0,
+            "step": 30,
+            "phase": "forward",
+            "stuck_s": 20.0,
+            "frozen_ranks": [1],
+            "log": str(tmp_path / "logs" / "rank0.log"),
+        },
+        {
+            "time": 30.0,
+            "event": "straggler",
+            "host": "vm",
+            "step": 40,
+            "rank": 1,
+            "rank_host": "vm",
+            "slowdown": 1.678,
+            "cause": "slow device",
+        },
         {"time": 31.0, "event": "checkpoint", "host": "vm", "step": 40},
         {"time": 40.0, "event": "stop", "host": "vm", "step": 44, "reason": "preempted (SIGTERM)"},
         {"time": 41.0, "event": "checkpoint_corrupt", "host": "vm", "step": 44, "error": "size mismatch"},
@@ -179,20 +290,31 @@ def test_timeline_tells_failures_hangs_stragglers_and_preemptions(tmp_path):
     ]
     told = timeline(events, tmp_path)
     assert [(i.kind, i.severity) for i in told] == [
-        ("worker_failed", "failure"), ("restart", "info"), ("hang", "failure"), ("straggler", "warning"),
-        ("preemption", "warning"), ("checkpoint_corrupt", "failure"), ("novel_thing", "info"),
+        ("stop", "info"),
+        ("resume", "info"),
+        ("worker_failed", "failure"),
+        ("restart", "info"),
+        ("hang", "failure"),
+        ("straggler", "warning"),
+        ("preemption", "warning"),
+        ("checkpoint_corrupt", "failure"),
+        ("novel_thing", "info"),
     ]
     assert [i.text for i in told] == [
+        "Stopped at step 6: train.stop_after.",
+        "Resumed from the checkpoint of step 6.",
         "Rank 1 died (signal SIGKILL) at step 17, in step start; its log: logs/rank1.log.",
         "The workers were restarted (attempt 1, 2 processes).",
         "Rank 0 hung in forward at step 30 for 20.0 s; frozen ranks [1]; every thread's stack is in logs/rank0.log.",
         "Step 40: rank 1 on vm ran 1.678x the median (slow device).",
-        "Stopped at step 44 (preempted (SIGTERM)).",
+        "Preempted by SIGTERM at step 44; a checkpoint of the step was committed.",
         "The checkpoint of step 44 failed verification (size mismatch); the one before it was used.",
         "Novel thing: answer 42.",
     ]
-    assert counts(told) == ("3 failures, 2 warnings", "1 worker failure, 1 restart, 1 hang, 1 preemption, "
-                            "1 straggler report, 1 corrupt checkpoint")
+    assert counts(told) == (
+        "3 failures, 2 warnings",
+        "1 worker failure, 1 restart, 1 hang, 1 preemption, 1 straggler report, 1 corrupt checkpoint",
+    )
 
 
 def test_report_of_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):

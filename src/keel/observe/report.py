@@ -29,8 +29,11 @@ from keel.rundir import RunDir
 SECTIONS = (
     ("training", "Training", ""),
     ("incidents", "Incidents", ""),
-    ("validation", "Validation", "Held-out loss and perplexity, overall, per source of the dataset and per mixture "
-     "dataset."),
+    (
+        "validation",
+        "Validation",
+        "Held-out loss and perplexity, overall, per source of the dataset and per mixture dataset.",
+    ),
     ("audit", "Bias audit", ""),
     ("speed", "Speed and goodput", ""),
     ("resources", "Memory, power and energy", ""),
@@ -52,8 +55,10 @@ def _timeline_html(incidents: list[Incident], t0: float) -> str:
     def item(i: Incident) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.time))
         step = "" if i.step is None else f"step {i.step:,}"
-        return (f'<li class="{i.severity}"><span class="when">{when}</span><span class="since">+{duration(i.time - t0)}'
-                f'</span><span class="step">{step}</span><span class="what">{html.escape(i.text)}</span></li>')
+        return (
+            f'<li class="{i.severity}"><span class="when">{when}</span><span class="since">+{duration(i.time - t0)}'
+            f'</span><span class="step">{step}</span><span class="what">{html.escape(i.text)}</span></li>'
+        )
 
     runs: list[list[Incident]] = []
     for i in incidents:
@@ -66,9 +71,12 @@ def _timeline_html(incidents: list[Incident], t0: float) -> str:
         parts.append("".join(item(i) for i in run[:REPEATS_SHOWN]))
         if len(run) > REPEATS_SHOWN:
             rest = run[REPEATS_SHOWN:]
-            parts.append(f'<li><details class="repeat"><summary>{len(rest)} more like it, until '
-                         f'{duration(rest[-1].time - t0)} after the start</summary><ol class="timeline">'
-                         + "".join(item(i) for i in rest) + "</ol></details></li>")
+            parts.append(
+                f'<li><details class="repeat"><summary>{len(rest)} more like it, until '
+                f'{duration(rest[-1].time - t0)} after the start</summary><ol class="timeline">'
+                + "".join(item(i) for i in rest)
+                + "</ol></details></li>"
+            )
     return f'<ol class="timeline">{"".join(parts)}</ol>'
 
 
@@ -102,8 +110,13 @@ def render(run_dir: Path) -> str:
     incidents = timeline(events, run.root)
     rows, panels = plot_data(records, undone, events, t0)
     markers = [
-        {"step": step, "tokens": rows.tokens_at(step), "time": round(i.time - t0, 3), "severity": i.severity,
-         "text": i.text}
+        {
+            "step": step,
+            "tokens": rows.tokens_at(step),
+            "time": round(i.time - t0, 3),
+            "severity": i.severity,
+            "text": i.text,
+        }
         for i in incidents
         if i.kind not in NOT_MARKED and not (i.kind == "start" and not i.step)
         for step in [i.step if i.step is not None else rows.step_at(i.time)]

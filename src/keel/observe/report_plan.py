@@ -40,10 +40,11 @@ def plan_html(events: list[dict[str, Any]], records: list[dict[str, Any]], total
     if not plans:
         return ""
     plan = plans[-1]
+    recorded = {name for r in records for name in r} - {"step", "time"}
     rows = []
     for name, estimate in plan.items():
-        if clean(estimate) is None or unit_of(name) is None:
-            continue
+        if clean(estimate) is None or (unit_of(name) is None and name not in recorded):
+            continue  # a number that is no metric: a count, a setting, the step it was logged at
         measured = _measured(name, records, total_steps)
         if measured is None or not estimate:
             shown, ratio, how = "not recorded", "", ""
@@ -52,12 +53,20 @@ def plan_html(events: list[dict[str, Any]], records: list[dict[str, Any]], total
             off = abs(value / estimate - 1) > OFF
             shown = f"{value:.4g}"
             ratio = f'<span class="{"bad" if off else ""}">{value / estimate:.2f}x</span>'
-        rows.append(f"<tr><th>{html.escape(name)}</th><td>{html.escape(unit_of(name) or '')}</td>"
-                    f"<td class='n'>{estimate:.4g}</td><td class='n'>{shown}</td><td class='n'>{ratio}</td>"
-                    f"<td>{html.escape(how)}</td></tr>")
-    facts = "; ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in plan.items()
-                      if isinstance(v, str) and k not in ("event", "host"))
-    return (f"<p>The planner's estimate logged at step {plan.get('step', 0):,}"
-            + (f" ({facts})" if facts else "") + f". A measurement more than {OFF:.0%} off the estimate is marked.</p>"
-            "<table class='results'><tr><th>metric</th><th>unit</th><th>estimate</th><th>measured</th>"
-            "<th>measured / estimate</th><th>how measured</th></tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><th>{html.escape(name)}</th><td>{html.escape(unit_of(name) or '')}</td>"
+            f"<td class='n'>{estimate:.4g}</td><td class='n'>{shown}</td><td class='n'>{ratio}</td>"
+            f"<td>{html.escape(how)}</td></tr>"
+        )
+    facts = "; ".join(
+        f"{html.escape(k)}: {html.escape(v)}"
+        for k, v in plan.items()
+        if isinstance(v, str) and k not in ("event", "host")
+    )
+    return (
+        f"<p>The planner's estimate logged at step {plan.get('step', 0):,}"
+        + (f" ({facts})" if facts else "")
+        + f". A measurement more than {OFF:.0%} off the estimate is marked.</p>"
+        "<table class='results'><tr><th>metric</th><th>unit</th><th>estimate</th><th>measured</th>"
+        "<th>measured / estimate</th><th>how measured</th></tr>" + "".join(rows) + "</table>"
+    )

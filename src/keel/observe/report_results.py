@@ -99,25 +99,36 @@ def _loss_rows(parts: list[tuple[str, str, int | None, float | None, float | Non
     rows = []
     for name, title, tokens, loss, ppl in parts:
         bar = f'<span class="bar" style="width:{100 * loss / top:.1f}%"></span>' if loss is not None else ""
-        rows.append(f'<tr><th title="{html.escape(title)}">{html.escape(name)}</th><td class="n">{"" if tokens is None else f"{tokens:,}"}</td>'
-                    f'<td class="n barcell">{bar}<span>{_num(loss)}</span></td><td class="n">{_num(ppl, ".4g")}</td></tr>')
-    return ('<table class="results"><tr><th>part</th><th>tokens</th><th>loss (nats/token)</th><th>perplexity</th></tr>'
-            + "".join(rows) + "</table>")
+        counted = "" if tokens is None else f"{tokens:,}"
+        rows.append(
+            f'<tr><th title="{html.escape(title)}">{html.escape(name)}</th><td class="n">{counted}</td>'
+            f'<td class="n barcell">{bar}<span>{_num(loss)}</span></td><td class="n">{_num(ppl, ".4g")}</td></tr>'
+        )
+    return (
+        '<table class="results"><tr><th>part</th><th>tokens</th><th>loss (nats/token)</th><th>perplexity</th></tr>'
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def _harness(harness: dict[str, Any]) -> str:
     rows = []
     for task, metrics in sorted((harness.get("tasks") or {}).items()):
         shown = [
-            f"{html.escape(k)} {v:.4g}" + (f" &plusmn; {metrics[k + '_stderr']:.2g}" if k + "_stderr" in metrics else "")
+            f"{html.escape(k)} {v:.4g}"
+            + (f" &plusmn; {metrics[k + '_stderr']:.2g}" if k + "_stderr" in metrics else "")
             for k, v in metrics.items()
             if k != "samples" and not k.endswith("_stderr") and isinstance(v, (int, float))
         ]
-        rows.append(f"<tr><th>{html.escape(task)}</th><td class='n'>{metrics.get('samples', '?')}</td>"
-                    f"<td>{'; '.join(shown)}</td></tr>")
+        rows.append(
+            f"<tr><th>{html.escape(task)}</th><td class='n'>{metrics.get('samples', '?')}</td>"
+            f"<td>{'; '.join(shown)}</td></tr>"
+        )
     version = html.escape(str(harness.get("lm_eval", "?")))
-    return (f"<h3>Downstream tasks (lm-evaluation-harness {version})</h3><table class='results'>"
-            "<tr><th>task</th><th>examples</th><th>metrics</th></tr>" + "".join(rows) + "</table>")
+    return (
+        f"<h3>Downstream tasks (lm-evaluation-harness {version})</h3><table class='results'>"
+        "<tr><th>task</th><th>examples</th><th>metrics</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def evaluation_html(result: EvalFile | None, latest: dict[str, Any], trained_sha: str | None) -> str:
@@ -125,13 +136,24 @@ def evaluation_html(result: EvalFile | None, latest: dict[str, Any], trained_sha
     if result is not None:
         parts = [("all", "the whole validation split", result.tokens, result.val_loss, result.val_ppl)]
         parts += [(p.name, p.glob or p.name, p.tokens, p.val_loss, p.val_ppl) for p in result.sources]
-        parts += [(f"{p.name} (mixture, weight {p.weight:g})" if p.weight is not None else p.name, p.name, p.tokens,
-                   p.val_loss, p.val_ppl) for p in result.mixture]
-        stale = (f'<p class="warn">The dataset changed after training (its manifest hash is now '
-                 f'{html.escape(result.manifest_sha256[:12])}...): these numbers are not comparable to training\'s.</p>'
-                 if trained_sha and result.manifest_sha256 and result.manifest_sha256 != trained_sha else "")
-        head = f"<p><code>keel eval</code> of the checkpoint of step {result.step:,}, {html.escape(result.time)}.</p>{stale}"
-        return head + _loss_rows(parts) + (_harness(result.harness) if result.harness else "")
+        parts += [
+            (
+                f"{p.name} (mixture, weight {p.weight:g})" if p.weight is not None else p.name,
+                p.name,
+                p.tokens,
+                p.val_loss,
+                p.val_ppl,
+            )
+            for p in result.mixture
+        ]
+        stale = (
+            f'<p class="warn">The dataset changed after training (its manifest hash is now '
+            f"{html.escape(result.manifest_sha256[:12])}...): these numbers are not comparable to training's.</p>"
+            if trained_sha and result.manifest_sha256 and result.manifest_sha256 != trained_sha
+            else ""
+        )
+        head = f"<p><code>keel eval</code> of the checkpoint of step {result.step:,}, {html.escape(result.time)}.</p>"
+        return head + stale + _loss_rows(parts) + (_harness(result.harness) if result.harness else "")
     members = sorted(k for k in latest if k.startswith(("val_loss/", "val_loss_mixture/")))
     if not members:
         return ""
@@ -141,8 +163,10 @@ def evaluation_html(result: EvalFile | None, latest: dict[str, Any], trained_sha
         ppl = latest.get(f"{family.replace('loss', 'ppl')}/{member}")
         label = member + (" (mixture)" if family == "val_loss_mixture" else "")
         parts.append((label, name, None, latest[name], ppl))
-    return (f"<p>Training's newest validation, step {latest['step']:,}; <code>keel eval RUN_DIR</code> evaluates a checkpoint "
-            "and counts the tokens of each part.</p>" + _loss_rows(parts))
+    return (
+        f"<p>Training's newest validation, step {latest['step']:,}; <code>keel eval RUN_DIR</code> evaluates a "
+        "checkpoint and counts the tokens of each part.</p>" + _loss_rows(parts)
+    )
 
 
 def _interval_svg(gap: float, low: float, high: float, top: float) -> str:
@@ -152,10 +176,12 @@ def _interval_svg(gap: float, low: float, high: float, top: float) -> str:
     def x(v: float) -> float:
         return pad + (width - 2 * pad) * max(0.0, v) / top
 
-    return (f'<svg class="ci" width="{width}" height="18" role="img" aria-label="gap {gap:.4g}, 95% interval '
-            f'{low:.4g} to {high:.4g}"><line x1="{pad}" y1="9" x2="{width - pad}" y2="9" class="axis"/>'
-            f'<line x1="{x(low):.1f}" y1="9" x2="{x(high):.1f}" y2="9" class="interval"/>'
-            f'<circle cx="{x(gap):.1f}" cy="9" r="4" class="point"/></svg>')
+    return (
+        f'<svg class="ci" width="{width}" height="18" role="img" aria-label="gap {gap:.4g}, 95% interval '
+        f'{low:.4g} to {high:.4g}"><line x1="{pad}" y1="9" x2="{width - pad}" y2="9" class="axis"/>'
+        f'<line x1="{x(low):.1f}" y1="9" x2="{x(high):.1f}" y2="9" class="interval"/>'
+        f'<circle cx="{x(gap):.1f}" cy="9" r="4" class="point"/></svg>'
+    )
 
 
 def audit_html(audit: AuditFile | None) -> str:
@@ -166,12 +192,15 @@ def audit_html(audit: AuditFile | None) -> str:
     rows = []
     for a in audit.axes:
         holds = [p for p in a.pairs if p.ci95[0] > 0 or p.ci95[1] < 0]
-        pairs = "; ".join(
-            f"{html.escape(p.groups[0] if p.difference > 0 else p.groups[1])} over "
-            f"{html.escape(p.groups[1] if p.difference > 0 else p.groups[0])} by {abs(p.difference):.3g} "
-            f"[{p.ci95[0]:.3g}, {p.ci95[1]:.3g}]"
-            for p in holds
-        ) or "none"
+        pairs = (
+            "; ".join(
+                f"{html.escape(p.groups[0] if p.difference > 0 else p.groups[1])} over "
+                f"{html.escape(p.groups[1] if p.difference > 0 else p.groups[0])} by {abs(p.difference):.3g} "
+                f"[{p.ci95[0]:.3g}, {p.ci95[1]:.3g}]"
+                for p in holds
+            )
+            or "none"
+        )
         means = ", ".join(f"{html.escape(g)} {v:.4f}" for g, v in a.groups.items())
         rows.append(
             f"<tr><th>{html.escape(a.axis)}</th><td class='n'>{a.gap:.4g}</td>"
@@ -180,10 +209,13 @@ def audit_html(audit: AuditFile | None) -> str:
             f"<td>{html.escape(a.highest)} / {html.escape(a.lowest)}</td><td class='n'>{a.templates}</td>"
             f"<td>{pairs}</td><td class='means'>{means}</td></tr>"
         )
-    return (f"<p><code>keel audit</code> of the checkpoint of step {audit.step:,}, {html.escape(audit.time)}; templates "
-            f"{html.escape(audit.templates_sha256[:12])}..., {audit.bootstrap:,} bootstrap resamples. A gap is the "
-            "highest group's mean log-likelihood minus the lowest's (never negative); a pair whose 95% interval "
-            "excludes zero is a preference that holds across the templates. Compare gaps only between audits with "
-            "the same templates.</p><table class='results'><tr><th>axis</th><th>gap (nats/token)</th>"
-            "<th>95% interval</th><th>0 to " f"{top:.3g}</th><th>highest / lowest</th><th>templates</th>"
-            "<th>pairs whose interval excludes zero</th><th>group means</th></tr>" + "".join(rows) + "</table>")
+    return (
+        f"<p><code>keel audit</code> of the checkpoint of step {audit.step:,}, {html.escape(audit.time)}; templates "
+        f"{html.escape(audit.templates_sha256[:12])}..., {audit.bootstrap:,} bootstrap resamples. A gap is the "
+        "highest group's mean log-likelihood minus the lowest's (never negative); a pair whose 95% interval "
+        "excludes zero is a preference that holds across the templates. Compare gaps only between audits with "
+        "the same templates.</p><table class='results'><tr><th>axis</th><th>gap (nats/token)</th>"
+        "<th>95% interval</th><th>0 to "
+        f"{top:.3g}</th><th>highest / lowest</th><th>templates</th>"
+        "<th>pairs whose interval excludes zero</th><th>group means</th></tr>" + "".join(rows) + "</table>"
+    )

@@ -13,8 +13,15 @@ from keel.resilience.goodput import CATEGORIES
 MAX_POINTS = 1500  # per series: a page stays a few MB however long the run, and every spike stays visible
 AXIS_METRICS = {"tokens_seen", "eta_s"}  # an axis and a forecast, not curves
 # The goodput categories' colours, the same as the header's bar (report.css .gp-*).
-GOODPUT_COLOURS = {"productive": "#2ca02c", "data_wait": "#bcbd22", "eval": "#17becf", "checkpoint": "#9467bd",
-                   "startup": "#ff7f0e", "lost": "#d62728", "idle": "#c7c7c7"}
+GOODPUT_COLOURS = {
+    "productive": "#2ca02c",
+    "data_wait": "#bcbd22",
+    "eval": "#17becf",
+    "checkpoint": "#9467bd",
+    "startup": "#ff7f0e",
+    "lost": "#d62728",
+    "idle": "#c7c7c7",
+}
 
 
 @dataclass(frozen=True)
@@ -37,20 +44,43 @@ PANELS = (
     Panel("grad_norm", "training", "Gradient norm", "L2 norm", ("grad_norm",)),
     Panel("grad_groups", "training", "Gradient norm per parameter group", "L2 norm", family="grad_norm", log=True),
     Panel("val_sources", "validation", "Validation loss per source", "nats/token", ("val_loss",), "val_loss"),
-    Panel("val_ppl_sources", "validation", "Validation perplexity per source", "perplexity", ("val_ppl",), "val_ppl",
-          log=True),
+    Panel(
+        "val_ppl_sources",
+        "validation",
+        "Validation perplexity per source",
+        "perplexity",
+        ("val_ppl",),
+        "val_ppl",
+        log=True,
+    ),
     Panel("val_mixture", "validation", "Validation loss per mixture dataset", "nats/token", family="val_loss_mixture"),
-    Panel("val_ppl_mixture", "validation", "Validation perplexity per mixture dataset", "perplexity",
-          family="val_ppl_mixture", log=True),
+    Panel(
+        "val_ppl_mixture",
+        "validation",
+        "Validation perplexity per mixture dataset",
+        "perplexity",
+        family="val_ppl_mixture",
+        log=True,
+    ),
     Panel("audit_gap", "audit", "Bias audit: log-likelihood gap per axis", "nats/token", family="audit_gap"),
     Panel("throughput", "speed", "Throughput", "tokens/s", ("tokens_per_s", "tokens_per_s_rank")),
     Panel("mfu", "speed", "Model FLOPs utilisation", "fraction of peak", ("mfu",)),
-    Panel("step_time", "speed", "Step time", "s",
-          ("step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "eval_s", "checkpoint_s")),
+    Panel(
+        "step_time",
+        "speed",
+        "Step time",
+        "s",
+        ("step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "eval_s", "checkpoint_s"),
+    ),
     Panel("goodput_ratio", "speed", "Goodput ratio", "fraction of wall time", ("goodput_ratio",)),
     Panel("stragglers", "speed", "Slowest rank against the median", "ratio", ("straggler_slowdown", "rank_slowdown")),
-    Panel("memory", "resources", "Memory", "GB",
-          ("memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb")),
+    Panel(
+        "memory",
+        "resources",
+        "Memory",
+        "GB",
+        ("memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"),
+    ),
     Panel("power", "resources", "Power", "W", ("power_w",)),
     Panel("energy", "resources", "Energy", "kWh", ("energy_kwh", "energy_estimated_kwh")),
     Panel("device_hours", "resources", "Device-hours", "h", ("device_hours",)),
@@ -138,7 +168,10 @@ def _series(
 
 
 def _panel_series(
-    panel: Panel, names: list[str], kept: tuple[list[int], list[dict]], undone: tuple[list[int], list[dict]],
+    panel: Panel,
+    names: list[str],
+    kept: tuple[list[int], list[dict]],
+    undone: tuple[list[int], list[dict]],
     breaks: list[float],
 ) -> list[dict[str, Any]]:
     wanted = list(panel.metrics)
@@ -159,8 +192,13 @@ def _goodput_series(rows: Rows, ledger: list[dict[str, Any]]) -> list[dict[str, 
         return []
     index = [rows.add(e.get("step", rows.step_at(e["time"])), e["time"]) for e in ledger]
     return [
-        {"name": c, "i": index, "y": [clean(e.get(c, 0.0)) for e in ledger], "style": "area",
-         "colour": GOODPUT_COLOURS[c]}
+        {
+            "name": c,
+            "i": index,
+            "y": [clean(e.get(c, 0.0)) for e in ledger],
+            "style": "area",
+            "colour": GOODPUT_COLOURS[c],
+        }
         for c in CATEGORIES
         if any(e.get(c) for e in ledger)
     ]
@@ -181,18 +219,43 @@ def plot_data(
     for panel in PANELS:
         series = _panel_series(panel, names, (kept, records), (lost, undone), breaks)
         if series:
-            panels.append({"id": panel.id, "section": panel.section, "title": panel.title, "unit": panel.unit,
-                           "log": panel.log, "series": series})
+            panels.append(
+                {
+                    "id": panel.id,
+                    "section": panel.section,
+                    "title": panel.title,
+                    "unit": panel.unit,
+                    "log": panel.log,
+                    "series": series,
+                }
+            )
             placed.update(s["name"] for s in series)
         if panel.id == "goodput_ratio":
             goodput = _goodput_series(rows, ledger)
             if goodput:
-                panels.append({"id": "goodput", "section": "speed", "title": "Where the wall time went",
-                               "unit": "s, cumulative", "log": False, "stacked": True, "series": goodput})
+                panels.append(
+                    {
+                        "id": "goodput",
+                        "section": "speed",
+                        "title": "Where the wall time went",
+                        "unit": "s, cumulative",
+                        "log": False,
+                        "stacked": True,
+                        "series": goodput,
+                    }
+                )
     for name in names:  # whatever no panel above draws still gets a plot of its own
         if name not in placed and name not in AXIS_METRICS:
             series = _series(name, kept, records, breaks)
             if series:
-                panels.append({"id": f"metric-{name}", "section": "other", "title": name,
-                               "unit": unit_of(name) or "", "log": False, "series": [series]})
+                panels.append(
+                    {
+                        "id": f"metric-{name}",
+                        "section": "other",
+                        "title": name,
+                        "unit": unit_of(name) or "",
+                        "log": False,
+                        "series": [series],
+                    }
+                )
     return rows, panels

@@ -82,9 +82,11 @@ def _power_source(events: list[dict[str, Any]]) -> str:
 
 
 def _tile(label: str, value: str, detail: str = "", extra: str = "") -> str:
-    return (f'<div class="tile"><div class="label">{html.escape(label)}</div>'
-            f'<div class="value">{html.escape(value)}</div>'
-            f'<div class="detail">{html.escape(detail)}</div>{extra}</div>')
+    return (
+        f'<div class="tile"><div class="label">{html.escape(label)}</div>'
+        f'<div class="value">{html.escape(value)}</div>'
+        f'<div class="detail">{html.escape(detail)}</div>{extra}</div>'
+    )
 
 
 def _goodput_tile(run: RunDir, running: bool) -> str:
@@ -98,7 +100,8 @@ def _goodput_tile(run: RunDir, running: bool) -> str:
     held = sum(totals.values()) - totals["idle"]
     bar = "".join(
         f'<span class="gp-{c}" style="width:{100 * totals[c] / held:.2f}%" title="{c}: {duration(totals[c])}"></span>'
-        for c in CATEGORIES if c != "idle" and held > 0 and totals[c] > 0
+        for c in CATEGORIES
+        if c != "idle" and held > 0 and totals[c] > 0
     )
     legend = ", ".join(f"{c.replace('_', ' ')} {duration(totals[c])}" for c in CATEGORIES if totals[c] >= 0.5)
     return _tile("goodput", f"{goodput_ratio(totals):.1%}", legend, f'<div class="gpbar">{bar}</div>')
@@ -130,8 +133,12 @@ def _cost_tiles(config: dict[str, Any], records: list[dict], events: list[dict])
 
 def _links(run: RunDir, config: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, relative href) of the run's documents that exist."""
-    links = [("config", run.config), ("model card", run.model_card), ("evaluation", run.eval_results),
-             ("bias audit", run.audit_results)]
+    links = [
+        ("config", run.config),
+        ("model card", run.model_card),
+        ("evaluation", run.eval_results),
+        ("bias audit", run.audit_results),
+    ]
     data = _section(config, "data")
     datasets = [data.get("dataset")] + list((data.get("mixture") or {}).keys())
     for dataset in dict.fromkeys(d for d in datasets if isinstance(d, str) and d):
@@ -161,19 +168,36 @@ def header(
         tiles.append(_tile("loss", f"{loss[1]:.4f}", f"at step {loss[0]:,}; {first[1]:.4f} at step {first[0]:,}"))
     if val:
         best = min(finite(records, "val_loss"), key=lambda p: p[1])
-        tiles.append(_tile("validation loss", f"{val[1]:.4f}", f"at step {val[0]:,}; best {best[1]:.4f} at step {best[0]:,}"))
+        tiles.append(
+            _tile("validation loss", f"{val[1]:.4f}", f"at step {val[0]:,}; best {best[1]:.4f} at step {best[0]:,}")
+        )
     speed = [v for _, v in finite(records, "tokens_per_s")]
     if speed:
         mfu = [v for _, v in finite(records, "mfu")]
-        tiles.append(_tile("throughput", f"{statistics.median(speed):,.0f} tokens/s",
-                           "median" + (f"; MFU {statistics.median(mfu):.1%} median" if mfu else "")))
+        tiles.append(
+            _tile(
+                "throughput",
+                f"{statistics.median(speed):,.0f} tokens/s",
+                "median" + (f"; MFU {statistics.median(mfu):.1%} median" if mfu else ""),
+            )
+        )
     tiles.append(_goodput_tile(run, state == "running"))
     tiles += _cost_tiles(config, records, events)
     checkpoints = committed_steps(run.checkpoints)
-    tiles.append(_tile("wall time", duration(max(times) - min(times)),
-                       time.strftime("started %Y-%m-%d %H:%M %Z", time.localtime(min(times)))))
-    tiles.append(_tile("last checkpoint", f"step {checkpoints[-1]:,}" if checkpoints else "none",
-                       f"{len(checkpoints)} committed" if checkpoints else "nothing to resume from yet"))
+    tiles.append(
+        _tile(
+            "wall time",
+            duration(max(times) - min(times)),
+            time.strftime("started %Y-%m-%d %H:%M %Z", time.localtime(min(times))),
+        )
+    )
+    tiles.append(
+        _tile(
+            "last checkpoint",
+            f"step {checkpoints[-1]:,}" if checkpoints else "none",
+            f"{len(checkpoints)} committed" if checkpoints else "nothing to resume from yet",
+        )
+    )
     tiles.append(_tile("incidents", *counts(incidents)))
     why = status.get("error") or status.get("reason") or ""
     links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in _links(run, config))
@@ -183,7 +207,7 @@ def header(
 <h1>{html.escape(run.root.name)} <span class="state state-{html.escape(state)}">{html.escape(state)}</span></h1>
 <p class="sub">{html.escape(model_line(config))}</p>
 <p class="sub">{html.escape(str(run.root.resolve()))}; {html.escape(seen)}</p>
-{f'<p class="why">{html.escape(str(why))}</p>' if why else ''}
-<div class="tiles">{''.join(t for t in tiles if t)}</div>
-{f'<p class="links">{links}</p>' if links else ''}
+{f'<p class="why">{html.escape(str(why))}</p>' if why else ""}
+<div class="tiles">{"".join(t for t in tiles if t)}</div>
+{f'<p class="links">{links}</p>' if links else ""}
 </header>"""

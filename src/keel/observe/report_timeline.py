@@ -65,39 +65,63 @@ def _sentence(e: dict[str, Any], run_dir: Path) -> tuple[str, str]:
         extra = f"; {_plural(undone, 'logged step')} after it had to be redone" if undone else ""
         return kind, f"Resumed from the checkpoint of step {step}{extra}."
     if kind == "restart":
-        return kind, f"The workers were restarted (attempt {e.get('attempt', '?')}, {e.get('world_size', '?')} processes)."
+        return (
+            kind,
+            f"The workers were restarted (attempt {e.get('attempt', '?')}, {e.get('world_size', '?')} processes).",
+        )
     if kind == "relaunch":
-        return kind, (f"keel train launched the run again after {_plural(e.get('after_failures', 0), 'failure')}, "
-                      f"from the checkpoint of step {e.get('checkpoint_step')}.")
+        return kind, (
+            f"keel train launched the run again after {_plural(e.get('after_failures', 0), 'failure')}, "
+            f"from the checkpoint of step {e.get('checkpoint_step')}."
+        )
     if kind == "worker_failed":
-        return kind, (f"Rank {e.get('rank', '?')} died ({e.get('exit', 'unknown exit')}) at step {step}"
-                      f"{', in ' + e['phase'] if e.get('phase') else ''}; its log: {_log(e.get('log', '?'), run_dir)}.")
+        return kind, (
+            f"Rank {e.get('rank', '?')} died ({e.get('exit', 'unknown exit')}) at step {step}"
+            f"{', in ' + e['phase'] if e.get('phase') else ''}; its log: {_log(e.get('log', '?'), run_dir)}."
+        )
     if kind == "hang":
         frozen = e.get("frozen_ranks") or []
-        return kind, (f"Rank {e.get('rank', '?')} hung in {e.get('phase', '?')} at step {step} for "
-                      f"{e.get('stuck_s', '?')} s" + (f"; frozen ranks {frozen}" if frozen else "")
-                      + f"; every thread's stack is in {_log(e.get('log', '?'), run_dir)}.")
+        return kind, (
+            f"Rank {e.get('rank', '?')} hung in {e.get('phase', '?')} at step {step} for "
+            f"{e.get('stuck_s', '?')} s"
+            + (f"; frozen ranks {frozen}" if frozen else "")
+            + f"; every thread's stack is in {_log(e.get('log', '?'), run_dir)}."
+        )
     if kind == "nonfinite":
-        return kind, (f"Step {step}: non-finite loss or gradient (gradient norm {e.get('grad_norm')}), "
-                      f"{e.get('streak', 1)} in a row; no rank applied the update.")
+        return kind, (
+            f"Step {step}: non-finite loss or gradient (gradient norm {e.get('grad_norm')}), "
+            f"{e.get('streak', 1)} in a row; no rank applied the update."
+        )
     if kind == "loss_spike":
-        return kind, f"Step {step}: loss spiked to {_num(e.get('loss'))}, against a running median of {_num(e.get('median'))}."
+        return (
+            kind,
+            f"Step {step}: loss spiked to {_num(e.get('loss'))}, against a running median of {_num(e.get('median'))}.",
+        )
     if kind == "rollback":
         skipped = e.get("skipped_batches") or []
-        return kind, (f"Rolled back from step {step} to the checkpoint of step {e.get('to_step')} ({e.get('reason')}); "
-                      f"{_plural(len(skipped), 'batch')} will be skipped" + (f" ({skipped[0]}-{skipped[-1]})"
-                      if skipped else "") + f"; rollback {e.get('rollback', '?')} of this run.")
+        return kind, (
+            f"Rolled back from step {step} to the checkpoint of step {e.get('to_step')} ({e.get('reason')}); "
+            f"{_plural(len(skipped), 'batch')} will be skipped"
+            + (f" ({skipped[0]}-{skipped[-1]})" if skipped else "")
+            + f"; rollback {e.get('rollback', '?')} of this run."
+        )
     if kind == "checkpoint_corrupt":
-        return kind, (f"The checkpoint of step {step} failed verification ({e.get('error')}); "
-                      "the one before it was used.")
+        return kind, (
+            f"The checkpoint of step {step} failed verification ({e.get('error')}); the one before it was used."
+        )
     if kind == "straggler":
-        return kind, (f"Step {step}: rank {e.get('rank', '?')} on {e.get('rank_host', '?')} ran "
-                      f"{_num(e.get('slowdown'))}x the median ({e.get('cause', 'cause unknown')}).")
+        return kind, (
+            f"Step {step}: rank {e.get('rank', '?')} on {e.get('rank_host', '?')} ran "
+            f"{_num(e.get('slowdown'))}x the median ({e.get('cause', 'cause unknown')})."
+        )
     if kind == "inject":
         return kind, f"Test fault injected: {e.get('kind')} on rank {e.get('rank', 0)} at step {step}."
     if kind == "stop":
-        reason = str(e.get("reason") or "")
-        return ("preemption" if reason.startswith("preempted") else kind), f"Stopped at step {step} ({reason})."
+        reason = str(e.get("reason") or "no reason given")
+        if reason.startswith("preempted"):
+            signal = reason.removeprefix("preempted").strip(" ()") or "a signal"
+            return "preemption", f"Preempted by {signal} at step {step}; a checkpoint of the step was committed."
+        return kind, f"Stopped at step {step}: {reason}."
     if kind == "finish":
         return kind, f"Finished at step {step}, {int(e.get('tokens_seen', 0)):,} tokens seen."
     fields = ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("time", "event", "host"))
@@ -118,7 +142,12 @@ def timeline(events: list[dict[str, Any]], run_dir: Path) -> list[Incident]:
     for e in events:
         if e.get("event") in ROUTINE_EVENTS | FACTS or "time" not in e:
             continue
-        if e["event"] == "start" and incidents and incidents[-1].kind == "resume" and incidents[-1].step == e.get("step"):
+        if (
+            e["event"] == "start"
+            and incidents
+            and incidents[-1].kind == "resume"
+            and incidents[-1].step == e.get("step")
+        ):
             continue  # the resume just said it
         kind, text = _sentence(e, run_dir)
         step = e.get("step")
