@@ -98,10 +98,11 @@ def chromium() -> str:
             "these tests render the report in headless Chromium: install Debian's `chromium` package "
             "(as root: apt-get install chromium)"
         )
-    install = subprocess.run([*APT, "install", "chromium"], capture_output=True, text=True)
-    if install.returncode != 0:  # a fresh machine has no package lists yet
-        subprocess.run([*APT, "update"], capture_output=True, text=True)
-        install = subprocess.run([*APT, "install", "chromium"], capture_output=True, text=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}  # CI has no terminal for debconf to ask on
+    install = subprocess.run([*APT, "install", "chromium"], capture_output=True, text=True, env=env)
+    if install.returncode != 0:  # a fresh machine has no package lists yet, or old ones
+        subprocess.run([*APT, "update"], capture_output=True, text=True, env=env)
+        install = subprocess.run([*APT, "install", "chromium"], capture_output=True, text=True, env=env)
     found = shutil.which("chromium")
     if not found:
         tail = (install.stderr or install.stdout).strip().splitlines()[-3:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ SECTIONS = (
 )
 REPEATS_SHOWN = 3  # a run of more same-kind incidents in a row folds the rest away
 NOT_MARKED = {"inject", "finish"}  # incidents the plots do not mark (a test's own fault; the end of the run)
+FEW = 10  # a kind of incident seen more often (stragglers at every check) is marked by a tick, not a line
 
 
 def _asset(name: str) -> str:
@@ -109,6 +111,7 @@ def render(run_dir: Path) -> str:
     t0 = min([r["time"] for r in records + undone] + [e["time"] for e in events])
     incidents = timeline(events, run.root)
     rows, panels = plot_data(records, undone, events, t0)
+    often = Counter(i.kind for i in incidents)
     markers = [
         {
             "step": step,
@@ -116,6 +119,7 @@ def render(run_dir: Path) -> str:
             "time": round(i.time - t0, 3),
             "severity": i.severity,
             "text": i.text,
+            "tick": often[i.kind] > FEW,
         }
         for i in incidents
         if i.kind not in NOT_MARKED and not (i.kind == "start" and not i.step)

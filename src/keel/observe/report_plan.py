@@ -13,7 +13,7 @@ import statistics
 from typing import Any
 
 from keel.observe.metrics import unit_of
-from keel.observe.report_series import clean
+from keel.observe.report_series import number
 
 TOTALS = {"device_hours", "energy_kwh", "energy_estimated_kwh"}  # estimated for the whole run, recorded as they grow
 OFF = 0.25  # a measurement further than this from the estimate (either way) is marked
@@ -21,7 +21,7 @@ OFF = 0.25  # a measurement further than this from the estimate (either way) is 
 
 def _measured(name: str, records: list[dict[str, Any]], total_steps: int | None) -> tuple[float, str] | None:
     """The run's figure to hold against an estimate of `name`, and how it was taken."""
-    values = [(r["step"], clean(r[name])) for r in records if clean(r.get(name)) is not None]
+    values = [(r["step"], number(r[name])) for r in records if number(r.get(name)) is not None]
     if not values:
         return None
     if name.startswith("memory_"):
@@ -43,7 +43,7 @@ def plan_html(events: list[dict[str, Any]], records: list[dict[str, Any]], total
     recorded = {name for r in records for name in r} - {"step", "time"}
     rows = []
     for name, estimate in plan.items():
-        if clean(estimate) is None or (unit_of(name) is None and name not in recorded):
+        if number(estimate) is None or (unit_of(name) is None and name not in recorded):
             continue  # a number that is no metric: a count, a setting, the step it was logged at
         measured = _measured(name, records, total_steps)
         if measured is None or not estimate:

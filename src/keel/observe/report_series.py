@@ -88,11 +88,16 @@ PANELS = (
 )
 
 
-def clean(value: Any) -> float | None:
-    """A number for the page (6 significant digits), or None for a missing or non-finite one (a gap in the line)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return None
-    return float(f"{value:.6g}")
+def number(value: Any) -> float | None:
+    """A recorded value as a float, or None for a missing or non-finite one (a gap in the line)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def clean(value: float | None) -> float | None:
+    """A number as the page carries it: 6 significant digits keep it small."""
+    return None if value is None else float(f"{value:.6g}")
 
 
 def thin(points: list[tuple[int, float | None]], limit: int = MAX_POINTS) -> list[tuple[int, float | None]]:
@@ -144,27 +149,27 @@ class Rows:
 
     def axes(self) -> dict[str, list | None]:
         """The x axes for the page; tokens is None when the run never recorded them."""
-        tokens = None if any(t is None for t in self._tokens) else [clean(t) for t in self._tokens]
+        tokens = None if any(t is None for t in self._tokens) else [clean(number(t)) for t in self._tokens]
         return {"step": self.step, "tokens": tokens, "time": self.time}
 
 
 def _series(
-    name: str, rows: list[int], records: list[dict[str, Any]], breaks: list[float] = (), style: str = "line"
+    name: str, rows: list[int], records: list[dict[str, Any]], attempts: list[int] | None = None, style: str = "line"
 ) -> dict[str, Any] | None:
     """A metric's points; a line never joins two attempts of the run (a gap where one ended and the next began)."""
     points: list[tuple[int, float | None]] = []
     last = None
-    for row, r in zip(rows, records, strict=True):
+    for k, (row, r) in enumerate(zip(rows, records, strict=True)):
         if name not in r:
             continue
-        if last is not None and any(last < b <= r["time"] for b in breaks):
+        if attempts is not None and last is not None and attempts[k] != last:
             points.append((row, None))
-        points.append((row, clean(r[name])))
-        last = r["time"]
+        points.append((row, number(r[name])))
+        last = attempts[k] if attempts is not None else None
     if not points:
         return None
     points = thin(points)
-    return {"name": name, "i": [p[0] for p in points], "y": [p[1] for p in points], "style": style}
+    return {"name": name, "i": [p[0] for p in points], "y": [clean(p[1]) for p in points], "style": style}
 
 
 def _panel_series(
@@ -172,14 +177,14 @@ def _panel_series(
     names: list[str],
     kept: tuple[list[int], list[dict]],
     undone: tuple[list[int], list[dict]],
-    breaks: list[float],
+    attempts: list[int],
 ) -> list[dict[str, Any]]:
     wanted = list(panel.metrics)
     if panel.family:
         wanted += [n for n in names if n.startswith(f"{panel.family}/")]
         if len(wanted) == len(panel.metrics):
             return []  # a family panel without members would repeat another panel's curve
-    series = [s for s in (_series(n, *kept, breaks) for n in wanted) if s]
+    series = [s for s in (_series(n, *kept, attempts) for n in wanted) if s]
     if panel.id == "loss":  # steps a restart or rollback undid: what the run did before it went back
         lost = _series("loss", *undone, style="undone")
         if lost:
@@ -195,7 +200,7 @@ def _goodput_series(rows: Rows, ledger: list[dict[str, Any]]) -> list[dict[str, 
         {
             "name": c,
             "i": index,
-            "y": [clean(e.get(c, 0.0)) for e in ledger],
+            "y": [clean(number(e.get(c, 0.0))) for e in ledger],
             "style": "area",
             "colour": GOODPUT_COLOURS[c],
         }
@@ -209,7 +214,8 @@ def plot_data(
 ) -> tuple[Rows, list[dict[str, Any]]]:
     """Rows and panels (each {id, section, title, unit, log, series}) for every metric the run recorded."""
     ledger = [e for e in events if e.get("event") == "goodput"]
-    breaks = sorted(e["time"] for e in events if e.get("event") == "start")
+    starts = sorted(e["time"] for e in events if e.get("event") == "start")
+    attempts = [bisect.bisect_right(starts, r["time"]) for r in records]  # which attempt recorded each record
     rows = Rows(records + undone, t0)
     kept = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in records]
     lost = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in undone]
@@ -217,7 +223,7 @@ def plot_data(
     panels: list[dict[str, Any]] = []
     placed: set[str] = set()
     for panel in PANELS:
-        series = _panel_series(panel, names, (kept, records), (lost, undone), breaks)
+        series = _panel_series(panel, names, (kept, records), (lost, undone), attempts)
         if series:
             panels.append(
                 {
@@ -246,7 +252,7 @@ def plot_data(
                 )
     for name in names:  # whatever no panel above draws still gets a plot of its own
         if name not in placed and name not in AXIS_METRICS:
-            series = _series(name, kept, records, breaks)
+            series = _series(name, kept, records, attempts)
             if series:
                 panels.append(
                     {

@@ -12,7 +12,7 @@ from typing import Any
 from keel.checkpoint.commit import committed_steps
 from keel.errors import KeelError
 from keel.observe.heartbeat import read_status
-from keel.observe.report_series import clean
+from keel.observe.report_series import number
 from keel.observe.report_timeline import Incident, counts
 from keel.observe.status_view import run_state
 from keel.resilience.goodput import CATEGORIES, goodput_ratio, run_ledger
@@ -60,7 +60,7 @@ def model_line(config: dict[str, Any]) -> str:
 
 def finite(records: list[dict[str, Any]], name: str) -> list[tuple[int, float]]:
     """(step, value) of every record with a finite `name`, in order."""
-    return [(r["step"], float(r[name])) for r in records if clean(r.get(name)) is not None]
+    return [(r["step"], float(r[name])) for r in records if number(r.get(name)) is not None]
 
 
 def _latest(records: list[dict[str, Any]], name: str) -> tuple[int, float] | None:

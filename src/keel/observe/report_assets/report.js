@@ -127,8 +127,8 @@
     data.markers.forEach(function (m) {
       const v = m[mode];
       if (v === null || v < xr[0] || v > xr[1]) return;
-      const line = svg("line", {x1: X(v), x2: X(v), y1: MARGIN.t, y2: MARGIN.t + ph, stroke: SEVERITY[m.severity]},
-        marks);
+      const line = svg("line", {x1: X(v), x2: X(v), y1: MARGIN.t, y2: MARGIN.t + (m.tick ? 8 : ph),
+        stroke: SEVERITY[m.severity], class: m.tick ? "tick" : ""}, marks);
       svg("title", {}, line).textContent = m.text;
     });
     const clip = "clip-" + panel.id;
