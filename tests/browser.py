@@ -93,7 +93,7 @@ def chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.fail(
             "these tests render the report in headless Chromium: install Debian's `chromium` package "
             "(as root: apt-get install chromium)"
