@@ -142,7 +142,8 @@ def render(run_dir: Path) -> str:
         intro = f"<p>{html.escape(blurb)}</p>" if blurb else ""
         body.append(f'<section id="{key}"><h2>{heading}</h2>{intro}{content}</section>')
     data = {"axes": rows.axes(), "panels": panels, "markers": markers}
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # No "<" inside the script element, so no text in the data (a source name, a reason) can end or confuse it.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     made = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -156,8 +157,8 @@ def render(run_dir: Path) -> str:
 {"".join(body)}
 </main>
 <footer>Written by <code>keel report</code> at {html.escape(made)} from {html.escape(str(run.root.resolve()))}.
-Dashed lines on the plots mark incidents (hover for the sentence): red a failure, amber a warning, grey a restart,
-resume or stop.</footer>
+Dashed lines on the plots mark incidents (hover for the sentence; a short tick where one kind is frequent): red a
+failure, amber a warning, grey a restart, resume or stop.</footer>
 <script type="application/json" id="keel-data">{payload}</script>
 <script>{_asset("report.js")}</script>
 </body></html>

@@ -250,13 +250,13 @@ def plot_data(
                         "series": goodput,
                     }
                 )
-    for name in names:  # whatever no panel above draws still gets a plot of its own
+    for k, name in enumerate(names):  # whatever no panel above draws still gets a plot of its own
         if name not in placed and name not in AXIS_METRICS:
             series = _series(name, kept, records, attempts)
             if series:
                 panels.append(
                     {
-                        "id": f"metric-{name}",
+                        "id": f"metric-{k}",  # an HTML id: a metric's name may hold any character
                         "section": "other",
                         "title": name,
                         "unit": unit_of(name) or "",

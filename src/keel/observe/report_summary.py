@@ -40,7 +40,7 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def model_line(config: dict[str, Any]) -> str:
-    """'llama, 2 layers, dim 64, 0.11 M parameters; seq 32 x batch 8; fp32' from the run's config."""
+    """'llama, 2 layers, dim 64, 0.17 M parameters; sequences of 32 tokens, 8 a step; fp32 precision'."""
     from keel.models import model_args
 
     model, train = _section(config, "model"), _section(config, "train")
@@ -152,7 +152,8 @@ def header(
     """The top of the page: what an operator needs to know first."""
     status = read_status(run.root)
     state = run_state(status, float(_section(config, "observe").get("stall_timeout_s", 600.0))) if status else "unknown"
-    step, total = status.get("step", records[-1]["step"]), status.get("total_steps")
+    step = status.get("step", records[-1]["step"])
+    total = status.get("total_steps", _section(config, "train").get("steps"))
     done = step / total if isinstance(total, int) and total > 0 else None
     times = [r["time"] for r in records] + [e["time"] for e in events if "time" in e]
     tokens = _latest(records, "tokens_seen")
