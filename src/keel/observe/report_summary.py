@@ -152,7 +152,7 @@ def header(
     """The top of the page: what an operator needs to know first."""
     status = read_status(run.root)
     state = run_state(status, float(_section(config, "observe").get("stall_timeout_s", 600.0))) if status else "unknown"
-    step = status.get("step", records[-1]["step"])
+    step = max(status.get("step", 0), records[-1]["step"])  # the heartbeat is rewritten every few seconds only
     total = status.get("total_steps", _section(config, "train").get("steps"))
     done = step / total if isinstance(total, int) and total > 0 else None
     times = [r["time"] for r in records] + [e["time"] for e in events if "time" in e]
