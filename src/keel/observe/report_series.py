@@ -80,6 +80,7 @@ PANELS = (
         "Memory",
         "GB",
         ("memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"),
+        prefix="memory_",
     ),
     Panel("power", "resources", "Power", "W", ("power_w",)),
     Panel("energy", "resources", "Energy", "kWh", ("energy_kwh", "energy_estimated_kwh")),
@@ -180,6 +181,8 @@ def _panel_series(
     attempts: list[int],
 ) -> list[dict[str, Any]]:
     wanted = list(panel.metrics)
+    if panel.prefix:
+        wanted += [n for n in names if n.startswith(panel.prefix) and n not in wanted]
     if panel.family:
         wanted += [n for n in names if n.startswith(f"{panel.family}/")]
         if len(wanted) == len(panel.metrics):
