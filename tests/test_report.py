@@ -148,6 +148,9 @@ def test_report_tells_incidents_in_sentences_and_leaves_out_what_the_run_lacks(r
     assert [s["name"] for s in loss["series"]] == ["loss", "val_loss", "loss (undone)"]
     assert None in loss["series"][0]["y"]  # step 11's NaN: a gap in the line, not a number
     assert data["axes"]["tokens"][-1] == 12 * 8 * 32 and len(data["axes"]["step"]) == len(data["axes"]["time"])
+    recorded = {name for line in (run / "metrics.jsonl").read_text().splitlines() for name in json.loads(line)}
+    plotted = {s["name"] for p in data["panels"] for s in p["series"]}
+    assert recorded - plotted == {"step", "time", "tokens_seen", "eta_s"}  # every metric has a plot
     for absent in ('id="validation"', 'id="audit"', 'id="plan"', "model card", "data card", ">evaluation<", "USD"):
         assert absent not in page  # no per-source metrics, eval.json, audit.json or cards in this run
 

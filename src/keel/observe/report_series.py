@@ -35,6 +35,7 @@ class Panel:
     metrics: tuple[str, ...] = ()
     family: str | None = None
     log: bool = False
+    prefix: str | None = None  # and any other metric whose name starts with this
 
 
 # In page order; a panel is left out when the run recorded none of its metrics.
