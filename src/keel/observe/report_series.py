@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from keel.observe.metrics import unit_of
 from keel.resilience.goodput import CATEGORIES
 
@@ -102,20 +104,42 @@ def clean(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.6g}")
 
 
-def thin(points: list[tuple[int, float | None]], limit: int = MAX_POINTS) -> list[tuple[int, float | None]]:
-    """At most about `limit` points: per bucket the lowest and the highest, so a spike survives; gaps all kept."""
-    if len(points) <= limit:
-        return points
-    size = math.ceil(len(points) / (limit // 2))
-    kept: set[int] = {0, len(points) - 1}
-    for start in range(0, len(points), size):
-        bucket = range(start, min(start + size, len(points)))
-        finite = [k for k in bucket if points[k][1] is not None]
-        kept.update(k for k in bucket if points[k][1] is None)
-        if finite:
-            kept.add(min(finite, key=lambda k: points[k][1]))
-            kept.add(max(finite, key=lambda k: points[k][1]))
-    return [points[k] for k in sorted(kept)]
+def thin(values: np.ndarray, limit: int = MAX_POINTS) -> np.ndarray:
+    """Indices of at most about `limit` values to draw: per bucket the lowest and the highest, so a spike survives;
+    every gap (NaN) is kept."""
+    n = len(values)
+    if n <= limit:
+        return np.arange(n)
+    size = math.ceil(n / (limit // 2))
+    grid = np.concatenate([values, np.full(-n % size, np.nan)]).reshape(-1, size)
+    gaps = np.isnan(grid)
+    start = np.arange(len(grid)) * size
+    lowest = start + np.where(gaps, np.inf, grid).argmin(axis=1)
+    highest = start + np.where(gaps, -np.inf, grid).argmax(axis=1)
+    kept = np.concatenate([lowest, highest, np.flatnonzero(np.isnan(values)), [0, n - 1]])
+    return np.unique(kept[kept < n])
+
+
+def _floats(raw: list[Any]) -> np.ndarray:
+    """The values as floats, anything not finite (a NaN loss, an inf, a value that is no number) as NaN: a gap."""
+    try:
+        values = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        values = np.array([np.nan if (x := number(v)) is None else x for v in raw], dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def columns(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[Any]]]:
+    """Each metric's (record indices, values), in one pass over the records."""
+    found: dict[str, tuple[list[int], list[Any]]] = {}
+    for k, record in enumerate(records):
+        for name, value in record.items():
+            column = found.get(name)
+            if column is None:
+                column = found[name] = ([], [])
+            column[0].append(k)
+            column[1].append(value)
+    return found
 
 
 class Rows:
@@ -156,49 +180,42 @@ class Rows:
 
 
 def _series(
-    name: str, rows: list[int], records: list[dict[str, Any]], attempts: list[int] | None = None, style: str = "line"
-) -> dict[str, Any] | None:
+    name: str, column: tuple[list[int], list[Any]], rows: list[int], attempts: np.ndarray | None, style: str = "line"
+) -> dict[str, Any]:
     """A metric's points; a line never joins two attempts of the run (a gap where one ended and the next began)."""
-    points: list[tuple[int, float | None]] = []
-    last = None
-    for k, (row, r) in enumerate(zip(rows, records, strict=True)):
-        if name not in r:
-            continue
-        if attempts is not None and last is not None and attempts[k] != last:
-            points.append((row, None))
-        points.append((row, number(r[name])))
-        last = attempts[k] if attempts is not None else None
-    if not points:
-        return None
-    points = thin(points)
-    return {"name": name, "i": [p[0] for p in points], "y": [clean(p[1]) for p in points], "style": style}
+    index = np.asarray(column[0], dtype=np.int64)
+    values = _floats(column[1])
+    if attempts is not None and len(index) > 1:
+        starts = np.flatnonzero(np.diff(attempts[index])) + 1  # the first point of each later attempt
+        index, values = np.insert(index, starts, index[starts]), np.insert(values, starts, np.nan)
+    kept = thin(values)
+    return {
+        "name": name,
+        "i": [rows[k] for k in index[kept].tolist()],
+        "y": [None if math.isnan(v) else float(f"{v:.6g}") for v in values[kept].tolist()],
+        "style": style,
+    }
 
 
 def _panel_series(
-    panel: Panel,
-    names: list[str],
-    kept: tuple[list[int], list[dict]],
-    undone: tuple[list[int], list[dict]],
-    attempts: list[int],
+    panel: Panel, kept: tuple[dict, list[int]], undone: tuple[dict, list[int]], attempts: np.ndarray
 ) -> list[dict[str, Any]]:
-    wanted = list(panel.metrics)
+    found, rows = kept
+    wanted = [n for n in panel.metrics if n in found]
     if panel.prefix:
-        wanted += [n for n in names if n.startswith(panel.prefix) and n not in wanted]
+        wanted += sorted(n for n in found if n.startswith(panel.prefix) and n not in wanted)
     if panel.family:
-        wanted += [n for n in names if n.startswith(f"{panel.family}/")]
-        if len(wanted) == len(panel.metrics):
+        members = sorted(n for n in found if n.startswith(f"{panel.family}/"))
+        if not members:
             return []  # a family panel without members would repeat another panel's curve
-    series = [s for s in (_series(n, *kept, attempts) for n in wanted) if s]
-    if panel.id == "loss":  # steps a restart or rollback undid: what the run did before it went back
-        lost = _series("loss", *undone, style="undone")
-        if lost:
-            series.append({**lost, "name": "loss (undone)"})
+        wanted += members
+    series = [_series(n, found[n], rows, attempts) for n in wanted]
+    if panel.id == "loss" and "loss" in undone[0]:  # steps a restart or rollback undid: what the run did before
+        series.append(_series("loss (undone)", undone[0]["loss"], undone[1], None, style="undone"))
     return series
 
 
 def _goodput_series(rows: Rows, ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    if not ledger:
-        return []
     index = [rows.add(e.get("step", rows.step_at(e["time"])), e["time"]) for e in ledger]
     return [
         {
@@ -219,53 +236,37 @@ def plot_data(
     """Rows and panels (each {id, section, title, unit, log, series}) for every metric the run recorded."""
     ledger = [e for e in events if e.get("event") == "goodput"]
     starts = sorted(e["time"] for e in events if e.get("event") == "start")
-    attempts = [bisect.bisect_right(starts, r["time"]) for r in records]  # which attempt recorded each record
+    attempts = np.searchsorted(starts, [r["time"] for r in records], side="right")  # which attempt wrote each
     rows = Rows(records + undone, t0)
     kept = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in records]
     lost = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in undone]
-    names = sorted({n for r in records for n in r} - {"step", "time"})
+    found, redone = columns(records), columns(undone)
+    for name in ("step", "time"):
+        found.pop(name, None)
     panels: list[dict[str, Any]] = []
     placed: set[str] = set()
+
+    def add(key: str, section: str, title: str, unit: str, series: list[dict], log: bool = False, **extra) -> None:
+        panels.append(
+            {"id": key, "section": section, "title": title, "unit": unit, "log": log, "series": series, **extra}
+        )
+        placed.update(s["name"] for s in series)
+
     for panel in PANELS:
-        series = _panel_series(panel, names, (kept, records), (lost, undone), attempts)
+        series = _panel_series(panel, (found, kept), (redone, lost), attempts)
         if series:
-            panels.append(
-                {
-                    "id": panel.id,
-                    "section": panel.section,
-                    "title": panel.title,
-                    "unit": panel.unit,
-                    "log": panel.log,
-                    "series": series,
-                }
+            add(panel.id, panel.section, panel.title, panel.unit, series, panel.log)
+        if panel.id == "goodput_ratio" and ledger:
+            add(
+                "goodput",
+                "speed",
+                "Where the wall time went",
+                "s, cumulative",
+                _goodput_series(rows, ledger),
+                stacked=True,
             )
-            placed.update(s["name"] for s in series)
-        if panel.id == "goodput_ratio":
-            goodput = _goodput_series(rows, ledger)
-            if goodput:
-                panels.append(
-                    {
-                        "id": "goodput",
-                        "section": "speed",
-                        "title": "Where the wall time went",
-                        "unit": "s, cumulative",
-                        "log": False,
-                        "stacked": True,
-                        "series": goodput,
-                    }
-                )
-    for k, name in enumerate(names):  # whatever no panel above draws still gets a plot of its own
+    for k, name in enumerate(sorted(found)):  # whatever no panel above draws still gets a plot of its own
         if name not in placed and name not in AXIS_METRICS:
-            series = _series(name, kept, records, attempts)
-            if series:
-                panels.append(
-                    {
-                        "id": f"metric-{k}",  # an HTML id: a metric's name may hold any character
-                        "section": "other",
-                        "title": name,
-                        "unit": unit_of(name) or "",
-                        "log": False,
-                        "series": [series],
-                    }
-                )
+            # an HTML id: a metric's name may hold any character
+            add(f"metric-{k}", "other", name, unit_of(name) or "", [_series(name, found[name], kept, attempts)])
     return rows, panels

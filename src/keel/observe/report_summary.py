@@ -15,7 +15,7 @@ from keel.observe.heartbeat import read_status
 from keel.observe.report_series import number
 from keel.observe.report_timeline import Incident, counts
 from keel.observe.status_view import run_state
-from keel.resilience.goodput import CATEGORIES, goodput_ratio, run_ledger
+from keel.resilience.goodput import CATEGORIES, goodput_ratio, ledger_of
 from keel.rundir import RunDir
 
 DATA_CARD = "data_card.md"  # what `keel data card` writes in a dataset directory (docs/cards.md)
@@ -89,10 +89,9 @@ def _tile(label: str, value: str, detail: str = "", extra: str = "") -> str:
     )
 
 
-def _goodput_tile(run: RunDir, running: bool) -> str:
-    try:
-        ledger = run_ledger(run)
-    except KeelError:
+def _goodput_tile(events: list[dict], records: list[dict], running: bool) -> str:
+    ledger = ledger_of(events, records)
+    if ledger is None:
         return ""  # no goodput record yet: a run writes one at every checkpoint and at its end
     totals = dict(ledger.totals)
     if ledger.final is None and not running:
@@ -182,7 +181,7 @@ def header(
                 "median" + (f"; MFU {statistics.median(mfu):.1%} median" if mfu else ""),
             )
         )
-    tiles.append(_goodput_tile(run, state == "running"))
+    tiles.append(_goodput_tile(events, records, state == "running"))
     tiles += _cost_tiles(config, records, events)
     checkpoints = committed_steps(run.checkpoints)
     tiles.append(
