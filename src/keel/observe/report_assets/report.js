@@ -132,7 +132,8 @@
       svg("title", {}, line).textContent = m.text;
     });
     const clip = "clip-" + panel.id;
-    svg("rect", {x: MARGIN.l, y: MARGIN.t, width: pw, height: ph}, svg("clipPath", {id: clip}, root));
+    // The data may reach a little past the plot area, so a point on its edge is drawn whole.
+    svg("rect", {x: MARGIN.l - 4, y: MARGIN.t - 4, width: pw + 8, height: ph + 8}, svg("clipPath", {id: clip}, root));
     const plot = svg("g", {"clip-path": "url(#" + clip + ")"}, root);
     lines.forEach(function (l) {
       if (l.hidden) return;
