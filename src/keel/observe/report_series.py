@@ -235,8 +235,10 @@ def plot_data(
 ) -> tuple[Rows, list[dict[str, Any]]]:
     """Rows and panels (each {id, section, title, unit, log, series}) for every metric the run recorded."""
     ledger = [e for e in events if e.get("event") == "goodput"]
-    starts = sorted(e["time"] for e in events if e.get("event") == "start")
-    attempts = np.searchsorted(starts, [r["time"] for r in records], side="right")  # which attempt wrote each
+    # Which attempt wrote each record: the first began with the run (its step-0 validation comes before its
+    # start event), each later one with its start event.
+    starts = sorted(e["time"] for e in events if e.get("event") == "start")[1:]
+    attempts = np.searchsorted(starts, [r["time"] for r in records], side="right")
     rows = Rows(records + undone, t0)
     kept = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in records]
     lost = [rows.add(r["step"], r["time"], r.get("tokens_seen")) for r in undone]
