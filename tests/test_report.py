@@ -147,6 +147,7 @@ def test_report_tells_incidents_in_sentences_and_leaves_out_what_the_run_lacks(r
     loss = next(p for p in data["panels"] if p["id"] == "loss")
     assert [s["name"] for s in loss["series"]] == ["loss", "val_loss", "loss (undone)"]
     assert None in loss["series"][0]["y"]  # step 11's NaN: a gap in the line, not a number
+    assert None not in loss["series"][1]["y"]  # one attempt: its validations, from step 0 on, are one line
     assert data["axes"]["tokens"][-1] == 12 * 8 * 32 and len(data["axes"]["step"]) == len(data["axes"]["time"])
     recorded = {name for line in (run / "metrics.jsonl").read_text().splitlines() for name in json.loads(line)}
     plotted = {s["name"] for p in data["panels"] for s in p["series"]}
