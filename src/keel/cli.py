@@ -304,8 +304,8 @@ def export(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to plot.")]) -> None:
-    """Write RUN_DIR/report.html: loss, learning rate, throughput, MFU, step time and memory, incidents marked."""
+def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to report on.")]) -> None:
+    """Write RUN_DIR/report.html, the run's front page: summary, plots, incident timeline, evaluation, audit."""
     from keel.observe.report import write_report
 
     print(f"wrote {write_report(run_dir)}")
