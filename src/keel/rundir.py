@@ -109,6 +109,21 @@ class RunDir:
         """The self-contained HTML report."""
         return self.root / "report.html"
 
+    @property
+    def model_card(self) -> Path:
+        """The model card, written when a run ends and by `keel card`; exported as the model's README.md."""
+        return self.root / "model_card.md"
+
+    @property
+    def evaluation(self) -> Path:
+        """Evaluation results an evaluation writes for the model card (docs/cards.md has the schema)."""
+        return self.root / "eval.json"
+
+    @property
+    def audit(self) -> Path:
+        """Bias-audit results an audit writes for the model card (docs/cards.md has the schema)."""
+        return self.root / "audit.json"
+
     def is_run(self) -> bool:
         """True once a run has passed preflight here (its config.toml exists)."""
         return self.config.is_file()
