@@ -93,7 +93,7 @@ class EnergyMeter(Callback):
     def on_exit(self, state: str) -> None:
         self._read()
         values = self._gather()
-        self.events("energy", step=self._step, **{k: round(v, 9) for k, v in values.items()}, final=state)
+        self.events("energy", step=self._step, **values, final=state)
 
     def state_dict(self) -> dict[str, float]:
         """The run's totals as of the last logged step."""

@@ -1,0 +1,246 @@
+"""Model and data cards drawn from real runs and datasets; the energy meter's estimate path end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import assert_one_line_error, read_metrics, run_keel, synthetic_corpus, tiny_config
+from keel.checkpoint.inference import load_model
+from keel.checkpoint.safe_load import read_metadata
+from keel.data.dataset import TokenDataset
+from keel.data.licenses import hf_license, restriction, terms
+from keel.data.prepare import prepare_dataset
+from keel.data.stages import StageSettings
+from keel.io import read_jsonl
+from keel.observe.card import yaml_lines
+from keel.observe.energy import co2e_kg, cost
+
+GERMAN = "Der schnelle braune Fuchs springt über den faulen Hund, und die Katze schläft ruhig auf dem warmen Sofa."
+
+
+@pytest.fixture(scope="module")
+def licensed(tmp_path_factory):
+    """A dataset with an MIT and a CC-BY-NC source, German documents, an e-mail address and a duplicate."""
+    root = tmp_path_factory.mktemp("cards")
+    corpus = synthetic_corpus(root / "corpus")
+    for i in range(12):
+        (corpus / f"de{i}.txt").write_text(f"{GERMAN} Nummer {i}.", encoding="utf-8")
+    (corpus / "mail.txt").write_text("write to jane.doe@example.org about the model", encoding="utf-8")
+    (corpus / "copy.txt").write_text((corpus / "doc0000.txt").read_text(), encoding="utf-8")
+    sources = [str(corpus / "*.txt"), str(corpus / "*.jsonl")]
+    licenses = {sources[0]: "MIT", sources[1]: "CC-BY-NC-4.0"}
+    stages = StageSettings(dedup_exact=True, pii=True)
+    prepare_dataset(
+        sources, root / "data", vocab_size=512, val_fraction=0.1, licenses=licenses, stages=stages, log=print
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(licensed):
+    """Two processes train 3 steps and stop (as a preemption would), then resume to 6: a run of two attempts."""
+    card = {"license": "apache-2.0", "intended_use": "Testing Keel's cards."}
+    config = tiny_config(
+        licensed / "run.toml",
+        licensed / "data",
+        train={"steps": 6, "eval_every": 3},
+        checkpoint={"every": 3},
+        parallel={"nproc": 2},
+        card=card,
+    )
+    first = run_keel("train", str(config), "--set", "train.stop_after=3", cwd=licensed)
+    assert first.returncode == 0, first.stdout + first.stderr
+    directory = licensed / "runs" / "tiny"
+    second = run_keel("train", "--resume", str(directory), cwd=licensed)
+    assert second.returncode == 0, second.stdout + second.stderr
+    return directory
+
+
+def energy_events(run_dir):
+    return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "energy"]
+
+
+def test_energy_estimate_path_records_power_energy_and_device_hours_across_a_resume(run):
+    records = [r for r in read_metrics(run) if "energy_kwh" in r]
+    sources = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "power_source"]
+    assert len(sources) == 4 and all(s["estimate"] for s in sources)  # 2 ranks x 2 attempts; this machine
+    watts = sum(s["watts"] for s in sources[-2:])
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert r["power_w"] == pytest.approx(watts)  # a constant estimate: every window's mean is the rating
+        assert r["energy_estimated_kwh"] == r["energy_kwh"]  # all of it estimated, and labelled so
+        # Constant power per rank: energy = rated watts x each rank's time in the loop, summed.
+        assert r["energy_kwh"] == pytest.approx(watts / 2 * r["device_hours"] / 1000, rel=1e-9)
+    totals = [r["energy_kwh"] for r in records]
+    assert totals == sorted(totals) and totals[0] > 0
+    stop, finish = energy_events(run)
+    assert stop["final"] == "stopped" and finish["final"] == "finished"
+    # The resumed attempt continues the run's totals (the stop's final figure), not from zero.
+    assert records[3]["energy_kwh"] > stop["energy_kwh"] >= records[2]["energy_kwh"]
+    keys = read_metadata(run / "checkpoints" / "step_3").state_dict_metadata
+    assert {"energy.energy_kwh", "energy.device_hours"} <= set(keys)
+
+
+def card_value(card: str, row: str) -> str:
+    return re.search(rf"^\| {row} \| (.+) \|$", card, re.M).group(1)
+
+
+def test_a_finished_run_writes_a_model_card_whose_totals_are_the_metrics(run, licensed):
+    card = (run / "model_card.md").read_text()
+    finish = energy_events(run)[-1]
+    kwh, hours = finish["energy_kwh"], finish["device_hours"]
+    assert kwh >= max(r["energy_kwh"] for r in read_metrics(run) if "energy_kwh" in r)
+    assert card_value(card, "energy").startswith(f"{kwh:.6g} kWh (an estimate from rated power)")
+    assert card_value(card, "device-hours").startswith(f"{hours:.6g} h")
+    assert card_value(card, "CO2e").startswith(f"{co2e_kg(kwh, 480.0):.6g} kg ({kwh:.6g} kWh x 480 g/kWh")
+    assert card_value(card, "cost").startswith(f"{cost(hours, 2.0):.6g} USD ({hours:.6g} device-hours x 2 USD")
+    assert card_value(card, "tokens").startswith(f"{6 * 8 * 32:,} (6 steps")
+    params = int(card_value(card, "parameters").split("(")[1].rstrip(")").replace(",", ""))
+    assert params == sum(p.numel() for p in load_model(run)[0].parameters())  # the trained model's own count
+    assert card_value(card, "hardware").startswith("2 x ")
+    assert card_value(card, "steps") == "6 of 6 (run finished)"
+    assert re.search(r"^\| goodput \| \d+\.\d% ", card, re.M)
+    assert "forbids commercial use" in card and "allows commercial use that a data source forbids" in card
+    assert "*.txt` (MIT)" in card and "## Intended use\n\nTesting Keel's cards." in card
+    assert "Not evaluated (no `eval.json`" in card and "Not audited (no `audit.json`" in card
+    assert "Not stated (set card.limitations)." in card
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
+    assert f"| 6 | {val[-1]:.4f} | {math.exp(val[-1]):.2f} |" in card
+
+
+def test_export_ships_the_card_as_a_readme_that_huggingface_hub_loads(run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    result = run_keel("export", str(run), "--out", str(tmp_path / "hf"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    card = ModelCard.load(tmp_path / "hf" / "README.md", ignore_metadata_errors=False)
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["data"]
+    assert card.data.library_name == "transformers" and card.data.metrics == ["loss", "perplexity"]
+    val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r][-1]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert results["loss"].metric_value == round(val, 4) and results["loss"].dataset_split == "val"
+    kwh = energy_events(run)[-1]["energy_kwh"]
+    assert card.data.co2_eq_emissions["emissions"] == pytest.approx(kwh * 480.0, rel=1e-5)  # grams
+    assert "# tiny" in card.text and "## Energy, emissions and cost" in card.text
+
+
+def test_keel_card_reads_eval_and_audit_results_and_records_the_keys_it_is_given(run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    evaluation = {
+        "step": 6,
+        "results": [{"task": "text-generation", "dataset": "lambada", "metric": "accuracy", "value": 0.25}],
+    }
+    audit = {"method": "counterfactual prompts", "results": [{"group": "she/he", "metric": "gap", "value": 0.031}]}
+    (copy / "eval.json").write_text(json.dumps(evaluation))
+    (copy / "audit.json").write_text(json.dumps(audit))
+    result = run_keel(
+        "card", str(copy), "--set", "card.license=cc-by-nc-4.0", "--set", "card.limitations=Six steps.", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (copy / "model_card.md").read_text()
+    assert "| accuracy | 0.25 | lambada | text-generation |" in text
+    assert "method: counterfactual prompts" in text and "| gap | 0.031 | she/he |" in text
+    assert "## Limitations\n\nSix steps." in text
+    assert "allows commercial use that a data source forbids" not in text  # a non-commercial model is consistent
+    assert 'limitations = "Six steps."' in (copy / "config.toml").read_text()  # kept for every later card
+    data = ModelCard(text, ignore_metadata_errors=False).data
+    assert data.license == "cc-by-nc-4.0"
+    assert {(r.dataset_name, r.metric_type, r.metric_value) for r in data.eval_results} >= {
+        ("lambada", "accuracy", 0.25)
+    }
+
+
+def test_card_refuses_bad_input_in_one_line(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "eval.json").write_text(json.dumps({"results": [{"dataset": "x", "metric": "accuracy"}]}))
+    assert_one_line_error(run_keel("card", str(copy), cwd=tmp_path), "eval.json: malformed", "value", "docs/cards.md")
+    (copy / "eval.json").unlink()
+    bad_key = run_keel("card", str(copy), "--set", "optim.lr=1", cwd=tmp_path)
+    assert_one_line_error(bad_key, "--set optim.lr", "card.license")
+    shutil.rmtree(copy / "checkpoints")
+    (copy / "checkpoints").mkdir()
+    assert_one_line_error(run_keel("card", str(copy), cwd=tmp_path), "no committed checkpoint", "keel train --resume")
+    assert not (tmp_path / "nothing" / "model_card.md").exists()
+    assert_one_line_error(run_keel("card", str(tmp_path / "nothing"), cwd=tmp_path), "not a Keel run dir")
+
+
+def eos_lengths(dataset, split):
+    """Each document's length in tokens, found independently of the index: the distance between EOS tokens."""
+    data = TokenDataset(dataset, split)
+    eos = np.flatnonzero(data.read(0, data.num_tokens) == data.eos_id)
+    return np.diff(np.append(-1, eos))
+
+
+def test_data_card_is_a_datasheet_drawn_from_the_manifest_and_the_shards(licensed, tmp_path):
+    dataset = tmp_path / "data"
+    shutil.copytree(licensed / "data", dataset)
+    result = run_keel("data", "card", str(dataset), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    card = (dataset / "data_card.md").read_text()
+    for section in ("Motivation", "Composition", "Collection process", "Preprocessing", "Uses", "Maintenance"):
+        assert f"## {section}" in card
+    assert "| CC-BY-NC-4.0 | non-commercial | **no** | yes |" in card and "| MIT | permissive | yes | yes |" in card
+    assert "forbids commercial use" in card and "MIT (" not in card.split("## Uses")[1]
+    assert "| EMAIL | 1 |" in card and "dedup_exact 1" in card
+    lengths = eos_lengths(dataset, "train")
+    train = card.split("Document length, train split")[1].split("###")[0]
+    assert f"median {int(np.quantile(lengths, 0.5, method='lower')):,}, p90 " in train
+    assert f"max {lengths.max():,}." in train
+    rows = re.findall(r"^\| ([\d,]+)-([\d,]+) \| ([\d,]+) \|", train, re.M)
+    assert sum(int(n.replace(",", "")) for _, _, n in rows) == len(lengths)
+    for low, high, n in rows:
+        low, high = int(low.replace(",", "")), int(high.replace(",", ""))
+        assert int(n.replace(",", "")) == ((lengths >= low) & (lengths <= high)).sum()
+    languages = card.split("### Language")[1:]
+    assert any("| de |" in block for block in languages) and all("| en |" in block for block in languages)
+    removed = run_keel("data", "remove", str(dataset), "--source", str(licensed / "corpus" / "de0.txt"), cwd=tmp_path)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    out = tmp_path / "elsewhere.md"
+    assert run_keel("data", "card", str(dataset), "--out", str(out), cwd=tmp_path).returncode == 0
+    assert re.search(r"^\| \d{4}-\d\d-\d\dT[\d:]+Z \| 1 \| ", out.read_text(), re.M)
+    assert_one_line_error(run_keel("data", "card", str(tmp_path / "none"), cwd=tmp_path), "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("tag", "commercial", "redistribution"),
+    [
+        ("CC-BY-4.0", True, True),
+        ("cc-by-sa-4.0", True, True),
+        ("CC-BY-NC-4.0", False, True),
+        ("CC-BY-NC-SA-3.0", False, True),
+        ("CC-BY-ND-4.0", True, False),
+        ("CC-BY-NC-ND-4.0", False, False),
+        ("MIT", True, True),
+        ("Apache-2.0", True, True),
+        ("GPL-3.0-or-later", True, True),
+        ("CC0-1.0", True, True),
+        ("proprietary", False, False),
+        ("unknown", None, None),
+        ("my own terms", None, None),
+    ],
+)
+def test_license_table(tag, commercial, redistribution):
+    t = terms(tag)
+    assert (t.commercial, t.redistribution) == (commercial, redistribution)
+    assert (restriction(tag) is None) == (commercial is True and redistribution is True)
+
+
+def test_hub_license_metadata_and_yaml_round_trip():
+    assert hf_license("Apache-2.0") == {"license": "apache-2.0"}
+    assert hf_license("My Own Terms") == {"license": "other", "license_name": "my-own-terms"}
+    meta = {"license": "mit", "tags": ["a", "b"], "empty": [], "n": 0, "x": 1.5, "s": 'quote " and: colon'}
+    meta["model-index"] = [
+        {"name": "m", "results": [{"task": {"type": "t"}, "metrics": [{"type": "loss", "value": 2.0}]}]}
+    ]
+    assert yaml.safe_load("\n".join(yaml_lines(meta))) == meta

@@ -1,0 +1,106 @@
+"""Power sources: RAPL counters (a real powercap layout), NVML's counter and power fallback, rated power, arithmetic."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+from keel.observe.energy import co2e_kg, cost
+from keel.observe.power import (
+    GPU_DEFAULT_WATTS,
+    WATTS_PER_THREAD,
+    Nvml,
+    Rapl,
+    cpu_model,
+    rapl_zones,
+    rated_cpu,
+    rated_gpu,
+)
+
+
+def zone(root: Path, name: str, label: str, energy_uj: object, max_uj: int = 1_000_000) -> Path:
+    """A powercap zone directory as the kernel lays it out (name, energy_uj, max_energy_range_uj)."""
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "name").write_text(f"{label}\n")
+    (path / "energy_uj").write_text(f"{energy_uj}\n")
+    (path / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return path
+
+
+def test_rapl_counts_each_package_and_its_dram_once_across_a_counter_wrap(tmp_path):
+    package = zone(tmp_path, "intel-rapl:0", "package-0", 1_000_000, max_uj=10_000_000)
+    zone(tmp_path, "intel-rapl:0/intel-rapl:0:0", "core", 5)  # inside the package's count: not added again
+    dram = zone(tmp_path, "intel-rapl:0/intel-rapl:0:1", "dram", 999_500)
+    zone(tmp_path, "intel-rapl:1", "psys", 7)  # the whole platform: would count the package twice
+    zone(tmp_path, "intel-rapl:2", "package-1", "unreadable")  # a malformed counter is skipped, not fatal
+    # The kernel nests subzones inside their package's directory and links every zone at the top.
+    for sub in ("intel-rapl:0:0", "intel-rapl:0:1"):
+        (tmp_path / sub).symlink_to(tmp_path / "intel-rapl:0" / sub)
+    zones = rapl_zones(tmp_path)
+    assert [z.name for z in zones] == ["intel-rapl:0", "intel-rapl:0:1"]
+    source = Rapl("cpu", "RAPL", zones=zones)
+    source.start()
+    (package / "energy_uj").write_text("3000000\n")  # +2 J
+    (dram / "energy_uj").write_text("200\n")  # wrapped at 1,000,000: +500 + 1 + 200 uJ
+    assert source.joules(1.0) == pytest.approx(2.0 + 701e-6)
+    assert source.joules(1.0) == 0.0  # nothing used since
+
+
+def test_real_rapl_counters_read_where_the_machine_has_them():
+    zones = rapl_zones()
+    if not zones:
+        pytest.skip("no readable RAPL counters under /sys/class/powercap on this machine")
+    source = Rapl(cpu_model(), "RAPL", zones=zones)
+    source.start()
+    sum(range(10**6))
+    assert source.joules(0.1) >= 0.0
+
+
+def fake_pynvml(energy_mj: list[float] | None, power_mw: list[float]) -> types.SimpleNamespace:
+    """The few pynvml calls the NVML source makes; no counter (pre-Volta) raises NVMLError as pynvml does."""
+
+    class NVMLError(Exception):
+        pass
+
+    def energy(handle):
+        if energy_mj is None:
+            raise NVMLError("Not Supported")
+        return energy_mj.pop(0)
+
+    return types.SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlDeviceGetTotalEnergyConsumption=energy,
+        nvmlDeviceGetPowerUsage=lambda handle: power_mw.pop(0),
+    )
+
+
+def test_nvml_uses_the_energy_counter_and_integrates_power_where_there_is_none():
+    counter = Nvml("H100", "NVML", nvml=fake_pynvml([10_000.0, 70_000.0], []), handle=0)
+    counter.start()
+    assert counter.joules(0.1) == pytest.approx(60.0)  # mJ, whatever the elapsed time
+    assert counter.method == "NVML energy counter" and not counter.estimate
+    power = Nvml("V100", "NVML", nvml=fake_pynvml(None, [200_000.0, 300_000.0]), handle=0)
+    power.start()
+    assert power.joules(2.0) == pytest.approx((200 + 300) / 2 * 2.0)  # the trapezoid of two readings
+    assert power.method == "NVML power readings, integrated"
+
+
+def test_rated_power_comes_from_the_data_sheet_tables_or_a_labelled_default():
+    epyc = rated_cpu("AMD EPYC 7763 64-Core Processor", threads=4)
+    assert epyc.watts == pytest.approx(280 / 128 * 4) and epyc.estimate and "TDP 280 W" in epyc.method
+    unknown = rated_cpu("AMD EPYC", threads=2)
+    assert unknown.watts == WATTS_PER_THREAD * 2 and "not in Keel's table" in unknown.method
+    assert rated_gpu("NVIDIA H100 80GB HBM3", 132, 80 * 2**30).watts == 700
+    assert rated_gpu("NVIDIA H100 PCIe", 114, 80 * 2**30).watts == 350
+    assert rated_gpu("NVIDIA A100-SXM4-80GB", 108, 80 * 2**30).watts == 400
+    other = rated_gpu("Some Future GPU", 10, 2**30)
+    assert other.watts == GPU_DEFAULT_WATTS and other.estimate
+
+
+def test_emissions_and_cost_arithmetic():
+    assert co2e_kg(2.5, 400.0) == pytest.approx(1.0)  # 2.5 kWh x 400 g/kWh = 1 kg
+    assert co2e_kg(0.0, 480.0) == 0.0
+    assert cost(12.0, 2.5) == pytest.approx(30.0)
