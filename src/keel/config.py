@@ -222,7 +222,7 @@ class ObserveConfig(Section):
         2.0, ge=0, description="USD per device-hour (a GPU, or a CPU process) for the card's cost; set your own price."
     )
     grid_gco2_per_kwh: float = Field(
-        480.0, ge=0, description="Grid carbon intensity (gCO2e/kWh) for the card's CO2e; 480 is the 2023 world mean."
+        480.0, ge=0, description="Grid carbon intensity (gCO2e/kWh) for the card's CO2e; 480 is about the world mean."
     )
 
     @field_validator("profile_steps")

@@ -16,6 +16,7 @@ from typing import Any
 
 from keel.callback import Callback
 from keel.checkpoint.commit import committed_steps
+from keel.config import ObserveConfig
 from keel.config_toml import apply_overrides, build_config, parse_override, read_toml, save_config
 from keel.data.card import license_flags, summary_lines, table
 from keel.data.licenses import hf_license, normalize, terms
@@ -29,7 +30,8 @@ from keel.resilience.goodput import CATEGORIES, goodput_ratio
 from keel.rundir import RunDir
 
 log = logging.getLogger("keel")
-DEFAULTS = {"price_per_device_hour": 2.0, "grid_gco2_per_kwh": 480.0}  # ObserveConfig's, to say "the default"
+# The defaults of the two prices, so the card can say a figure rests on a default rather than the user's own.
+DEFAULTS = {key: ObserveConfig.model_fields[key].default for key in ("price_per_device_hour", "grid_gco2_per_kwh")}
 
 
 def _scalar(value: Any) -> str:
@@ -187,7 +189,7 @@ def _energy_section(f: RunFacts) -> list[str]:
         else "measured"
     )
     grid = (
-        ": the default, the 2023 world mean; set your grid's"
+        ": the default, about the world mean; set your grid's"
         if obs.grid_gco2_per_kwh == DEFAULTS["grid_gco2_per_kwh"]
         else ""
     )
