@@ -9,18 +9,25 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import assert_one_line_error, read_metrics, run_keel, synthetic_corpus, tiny_config
 from keel.checkpoint.inference import load_model
+from keel.config import CardConfig
+from keel.config_toml import load_config
 from keel.checkpoint.safe_load import read_metadata
 from keel.data.dataset import TokenDataset
 from keel.data.licenses import hf_license, restriction, terms
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
+from keel.distributed.env import DistEnv
+from keel.errors import ConfigError
 from keel.io import read_jsonl
-from keel.observe.card import yaml_lines
+from keel.observe.card import CardWriter, model_card, yaml_lines
 from keel.observe.energy import co2e_kg, cost
+from keel.rundir import RunDir
+from keel.train.preflight import check_same_run
 
 GERMAN = "Der schnelle braune Fuchs springt über den faulen Hund, und die Katze schläft ruhig auf dem warmen Sofa."
 
@@ -244,3 +251,30 @@ def test_hub_license_metadata_and_yaml_round_trip():
         {"name": "m", "results": [{"task": {"type": "t"}, "metrics": [{"type": "loss", "value": 2.0}]}]}
     ]
     assert yaml.safe_load("\n".join(yaml_lines(meta))) == meta
+
+
+def test_card_keys_may_change_between_invocations_and_training_keys_may_not(run):
+    saved = load_config(run / "config.toml")
+    check_same_run(saved, saved.model_copy(update={"card": CardConfig(limitations="Only six steps.")}))
+    cheaper = saved.model_copy(deep=True)
+    cheaper.observe.price_per_device_hour = 0.5
+    check_same_run(saved, cheaper)
+    other = saved.model_copy(deep=True)
+    other.optim.lr = 1.0
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_same_run(saved, other)
+
+
+def test_a_run_ending_with_a_bad_eval_file_warns_and_a_changed_dataset_is_flagged(run, tmp_path, caplog):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "model_card.md").unlink()
+    (copy / "eval.json").write_text("{not json")
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    CardWriter(RunDir(copy), env).on_exit("finished")  # the training result stands: no exception
+    assert not (copy / "model_card.md").exists() and "model card not written" in caplog.text
+    (copy / "eval.json").unlink()
+    config = (copy / "config.toml").read_text()
+    recorded = load_config(copy / "config.toml").data.manifest_sha256
+    (copy / "config.toml").write_text(config.replace(recorded, "0" * 64))  # as if trained on an earlier version
+    assert "has changed since the run started" in model_card(copy)

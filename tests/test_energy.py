@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import time
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
-from keel.observe.energy import co2e_kg, cost
+from keel.callback import StepOutcome
+from keel.distributed.env import DistEnv
+from keel.io import read_jsonl
+from keel.observe.energy import EnergyMeter, co2e_kg, cost
+from keel.observe.events import EventLog
 from keel.observe.power import (
     GPU_DEFAULT_WATTS,
     WATTS_PER_THREAD,
     Nvml,
     Rapl,
+    Source,
     cpu_model,
     rapl_zones,
     rated_cpu,
     rated_gpu,
 )
+from keel.rundir import RunDir
 
 
 def zone(root: Path, name: str, label: str, energy_uj: object, max_uj: int = 1_000_000) -> Path:
@@ -104,3 +112,42 @@ def test_emissions_and_cost_arithmetic():
     assert co2e_kg(2.5, 400.0) == pytest.approx(1.0)  # 2.5 kWh x 400 g/kWh = 1 kg
     assert co2e_kg(0.0, 480.0) == 0.0
     assert cost(12.0, 2.5) == pytest.approx(30.0)
+
+
+def meter(tmp_path: Path, watts: float = 100.0) -> EnergyMeter:
+    """A single-process meter over a constant source, writing its events into a fresh run dir."""
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    events = EventLog(tmp_path / "events.jsonl")
+    return EnergyMeter(Source("cpu", "estimate: test", watts), env, events, RunDir(tmp_path), every=1, total_steps=9)
+
+
+def step(m: EnergyMeter, n: int) -> dict[str, float]:
+    outcome = StepOutcome(n, loss=None, grad_norm=0.0, updated=True, step_time_s=0.0, data_wait_s=0.0, last=False)
+    m.after_step(outcome)
+    return outcome.values
+
+
+def test_meter_resumes_a_checkpoints_totals_and_a_rollback_gives_no_energy_back(tmp_path):
+    first = meter(tmp_path)
+    first.on_train_start(0)
+    time.sleep(0.05)
+    step(first, 1)
+    saved = first.state_dict()
+    assert saved["energy_kwh"] > 0 and saved["energy_kwh"] == saved["energy_estimated_kwh"]
+    time.sleep(0.05)
+    before = step(first, 2)["energy_kwh"]
+    first.load_state_dict(saved)  # a rollback to the checkpoint of step 1, inside the loop
+    assert first.state_dict()["energy_kwh"] == before  # what the next checkpoint holds: nothing given back
+    assert step(first, 2)["energy_kwh"] > before  # still counting up from where it was
+    (tmp_path / "resumed").mkdir()
+    resumed = meter(tmp_path / "resumed")
+    resumed.load_state_dict(saved)  # a resume: before the loop starts
+    resumed.on_train_start(1)
+    assert step(resumed, 2)["energy_kwh"] > saved["energy_kwh"]
+    resumed.on_exit("finished")
+    final = [e for e in read_jsonl(tmp_path / "resumed" / "events.jsonl") if e["event"] == "energy"][-1]
+    assert final["final"] == "finished" and final["energy_kwh"] > saved["energy_kwh"]
+    # A later attempt without the checkpoint still starts from the largest total the run dir records.
+    again = meter(tmp_path / "resumed")
+    again.on_train_start(2)
+    assert again.totals["energy_kwh"] == final["energy_kwh"]
