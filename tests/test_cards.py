@@ -14,9 +14,9 @@ import yaml
 
 from conftest import assert_one_line_error, read_metrics, run_keel, synthetic_corpus, tiny_config
 from keel.checkpoint.inference import load_model
+from keel.checkpoint.safe_load import read_metadata
 from keel.config import CardConfig
 from keel.config_toml import load_config
-from keel.checkpoint.safe_load import read_metadata
 from keel.data.dataset import TokenDataset
 from keel.data.licenses import hf_license, restriction, terms
 from keel.data.prepare import prepare_dataset
