@@ -22,10 +22,11 @@ from keel.data.licenses import hf_license, restriction, terms
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
 from keel.distributed.env import DistEnv
-from keel.errors import ConfigError
+from keel.errors import ConfigError, KeelError
 from keel.io import read_jsonl
-from keel.observe.card import CardWriter, model_card, yaml_lines
+from keel.observe.card import CardWriter, model_card, write_model_card, yaml_lines
 from keel.observe.energy import co2e_kg, cost
+from keel.observe.power import rapl_zones
 from keel.rundir import RunDir
 from keel.train.preflight import check_same_run
 
@@ -74,17 +75,22 @@ def energy_events(run_dir):
     return [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "energy"]
 
 
-def test_energy_estimate_path_records_power_energy_and_device_hours_across_a_resume(run):
+def test_energy_is_recorded_per_logged_step_summed_over_ranks_and_continued_across_a_resume(run):
     records = [r for r in read_metrics(run) if "energy_kwh" in r]
     sources = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "power_source"]
-    assert len(sources) == 4 and all(s["estimate"] for s in sources)  # 2 ranks x 2 attempts; this machine
-    watts = sum(s["watts"] for s in sources[-2:])
+    assert len(sources) == 4  # 2 ranks x 2 attempts
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for r in records:
-        assert r["power_w"] == pytest.approx(watts)  # a constant estimate: every window's mean is the rating
-        assert r["energy_estimated_kwh"] == r["energy_kwh"]  # all of it estimated, and labelled so
-        # Constant power per rank: energy = rated watts x each rank's time in the loop, summed.
-        assert r["energy_kwh"] == pytest.approx(watts / 2 * r["device_hours"] / 1000, rel=1e-9)
+    if rapl_zones():  # a machine whose counters are readable: measured, nothing estimated
+        assert not any(s["estimate"] for s in sources)
+        assert all(r["energy_estimated_kwh"] == 0 for r in records)
+    else:  # this machine (no /sys/class/powercap): the rated estimate, and labelled so
+        assert all(s["estimate"] for s in sources)
+        watts = sum(s["watts"] for s in sources[-2:])
+        for r in records:
+            assert r["power_w"] == pytest.approx(watts)  # a constant estimate: every window's mean is the rating
+            assert r["energy_estimated_kwh"] == r["energy_kwh"]
+            # Constant power per rank: energy = rated watts x each rank's time in the loop, summed.
+            assert r["energy_kwh"] == pytest.approx(watts / 2 * r["device_hours"] / 1000, rel=1e-9)
     totals = [r["energy_kwh"] for r in records]
     assert totals == sorted(totals) and totals[0] > 0
     stop, finish = energy_events(run)
@@ -104,7 +110,8 @@ def test_a_finished_run_writes_a_model_card_whose_totals_are_the_metrics(run, li
     finish = energy_events(run)[-1]
     kwh, hours = finish["energy_kwh"], finish["device_hours"]
     assert kwh >= max(r["energy_kwh"] for r in read_metrics(run) if "energy_kwh" in r)
-    assert card_value(card, "energy").startswith(f"{kwh:.6g} kWh (an estimate from rated power)")
+    how = "measured" if rapl_zones() else "an estimate from rated power"
+    assert card_value(card, "energy").startswith(f"{kwh:.6g} kWh ({how})")
     assert card_value(card, "device-hours").startswith(f"{hours:.6g} h")
     assert card_value(card, "CO2e").startswith(f"{co2e_kg(kwh, 480.0):.6g} kg ({kwh:.6g} kWh x 480 g/kWh")
     assert card_value(card, "cost").startswith(f"{cost(hours, 2.0):.6g} USD ({hours:.6g} device-hours x 2 USD")
@@ -116,7 +123,7 @@ def test_a_finished_run_writes_a_model_card_whose_totals_are_the_metrics(run, li
     assert re.search(r"^\| goodput \| \d+\.\d% ", card, re.M)
     assert "forbids commercial use" in card and "allows commercial use that a data source forbids" in card
     assert "*.txt` (MIT)" in card and "## Intended use\n\nTesting Keel's cards." in card
-    assert "Not evaluated (no `eval.json`" in card and "Not audited (no `audit.json`" in card
+    assert "not evaluated (no `eval.json`" in card and "Not audited (no `audit.json`" in card
     assert "Not stated (set card.limitations)." in card
     val = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]
     assert f"| 6 | {val[-1]:.4f} | {math.exp(val[-1]):.2f} |" in card
@@ -138,48 +145,142 @@ def test_export_ships_the_card_as_a_readme_that_huggingface_hub_loads(run, tmp_p
     assert "# tiny" in card.text and "## Energy, emissions and cost" in card.text
 
 
+def eval_record(run, step: int) -> dict:
+    """An eval.json as `keel eval` writes it (keel-eval/1), with the validation loss training logged at `step`."""
+    loss = next(r["val_loss"] for r in read_metrics(run) if r.get("val_loss") is not None and r["step"] == step)
+    config = load_config(run / "config.toml")
+    source = {"name": "*.txt", "glob": "/corpus/*.txt", "tokens": 1000, "val_loss": loss + 0.1, "val_ppl": 9.0}
+    empty = {"name": "*.jsonl", "glob": "/corpus/*.jsonl", "tokens": 0, "val_loss": None, "val_ppl": None}
+    tasks = {"keel_python_syntax": {"samples": 40, "acc": 0.275, "acc_stderr": 0.0715, "acc_norm": 0.3}}
+    return {
+        "format": "keel-eval/1",
+        "step": step,
+        "time": "2026-11-25T19:40:02Z",
+        "checkpoint": str(run / "checkpoints" / f"step_{step}"),
+        "dataset": config.data.dataset,
+        "manifest_sha256": config.data.manifest_sha256,
+        "seq_len": 32,
+        "samples": 32,
+        "tokens": 1024,
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "sources": [source, empty],
+        "mixture": [],
+        "harness": {"lm_eval": "0.4.13", "limit": None, "tasks": tasks},
+        "a_later_field": "ignored",
+    }
+
+
+AUDIT = {
+    "format": "keel-audit/1",
+    "step": 6,
+    "time": "2026-11-25T19:43:49Z",
+    "checkpoint": "/abs/runs/tiny/checkpoints/step_6",
+    "templates": "/abs/src/keel/eval/audit/templates.txt",
+    "templates_sha256": "bdc891" + "0" * 58,
+    "score": "mean log-likelihood per token (nats) of the words after the term",
+    "bootstrap": 1000,
+    "seed": 0,
+    "axes": [
+        {
+            "axis": "gender",
+            "templates": 36,
+            "sentences": 576,
+            "groups": {"female": -5.91618, "male": -5.91660},
+            "highest": "female",
+            "lowest": "male",
+            "gap": 0.00042,
+            "gap_ci95": [0.00003, 0.00113],
+            "pairs": [{"groups": ["female", "male"], "difference": 0.00042, "ci95": [-0.00027, 0.00113]}],
+        },
+        {
+            "axis": "religion",
+            "templates": 30,
+            "sentences": 600,
+            "groups": {"a": -5.1, "b": -5.3},
+            "highest": "a",
+            "lowest": "b",
+            "gap": 0.2,
+            "gap_ci95": [0.1, 0.3],
+            "pairs": [{"groups": ["a", "b"], "difference": 0.2, "ci95": [0.1, 0.3]}],
+        },
+    ],
+}
+
+
 def test_keel_card_reads_eval_and_audit_results_and_records_the_keys_it_is_given(run, tmp_path):
     from huggingface_hub import ModelCard
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    evaluation = {
-        "step": 6,
-        "results": [{"task": "text-generation", "dataset": "lambada", "metric": "accuracy", "value": 0.25}],
-    }
-    audit = {"method": "counterfactual prompts", "results": [{"group": "she/he", "metric": "gap", "value": 0.031}]}
+    evaluation = eval_record(copy, 6)
     (copy / "eval.json").write_text(json.dumps(evaluation))
-    (copy / "audit.json").write_text(json.dumps(audit))
+    (copy / "audit.json").write_text(json.dumps(AUDIT))
     result = run_keel(
         "card", str(copy), "--set", "card.license=cc-by-nc-4.0", "--set", "card.limitations=Six steps.", cwd=tmp_path
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = (copy / "model_card.md").read_text()
-    assert "| accuracy | 0.25 | lambada | text-generation |" in text
-    assert "method: counterfactual prompts" in text and "| gap | 0.031 | she/he |" in text
+    loss = evaluation["val_loss"]
+    assert f"| all |  | {loss:.4f} | {math.exp(loss):,.2f} | 1,024 |" in text
+    assert f"| source `*.txt` | `/corpus/*.txt` | {loss + 0.1:.4f} | 9.00 | 1,000 |" in text
+    assert "| source `*.jsonl` | `/corpus/*.jsonl` | not evaluated (no tokens) |  | 0 |" in text
+    assert "| keel_python_syntax | acc | 0.2750 | 0.0715 | 40 |" in text
+    assert "| keel_python_syntax | acc_norm | 0.3000 |  | 40 |" in text
+    assert "| gender | 0.0004 | [0.0000, 0.0011] | female | male | 36 |" in text
+    assert "excludes zero (a preference that holds across the templates): religion: a over b by 0.2000" in text
+    assert "gender: female over male" not in text  # its pair's interval contains zero
     assert "## Limitations\n\nSix steps." in text
     assert "allows commercial use that a data source forbids" not in text  # a non-commercial model is consistent
     assert 'limitations = "Six steps."' in (copy / "config.toml").read_text()  # kept for every later card
     data = ModelCard(text, ignore_metadata_errors=False).data
     assert data.license == "cc-by-nc-4.0"
-    assert {(r.dataset_name, r.metric_type, r.metric_value) for r in data.eval_results} >= {
-        ("lambada", "accuracy", 0.25)
-    }
+    found = {(r.dataset_name, r.metric_type, r.metric_value) for r in data.eval_results}
+    assert ("data (held-out split)", "loss", float(f"{loss:.6g}")) in found
+    assert ("data: *.txt", "loss", float(f"{loss + 0.1:.6g}")) in found
+    assert ("keel_python_syntax", "acc", 0.275) in found and ("keel_python_syntax", "acc_norm", 0.3) in found
+    assert not any(name == "data: *.jsonl" for name, _, _ in found)  # no tokens, no figure
+    # Results of another checkpoint are shown as such and stay out of the metadata.
+    (copy / "eval.json").write_text(json.dumps(eval_record(copy, 3)))
+    other = model_card(copy)
+    assert "**not the checkpoint this card describes** (step 6)" in other
+    data = ModelCard(other, ignore_metadata_errors=False).data
+    assert {r.dataset_name for r in data.eval_results} == {"data (held-out split)"}  # training's, of step 6
+    val = [r["val_loss"] for r in read_metrics(copy) if "val_loss" in r]
+    assert [r.metric_value for r in data.eval_results if r.metric_type == "loss"] == [round(val[-1], 4)]
 
 
 def test_card_refuses_bad_input_in_one_line(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    (copy / "eval.json").write_text(json.dumps({"results": [{"dataset": "x", "metric": "accuracy"}]}))
-    assert_one_line_error(run_keel("card", str(copy), cwd=tmp_path), "eval.json: malformed", "value", "docs/cards.md")
+    record = eval_record(copy, 6)
+    del record["val_loss"]
+    (copy / "eval.json").write_text(json.dumps(record))
+    assert_one_line_error(
+        run_keel("card", str(copy), cwd=tmp_path), "eval.json: malformed", "val_loss", "docs/cards.md"
+    )
     (copy / "eval.json").unlink()
-    bad_key = run_keel("card", str(copy), "--set", "optim.lr=1", cwd=tmp_path)
-    assert_one_line_error(bad_key, "--set optim.lr", "card.license")
+    # The same one-line errors, in process (the CLI's handling of a KeelError is the one above).
+    (copy / "audit.json").write_text(json.dumps({**AUDIT, "format": "keel-audit/2"}))
+    with pytest.raises(KeelError, match=r"audit.json: malformed: format: .*keel-audit/1"):
+        write_model_card(copy)
+    (copy / "audit.json").unlink()
+    with pytest.raises(ConfigError, match=r"--set optim.lr: .*card.license"):
+        write_model_card(copy, ["optim.lr=1"])
+    with pytest.raises(KeelError, match="not a Keel run dir"):
+        write_model_card(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+    # A run without a committed checkpoint (a crashed save's remains only): no card, and its config untouched.
     shutil.rmtree(copy / "checkpoints")
-    (copy / "checkpoints").mkdir()
-    assert_one_line_error(run_keel("card", str(copy), cwd=tmp_path), "no committed checkpoint", "keel train --resume")
-    assert not (tmp_path / "nothing" / "model_card.md").exists()
-    assert_one_line_error(run_keel("card", str(tmp_path / "nothing"), cwd=tmp_path), "not a Keel run dir")
+    (copy / "checkpoints" / "step_3").mkdir(parents=True)
+    (copy / "model_card.md").unlink()
+    config = (copy / "config.toml").read_text()
+    no_model = run_keel("card", str(copy), "--set", "card.limitations=x", cwd=tmp_path)
+    assert_one_line_error(no_model, "no committed checkpoint", "keel train --resume")
+    assert not (copy / "model_card.md").exists() and (copy / "config.toml").read_text() == config
+    export = run_keel("export", str(copy), "--out", str(tmp_path / "hf"), cwd=tmp_path)
+    assert_one_line_error(export, "no committed checkpoint")
+    assert not (tmp_path / "hf").exists()
 
 
 def eos_lengths(dataset, split):

@@ -1,9 +1,8 @@
-"""Power sources: RAPL counters (a real powercap layout), NVML's counter and power fallback, rated power, arithmetic."""
+"""Power sources: RAPL counters (a real powercap layout), NVML on a real GPU, rated power, the meter, arithmetic."""
 
 from __future__ import annotations
 
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,12 @@ from keel.observe.power import (
     Rapl,
     Source,
     cpu_model,
+    open_nvml,
+    power_source,
     rapl_zones,
     rated_cpu,
     rated_gpu,
+    trapezoid,
 )
 from keel.rundir import RunDir
 
@@ -67,33 +69,33 @@ def test_real_rapl_counters_read_where_the_machine_has_them():
     assert source.joules(0.1) >= 0.0
 
 
-def fake_pynvml(energy_mj: list[float] | None, power_mw: list[float]) -> types.SimpleNamespace:
-    """The few pynvml calls the NVML source makes; no counter (pre-Volta) raises NVMLError as pynvml does."""
-
-    class NVMLError(Exception):
-        pass
-
-    def energy(handle):
-        if energy_mj is None:
-            raise NVMLError("Not Supported")
-        return energy_mj.pop(0)
-
-    return types.SimpleNamespace(
-        NVMLError=NVMLError,
-        nvmlDeviceGetTotalEnergyConsumption=energy,
-        nvmlDeviceGetPowerUsage=lambda handle: power_mw.pop(0),
-    )
+def test_nvml_integrates_power_readings_between_reads():
+    assert trapezoid(200.0, 300.0, 2.0) == pytest.approx(500.0)  # (200 W + 300 W) / 2 x 2 s
+    assert trapezoid(350.0, 350.0, 0.5) == pytest.approx(175.0)
 
 
-def test_nvml_uses_the_energy_counter_and_integrates_power_where_there_is_none():
-    counter = Nvml("H100", "NVML", nvml=fake_pynvml([10_000.0, 70_000.0], []), handle=0)
-    counter.start()
-    assert counter.joules(0.1) == pytest.approx(60.0)  # mJ, whatever the elapsed time
-    assert counter.method == "NVML energy counter" and not counter.estimate
-    power = Nvml("V100", "NVML", nvml=fake_pynvml(None, [200_000.0, 300_000.0]), handle=0)
-    power.start()
-    assert power.joules(2.0) == pytest.approx((200 + 300) / 2 * 2.0)  # the trapezoid of two readings
-    assert power.method == "NVML power readings, integrated"
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and its driver's NVML")
+def test_real_nvml_measures_a_gpu():
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    source = power_source(env)
+    assert isinstance(source, Nvml) and not source.estimate and source.method.startswith("NVML")
+    x = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    source.start()  # count from here: CUDA's start-up above is not in the window
+    started = time.perf_counter()
+    for _ in range(400):  # about a second of fp32 matmuls on a data-centre GPU
+        x = x @ x / 64
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    joules = source.joules(seconds)
+    assert 10.0 * seconds < joules < 2000.0 * seconds  # a busy board draws tens to hundreds of watts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where there is no NVIDIA driver")
+def test_without_an_nvidia_driver_nvml_is_not_used():
+    assert open_nvml(0, "any") is None  # pynvml's library-not-found is a fallback, not an error
+    source = power_source(DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert isinstance(source, Rapl) if rapl_zones() else source.estimate and "estimate" in source.method
 
 
 def test_rated_power_comes_from_the_data_sheet_tables_or_a_labelled_default():

@@ -114,13 +114,13 @@ class RunDir:
         return self.root / "model_card.md"
 
     @property
-    def evaluation(self) -> Path:
-        """Evaluation results an evaluation writes for the model card (docs/cards.md has the schema)."""
+    def eval_results(self) -> Path:
+        """The last `keel eval`: validation loss and perplexity per source and mixture dataset, harness scores."""
         return self.root / "eval.json"
 
     @property
-    def audit(self) -> Path:
-        """Bias-audit results an audit writes for the model card (docs/cards.md has the schema)."""
+    def audit_results(self) -> Path:
+        """The last `keel audit`: the bias probe's log-likelihood gap per axis with confidence intervals."""
         return self.root / "audit.json"
 
     def is_run(self) -> bool:

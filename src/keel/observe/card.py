@@ -25,6 +25,7 @@ from keel.errors import ConfigError, KeelError
 from keel.io import atomic_write_text, filesystem_errors
 from keel.models import get_model_spec
 from keel.observe.card_facts import RunFacts, committed, gather
+from keel.observe.card_results import audit_lines, evaluation_lines, model_index_results
 from keel.observe.energy import co2e_kg, cost
 from keel.resilience.goodput import CATEGORIES, goodput_ratio
 from keel.rundir import RunDir
@@ -65,20 +66,19 @@ def _span(seconds: float) -> str:
 
 
 def _model_index(f: RunFacts) -> list[dict[str, Any]]:
-    results = []
     name = Path(f.cfg.data.dataset).name  # validation is always on data.dataset
-    if f.val_loss:
+    if f.evaluation is not None and f.evaluation.step == f.step:  # `keel eval` of this very checkpoint
+        results = model_index_results(f.evaluation, name)
+    elif f.val_loss:  # else training's last validation of it
         step, loss = f.val_loss[-1]
         dataset = {"name": f"{name} (held-out split)", "type": name, "split": "val"}
         metrics = [
-            {"type": "loss", "value": round(loss, 4), "name": f"validation loss at step {step} (nats/token)"},
+            {"type": "loss", "value": round(loss, 4), "name": f"validation loss at step {step}"},
             {"type": "perplexity", "value": round(math.exp(min(loss, 700)), 3), "name": "validation perplexity"},
         ]
-        results.append({"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics})
-    for r in f.evaluation.results if f.evaluation else []:
-        dataset = {"name": r.dataset, "type": r.dataset, **({"split": r.split} if getattr(r, "split", None) else {})}
-        metric = {"type": r.metric, "value": r.value}
-        results.append({"task": {"type": r.task}, "dataset": dataset, "metrics": [metric]})
+        results = [{"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics}]
+    else:
+        results = []
     return [{"name": f.cfg.run.name, "results": results}] if results else []
 
 
@@ -221,20 +221,19 @@ def _energy_section(f: RunFacts) -> list[str]:
     return lines
 
 
-def _results_section(title: str, results: Any, none: str, source: Path) -> list[str]:
-    lines = [f"## {title}", ""]
-    if results is None:
-        return lines + [f"{none} (no `{source.name}` in the run dir)."]
-    rows = [r.model_dump() for r in results.results]
-    header = list(dict.fromkeys(k for r in rows for k in r))
-    step = f" of the checkpoint at step {results.step}" if results.step is not None else ""
-    lines.append(
-        f"From `{source.name}`{step}"
-        + (f", method: {results.method}" if getattr(results, "method", None) else "")
-        + ":"
+def _evaluation_section(f: RunFacts) -> list[str]:
+    val = [[step, f"{loss:.4f}", f"{math.exp(min(loss, 700)):.2f}"] for step, loss in f.val_loss]
+    lines = ["## Evaluation", "", "Validation loss on the dataset's held-out split during training:", ""]
+    lines += (
+        table(["step", "loss (nats/token)", "perplexity"], val) if val else ["Not evaluated (train.eval_every = 0)."]
     )
-    lines += ["", *table(header, [[r.get(k, "") for k in header] for r in rows])]
-    return lines + (["", results.notes] if getattr(results, "notes", None) else [])
+    at, parts = f.val_parts
+    if parts:
+        rows = [[name.split("/", 1)[0], name.split("/", 1)[1], f"{loss:.4f}"] for name, loss in parts.items()]
+        lines += ["", f"Per source and mixture dataset at step {at}:", ""]
+        lines += table(["metric", "of", "loss (nats/token)"], rows)
+    trained_on = f.cfg.data.manifest_sha256
+    return lines + ["", *evaluation_lines(f.evaluation, f.run.eval_results, f.step, trained_on)]
 
 
 def model_card(run_dir: Path, step: int | None = None) -> str:
@@ -244,20 +243,15 @@ def model_card(run_dir: Path, step: int | None = None) -> str:
     lines = ["---", *yaml_lines(metadata(f)), "---", "", f"# {f.cfg.run.name}", ""]
     lines.append(
         f"A {f.params / 1e6:,.1f} M-parameter {f.cfg.model.name} language model pretrained with Keel on {f.tokens:,} "
-        f"tokens. Written by `keel card` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from `{f.run.root}`; "
+        f"tokens. Written by Keel on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from `{f.run.root}`; "
         "every figure is drawn from the run dir (docs/cards.md says from where). License: "
         f"{normalize(c.license)} (card.license)."
     )
     flags = _flags(f)
     lines += ["", *(f"> **Flag**: {flag}" + "  " for flag in flags)] if flags else []
     lines += ["", *_model_section(f), "", *_training_section(f), "", *_energy_section(f), ""]
-    val = [[step, f"{loss:.4f}", f"{math.exp(min(loss, 700)):.2f}"] for step, loss in f.val_loss]
-    lines += ["## Evaluation", "", "Validation loss on the dataset's held-out split:", ""]
-    lines += (
-        table(["step", "loss (nats/token)", "perplexity"], val) if val else ["Not evaluated (train.eval_every = 0)."]
-    )
-    lines += ["", *_results_section("Evaluation results", f.evaluation, "Not evaluated", f.run.evaluation)[2:]]
-    lines += ["", *_results_section("Bias audit", f.audit, "Not audited", f.run.audit)]
+    lines += [*_evaluation_section(f), ""]
+    lines += audit_lines(f.audit, f.run.audit_results, f.step, f.audit_gaps[1], f.audit_gaps[0])
     lines += ["", "## Training data", ""]
     for root, m in f.datasets:
         lines += [f"- `{root}` {m}"] if isinstance(m, str) else summary_lines(root, m)

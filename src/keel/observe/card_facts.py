@@ -1,7 +1,7 @@
 """What a model card says, gathered from a run dir: config, checkpoint, metrics, events, ledger, results, data.
 
-RUN_DIR/eval.json and RUN_DIR/audit.json are where an evaluation and a bias audit leave their results for the
-card (the schema is below and in docs/cards.md); a run without them is "not evaluated" / "not audited".
+RUN_DIR/eval.json and RUN_DIR/audit.json (`keel eval`, `keel audit`) are read by keel.observe.card_results; a run
+without them is "not evaluated" / "not audited".
 """
 
 from __future__ import annotations
@@ -11,50 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from keel.checkpoint.commit import committed_steps
-from keel.config import Config, validation_message
+from keel.config import Config
 from keel.config_toml import load_config
 from keel.data.manifest import Manifest, load_manifest, manifest_sha256
 from keel.errors import CheckpointError, KeelError
 from keel.io import read_jsonl
 from keel.models import model_args
+from keel.observe.card_results import AuditFile, EvalFile, read_results
 from keel.observe.energy import recorded_totals
 from keel.observe.heartbeat import read_status
 from keel.resilience.goodput import RunLedger, run_ledger
 from keel.rundir import RunDir
-
-
-class Result(BaseModel):
-    """One figure of an evaluation or audit; any other fields (group, split, samples, ...) are shown as given."""
-
-    model_config = ConfigDict(extra="allow")
-    metric: str = Field(min_length=1)
-    value: float
-
-
-class EvalResult(Result):
-    """One evaluation result: the task and dataset it was measured on, for the Hub's model-index too."""
-
-    dataset: str = Field(min_length=1)
-    task: str = "text-generation"
-
-
-class EvalFile(BaseModel):
-    """RUN_DIR/eval.json: results of evaluating the checkpoint at `step`."""
-
-    step: int | None = None
-    results: list[EvalResult]
-
-
-class AuditFile(BaseModel):
-    """RUN_DIR/audit.json: bias-audit results of the checkpoint at `step`, the method, and notes."""
-
-    step: int | None = None
-    method: str | None = None
-    results: list[Result]
-    notes: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +36,8 @@ class RunFacts:
     params: int
     tokenizer: dict[str, Any]
     val_loss: list[tuple[int, float]]  # (step, validation loss) up to `step`
+    val_parts: tuple[int, dict[str, float]]  # training's newest per-source / per-mixture validation losses, by name
+    audit_gaps: tuple[int, dict[str, float]]  # training's newest probe gaps (observe.audit_every), by axis
     energy: dict[str, float]  # energy_kwh, energy_estimated_kwh, device_hours: the run's totals
     power_sources: list[dict[str, Any]]  # each rank's newest `power_source` event
     world_size: int
@@ -80,18 +50,6 @@ class RunFacts:
     def tokens(self) -> int:
         """Tokens the described model was trained on: steps x global batch x sequence length."""
         return self.step * self.cfg.train.global_batch_size * self.cfg.train.seq_len
-
-
-def _results(path: Path, schema: type[BaseModel]) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return schema.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KeelError(f"{path}: not valid JSON ({e}); fix or remove it (schema in docs/cards.md)") from None
-    except ValidationError as e:
-        message = validation_message(e, schema)
-        raise KeelError(f"{path}: malformed: {message}; fix or remove it (schema in docs/cards.md)") from None
 
 
 def _tokenizer(run: RunDir) -> dict[str, Any]:
@@ -129,6 +87,7 @@ def gather(run_dir: Path, step: int | None = None) -> RunFacts:
     cfg = load_config(run.config)
     spec, args = model_args(cfg.model_section())
     events = read_jsonl(run.events)
+    records = [r for r in read_jsonl(run.metrics) if r.get("step", 0) <= step]
     starts = [e for e in events if e.get("event") == "start"]
     world_size = int(starts[-1].get("world_size", cfg.parallel.nproc)) if starts else cfg.parallel.nproc
     # Each rank's newest source: the attempt that ran last (a resume may have used fewer ranks).
@@ -148,15 +107,26 @@ def gather(run_dir: Path, step: int | None = None) -> RunFacts:
         state=str(read_status(run.root).get("state", "unknown")),
         params=spec.num_params(args),
         tokenizer=_tokenizer(run),
-        val_loss=[(r["step"], r["val_loss"]) for r in read_jsonl(run.metrics) if "val_loss" in r and r["step"] <= step],
+        val_loss=[(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+        val_parts=_newest(records, ("val_loss/", "val_loss_mixture/")),
+        audit_gaps=_newest(records, ("audit_gap/",)),
         energy=recorded_totals(run),
         power_sources=[sources[rank] for rank in sorted(sources)],
         world_size=world_size,
         ledger=ledger,
-        evaluation=_results(run.evaluation, EvalFile),
-        audit=_results(run.audit, AuditFile),
+        evaluation=read_results(run.eval_results, EvalFile),
+        audit=read_results(run.audit_results, AuditFile),
         datasets=[(Path(d), _dataset(Path(d), hashes.get(d))) for d in datasets],
     )
+
+
+def _newest(records: list[dict[str, Any]], prefixes: tuple[str, ...]) -> tuple[int, dict[str, float]]:
+    """The newest record's metrics named `<prefix><member>` for these prefixes, and its step; (0, {}) if none."""
+    for record in reversed(records):
+        found = {k: float(v) for k, v in record.items() if k.startswith(prefixes) and isinstance(v, (int, float))}
+        if found:
+            return record["step"], found
+    return 0, {}
 
 
 def _dataset(root: Path, trained_on: str | None) -> Manifest | str:

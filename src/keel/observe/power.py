@@ -136,8 +136,13 @@ class Nvml(Source):
             used, self._last = (now - self._last) / 1000, now
             return used
         watts = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
-        used, self._last = (watts + self._last) / 2 * seconds, watts  # the trapezoid between two readings
+        used, self._last = trapezoid(self._last, watts, seconds), watts
         return used
+
+
+def trapezoid(before_w: float, after_w: float, seconds: float) -> float:
+    """Joules between two power readings `seconds` apart, power taken to change linearly between them."""
+    return (before_w + after_w) / 2 * seconds
 
 
 def open_nvml(index: int, name: str) -> Nvml | None:
