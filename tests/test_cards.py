@@ -149,7 +149,8 @@ def eval_record(run, step: int) -> dict:
     """An eval.json as `keel eval` writes it (keel-eval/1), with the validation loss training logged at `step`."""
     loss = next(r["val_loss"] for r in read_metrics(run) if r.get("val_loss") is not None and r["step"] == step)
     config = load_config(run / "config.toml")
-    source = {"name": "*.txt", "glob": "/corpus/*.txt", "tokens": 1000, "val_loss": loss + 0.1, "val_ppl": 9.0}
+    source = {"name": "*.txt", "glob": "/corpus/*.txt", "tokens": 1000, "val_loss": loss + 0.1}
+    source["val_ppl"] = math.exp(source["val_loss"])
     empty = {"name": "*.jsonl", "glob": "/corpus/*.jsonl", "tokens": 0, "val_loss": None, "val_ppl": None}
     tasks = {"keel_python_syntax": {"samples": 40, "acc": 0.275, "acc_stderr": 0.0715, "acc_norm": 0.3}}
     return {
@@ -223,7 +224,7 @@ def test_keel_card_reads_eval_and_audit_results_and_records_the_keys_it_is_given
     text = (copy / "model_card.md").read_text()
     loss = evaluation["val_loss"]
     assert f"| all |  | {loss:.4f} | {math.exp(loss):,.2f} | 1,024 |" in text
-    assert f"| source `*.txt` | `/corpus/*.txt` | {loss + 0.1:.4f} | 9.00 | 1,000 |" in text
+    assert f"| source `*.txt` | `/corpus/*.txt` | {loss + 0.1:.4f} | {math.exp(loss + 0.1):,.2f} | 1,000 |" in text
     assert "| source `*.jsonl` | `/corpus/*.jsonl` | not evaluated (no tokens) |  | 0 |" in text
     assert "| keel_python_syntax | acc | 0.2750 | 0.0715 | 40 |" in text
     assert "| keel_python_syntax | acc_norm | 0.3000 |  | 40 |" in text
@@ -240,6 +241,14 @@ def test_keel_card_reads_eval_and_audit_results_and_records_the_keys_it_is_given
     assert ("data: *.txt", "loss", float(f"{loss + 0.1:.6g}")) in found
     assert ("keel_python_syntax", "acc", 0.275) in found and ("keel_python_syntax", "acc_norm", 0.3) in found
     assert not any(name == "data: *.jsonl" for name, _, _ in found)  # no tokens, no figure
+    # Training's per-source losses and probe gaps (as a run with them logs them) are shown too, the newest up to step 6.
+    with open(copy / "metrics.jsonl", "a") as metrics:
+        for step, gap in ((3, 0.5), (6, 0.25), (9, 1.0)):
+            record = {"step": step, "time": 0.0, "val_loss/*.txt": gap + 4, "audit_gap/gender": gap}
+            metrics.write(json.dumps(record) + "\n")
+    text = model_card(copy)
+    assert "Per source and mixture dataset at step 6:" in text and "| val_loss | *.txt | 4.2500 |" in text
+    assert "During training (`observe.audit_every`, no bootstrap), gaps at step 6: gender 0.2500." in text
     # Results of another checkpoint are shown as such and stay out of the metadata.
     (copy / "eval.json").write_text(json.dumps(eval_record(copy, 3)))
     other = model_card(copy)
@@ -256,9 +265,10 @@ def test_card_refuses_bad_input_in_one_line(run, tmp_path):
     record = eval_record(copy, 6)
     del record["val_loss"]
     (copy / "eval.json").write_text(json.dumps(record))
-    assert_one_line_error(
-        run_keel("card", str(copy), cwd=tmp_path), "eval.json: malformed", "val_loss", "docs/cards.md"
-    )
+    config = (copy / "config.toml").read_text()
+    malformed = run_keel("card", str(copy), "--set", "card.limitations=x", cwd=tmp_path)
+    assert_one_line_error(malformed, "eval.json: malformed", "val_loss", "docs/cards.md")
+    assert (copy / "config.toml").read_text() == config  # nothing recorded for a card that was not written
     (copy / "eval.json").unlink()
     # The same one-line errors, in process (the CLI's handling of a KeelError is the one above).
     (copy / "audit.json").write_text(json.dumps({**AUDIT, "format": "keel-audit/2"}))
@@ -274,7 +284,6 @@ def test_card_refuses_bad_input_in_one_line(run, tmp_path):
     shutil.rmtree(copy / "checkpoints")
     (copy / "checkpoints" / "step_3").mkdir(parents=True)
     (copy / "model_card.md").unlink()
-    config = (copy / "config.toml").read_text()
     no_model = run_keel("card", str(copy), "--set", "card.limitations=x", cwd=tmp_path)
     assert_one_line_error(no_model, "no committed checkpoint", "keel train --resume")
     assert not (copy / "model_card.md").exists() and (copy / "config.toml").read_text() == config

@@ -24,7 +24,7 @@ from keel.distributed.env import DistEnv
 from keel.errors import ConfigError, KeelError
 from keel.io import atomic_write_text, filesystem_errors
 from keel.models import get_model_spec
-from keel.observe.card_facts import RunFacts, committed, gather
+from keel.observe.card_facts import RunFacts, gather
 from keel.observe.card_results import audit_lines, evaluation_lines, model_index_results
 from keel.observe.energy import co2e_kg, cost
 from keel.resilience.goodput import CATEGORIES, goodput_ratio
@@ -268,7 +268,7 @@ CARD_KEYS = ("card.license", "card.intended_use", "card.limitations", *(f"observ
 def write_model_card(run_dir: Path, overrides: list[str] = ()) -> Path:
     """Write RUN_DIR/model_card.md, first recording `--set` overrides of CARD_KEYS in the run's config; its path."""
     run = RunDir(run_dir)
-    committed(run.root)  # before the config changes: a run without a model gets no card
+    gather(run.root)  # before the config changes: a run without a model, or with a malformed eval.json, gets no card
     if overrides:
         for item in overrides:
             key = ".".join(parse_override(item)[0])

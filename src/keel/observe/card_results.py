@@ -226,6 +226,6 @@ def audit_lines(audit: AuditFile | None, path: Path, step: int, training_gaps: d
             "or runs on one template file.",
         ]
     if training_gaps:
-        gaps = ", ".join(f"{axis} {gap:.4f}" for axis, gap in training_gaps.items())
+        gaps = ", ".join(f"{name.removeprefix('audit_gap/')} {gap:.4f}" for name, gap in training_gaps.items())
         lines += ["", f"During training (`observe.audit_every`, no bootstrap), gaps at step {at}: {gaps}."]
     return lines
