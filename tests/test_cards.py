@@ -120,6 +120,7 @@ def test_a_finished_run_writes_a_model_card_whose_totals_are_the_metrics(run, li
     assert params == sum(p.numel() for p in load_model(run)[0].parameters())  # the trained model's own count
     assert card_value(card, "hardware").startswith("2 x ")
     assert card_value(card, "steps") == "6 of 6 (run finished)"
+    assert card_value(card, "precision") == "fp32 on cpu"
     assert re.search(r"^\| goodput \| \d+\.\d% ", card, re.M)
     assert "forbids commercial use" in card and "allows commercial use that a data source forbids" in card
     assert "*.txt` (MIT)" in card and "## Intended use\n\nTesting Keel's cards." in card
@@ -342,6 +343,7 @@ def test_data_card_is_a_datasheet_drawn_from_the_manifest_and_the_shards(license
         ("Apache-2.0", True, True),
         ("GPL-3.0-or-later", True, True),
         ("CC0-1.0", True, True),
+        ("PSF-2.0", True, True),
         ("proprietary", False, False),
         ("unknown", None, None),
         ("my own terms", None, None),

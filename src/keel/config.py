@@ -159,6 +159,12 @@ class TrainConfig(Section):
         None, gt=0, description="Stop this invocation after this step, as a preemption would; resume continues."
     )
 
+    def precision_on(self, device_type: str) -> Literal["fp32", "bf16"]:
+        """The precision a run uses on a device type ("cuda", "cpu"): `precision`, auto resolved."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
 
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")

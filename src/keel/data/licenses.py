@@ -36,7 +36,7 @@ RULES: list[tuple[str, Terms]] = [
     (rf"cc-by{VERSION}|odc-by{VERSION}|cdla-permissive{VERSION}", Terms("attribution", True, True)),
     (
         r"mit|apache-2\.0|bsd(-[23]-clause(-clear)?)?|isc|zlib|bsl-1\.0|postgresql|ncsa|artistic-2\.0|afl-3\.0|"
-        r"ecl-2\.0|ms-pl|etalab-2\.0|ofl-1\.1",
+        r"ecl-2\.0|ms-pl|etalab-2\.0|ofl-1\.1|psf-2\.0|python-2\.0",
         Terms("permissive", True, True),
     ),
     (r"proprietary|all-rights-reserved|copyrighted", Terms("proprietary", False, False)),

@@ -41,6 +41,7 @@ class RunFacts:
     energy: dict[str, float]  # energy_kwh, energy_estimated_kwh, device_hours: the run's totals
     power_sources: list[dict[str, Any]]  # each rank's newest `power_source` event
     world_size: int
+    device_type: str  # where the newest attempt trained: "cpu", "cuda"
     ledger: RunLedger | None
     evaluation: EvalFile | None
     audit: AuditFile | None
@@ -113,6 +114,7 @@ def gather(run_dir: Path, step: int | None = None) -> RunFacts:
         energy=recorded_totals(run),
         power_sources=[sources[rank] for rank in sorted(sources)],
         world_size=world_size,
+        device_type=str(starts[-1].get("device", "cpu") if starts else "cpu").split(":")[0],
         ledger=ledger,
         evaluation=read_results(run.eval_results, EvalFile),
         audit=read_results(run.audit_results, AuditFile),
