@@ -121,6 +121,7 @@ def test_a_finished_run_writes_a_model_card_whose_totals_are_the_metrics(run, li
     assert card_value(card, "hardware").startswith("2 x ")
     assert card_value(card, "steps") == "6 of 6 (run finished)"
     assert card_value(card, "precision") == "fp32 on cpu"
+    assert card_value(card, "parallel layout").startswith("2 processes (dp_replicate 1 x dp_shard 2 x tp 1: ")
     assert re.search(r"^\| goodput \| \d+\.\d% ", card, re.M)
     assert "forbids commercial use" in card and "allows commercial use that a data source forbids" in card
     assert "*.txt` (MIT)" in card and "## Intended use\n\nTesting Keel's cards." in card

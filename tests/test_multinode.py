@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, assert_one_line_error, losses, read_metrics, run_keel, tiny_config
+from keel.cli import main as cli_main
 from keel.config_toml import load_config
 from keel.io import read_jsonl
 from keel.launch.rendezvous import Nodes, first_host, resolve_nodes
@@ -95,6 +96,7 @@ def test_two_nodes_train_exactly_as_one_node_with_two_processes(tmp_path, datase
     assert read_status(run)["state"] == "finished"
 
 
+@pytest.mark.soak  # a minute of real restarts; run by `make soak`
 def test_a_killed_worker_on_one_node_is_restarted_with_the_other_node_and_the_run_finishes(
     tmp_path, dataset, reference
 ):
@@ -147,6 +149,7 @@ def test_two_external_torchrun_agents_run_keel_train_on_two_nodes(tmp_path, data
     assert (saved.parallel.nnodes, saved.parallel.nproc) == (2, 1)  # per machine, as torchrun's LOCAL_WORLD_SIZE
 
 
+@pytest.mark.soak  # a minute of real restarts; run by `make soak`
 def test_an_sbatch_script_runs_under_srun_is_preempted_requeued_and_continues(tmp_path, dataset, reference):
     cfg = config(tmp_path, dataset, "slurm")
     made = run_keel("launch", "slurm", str(cfg), "--nodes", "2", "--gpus-per-node", "1", cwd=tmp_path)
@@ -204,11 +207,15 @@ def test_an_sbatch_script_runs_under_srun_is_preempted_requeued_and_continues(tm
         (["--nnodes", "2", "--node-rank", "1"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     ],
 )
-def test_bad_multi_node_flags_are_one_line_naming_the_option(tmp_path, dataset, flags, message):
+def test_bad_multi_node_flags_are_one_line_naming_the_option(tmp_path, dataset, flags, message, monkeypatch, capsys):
+    # In-process: the same entry point as the console script, without an interpreter start per case.
     cfg = config(tmp_path, dataset, "bad")
-    env = {k: v for k, v in ENV.items() if not k.startswith("SLURM_")}
-    [(code, err)] = finish([keel("train", str(cfg), *flags, cwd=tmp_path, env=env)])
-    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), message)
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train", str(cfg), *flags])
+    assert_one_line_error(subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err), message)
     assert not (tmp_path / "runs").exists()
 
 

@@ -21,6 +21,7 @@ from keel.config_toml import apply_overrides, build_config, parse_override, read
 from keel.data.card import license_flags, summary_lines, table
 from keel.data.licenses import hf_license, normalize, terms
 from keel.distributed.env import DistEnv
+from keel.distributed.mesh import resolve_layout
 from keel.errors import ConfigError, KeelError
 from keel.io import atomic_write_text, filesystem_errors
 from keel.models import get_model_spec
@@ -145,8 +146,9 @@ def _model_section(f: RunFacts) -> list[str]:
 
 def _training_section(f: RunFacts) -> list[str]:
     c = f.cfg
-    t, o, p = c.train, c.optim, c.parallel
-    micro = t.micro_batch_size or t.global_batch_size // f.world_size
+    t, o = c.train, c.optim
+    layout = resolve_layout(c.parallel, f.world_size)
+    micro = t.micro_batch_size or t.global_batch_size // layout.dp
     rows = [
         ["steps", f"{f.step:,} of {t.steps:,} (run {f.state})"],
         ["tokens", f"{f.tokens:,} ({f.step:,} steps x {t.global_batch_size} sequences x {t.seq_len} tokens)"],
@@ -158,9 +160,9 @@ def _training_section(f: RunFacts) -> list[str]:
         ["precision", f"{t.precision_on(f.device_type)} on {f.device_type}" + (", torch.compile" if t.compile else "")],
         [
             "parallel layout",
-            f"{f.world_size} processes ({p.dp.upper()}), {micro} sequences per micro batch, "
-            f"{t.global_batch_size // (micro * f.world_size)} micro batches per step, activation checkpointing "
-            f"{t.activation_checkpointing}",
+            f"{f.world_size} processes ({layout.describe()}: DDP replicas x FSDP2 shards x tensor parallel), "
+            f"{micro} sequences per micro batch, {t.global_batch_size // (micro * layout.dp)} micro batches per step, "
+            f"activation checkpointing {t.activation_checkpointing}",
         ],
         ["hardware", _hardware(f) + f" on {len({e.get('host') for e in f.power_sources}) or '?'} host(s)"],
         ["seed", str(c.run.seed)],
