@@ -177,6 +177,17 @@ def data_inspect(
     print("\n".join(inspect_lines(dataset)))
 
 
+@data_app.command("card")
+def data_card(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: DATASET/data_card.md).")] = None,
+) -> None:
+    """Write the dataset's data card: sources and licenses, stages, PII, dedup, removals, lengths, languages."""
+    from keel.data.card import write_data_card
+
+    print(f"wrote {write_data_card(dataset, out)}")
+
+
 @data_app.command("verify")
 def data_verify(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
@@ -301,6 +312,20 @@ def export(
     from keel.checkpoint.hf import export_hf
 
     print(f"exported {run_dir} to {export_hf(run_dir, out, step=step, fmt=fmt)}")
+
+
+@app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Record a card.* key (or observe.price_per_device_hour, grid_gco2_per_kwh) first."),
+    ] = None,
+) -> None:
+    """Write RUN_DIR/model_card.md: model, training, hardware, energy, cost, evaluation, data, intended use."""
+    from keel.observe.card import write_model_card
+
+    print(f"wrote {write_model_card(run_dir, overrides or [])}")
 
 
 @app.command()

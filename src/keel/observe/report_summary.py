@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.checkpoint.commit import committed_steps
+from keel.data.card import DATA_CARD
 from keel.errors import KeelError
 from keel.observe.heartbeat import read_status
 from keel.observe.report_series import number
@@ -18,7 +19,6 @@ from keel.observe.status_view import run_state
 from keel.resilience.goodput import CATEGORIES, goodput_ratio, ledger_of
 from keel.rundir import RunDir
 
-DATA_CARD = "data_card.md"  # what `keel data card` writes in a dataset directory (docs/cards.md)
 ENERGY = ("energy_kwh", "energy_estimated_kwh", "device_hours")
 
 
