@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -217,8 +218,6 @@ def test_character_counts_fast_path_agrees_with_the_definition():
 def test_minhash_signature_is_the_same_as_the_plain_formula():
     import zlib
 
-    import numpy as np
-
     hasher = MinHasher(0.8)
 
     def plain(text: str) -> bytes:
@@ -335,23 +334,22 @@ def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch
     assert len(parsed) == 1  # the encoder check's sample; every other line was parsed in a worker
 
 
-def _one_at_a_time(docs: list[Keys], hasher: MinHasher, exact: bool, near: bool) -> list[str | None]:
-    """The rules of the sqlite store this replaced: each document against every earlier one, in order."""
+def _one_at_a_time(docs: list[Keys], signatures: list[bytes], hasher: MinHasher, exact: bool, near: bool) -> list:
+    """The rules one document at a time: an earlier document's digest, an earlier kept one's band (LSH agreement)."""
     digests: set = set()
-    first: dict = {}  # (band, band's values) -> signature of the first kept document with it
+    held: set = set()  # (band, the band's values) of the kept documents
     out: list[str | None] = []
     step = 4 * hasher.rows
-    for d in docs:
+    for d, signature in zip(docs, signatures, strict=True):
         if exact and d.digest in digests:
             out.append("dedup_exact")
             continue
         digests.add(d.digest)
-        keys = [(b, d.signature[b * step : (b + 1) * step]) for b in range(hasher.bands)] if near else []
-        if any(k in first and hasher.similar(first[k], d.signature) for k in keys):
+        keys = {(b, signature[b * step : (b + 1) * step]) for b in range(hasher.bands)} if near else set()
+        if keys & held:
             out.append("dedup_near")
             continue
-        for k in keys:
-            first.setdefault(k, d.signature)
+        held |= keys
         out.append(None)
     return out
 
@@ -363,23 +361,31 @@ def test_the_batched_dedup_store_decides_as_one_document_at_a_time(tmp_path):
     for _ in range(150):  # exact copies, near copies and copies of near copies, near and far from the original
         base = rng.choice(texts)
         texts.insert(rng.randrange(len(texts) + 1), rng.choice([base, near_copy(base), base.replace("a", "b", 2)]))
-    docs = []
-    for i, text in enumerate(texts):
-        sig = hasher.signature(text)
-        docs.append(Keys(0, i, hashlib.blake2b(text.encode(), digest_size=16).digest(), sig, hasher.band_hashes(sig)))
+    signatures = [hasher.signature(text) for text in texts]
+    digests = [hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts]
+    docs = [  # files change every 40 documents and ordinals cross 2**32: the origins log keeps both
+        Keys(i // 40, i + (i // 25) * 2**31, digests[i], hasher.band_hashes(s)) for i, s in enumerate(signatures)
+    ]
     for exact, near in ((True, True), (True, False), (False, True)):
-        expected = _one_at_a_time(docs, hasher, exact, near)
+        expected = _one_at_a_time(docs, signatures, hasher, exact, near)
         assert (not near or expected.count("dedup_near") > 20) and (not exact or expected.count("dedup_exact") > 20)
         for size in (1, 7, 64, len(docs)):
             store = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0)
             got = [stage for lo in range(0, len(docs), size) for stage in store.check(docs[lo : lo + size])]
             store.close()
             assert got == expected, (exact, near, size)
+            assert sorted(p.name for p in store.path.iterdir() if "-" in p.name) == []  # the tables are gone
             reopened = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0, readonly=True)
-            kept = [k for batch in reopened.kept_documents(batch=50) for k in batch]
+            batches = list(reopened.kept_batches(batch=50))
             want = [d for d, stage in zip(docs, expected, strict=True) if stage is None]
-            strip = {"digest": None} if not exact else {"signature": None, "bands": None} if not near else {}
-            assert kept == [d._replace(**strip) for d in want]
+            assert np.concatenate([b.rows for b in batches]).tolist() == list(range(len(want)))
+            assert [(f, o) for b in batches for f, o in zip(b.files.tolist(), b.ordinals.tolist(), strict=True)] == [
+                (d.file, d.ordinal) for d in want
+            ]
+            if exact:
+                assert b"".join(b.digests.tobytes() for b in batches) == b"".join(d.digest for d in want)
+            if near:
+                assert b"".join(b.bands.tobytes() for b in batches) == b"".join(d.bands for d in want)
             reopened.close()
 
 
@@ -431,9 +437,7 @@ def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp
     assert fingerprint(tmp_path / "out", tmp_path) == fingerprint(tmp_path / "whole", tmp_path)
 
 
-def test_the_hash_tables_keep_every_entry_through_doublings_flushes_and_a_reopen(tmp_path, monkeypatch):
-    import numpy as np
-
+def test_the_hash_tables_keep_every_entry_through_doublings_and_flushes(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.hashtable.FIRST_SLOTS", 64)
     monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 256)
     monkeypatch.setattr("keel.data.hashtable._CHUNK", 100)
@@ -457,9 +461,9 @@ def test_the_hash_tables_keep_every_entry_through_doublings_flushes_and_a_reopen
         new &= found["k"] == 0
         table.insert(entries[new])
         stored.update({int(e["k"]): int(e["v"]) for e in entries[new]})
-    table.close()
-    assert max(table.slots) > 64 and sum(table.counts) == len(stored)
-    reopened = ShardedTable(tmp_path, "t", band, table.state(), readonly=True)
+    assert max(table.slots) > 64 and sum(table.counts) + sum(table._pending_counts) == len(stored)
     entries = np.zeros(len(stored), band)
     entries["k"] = list(stored)
-    assert reopened.find(entries)["v"].tolist() == list(stored.values())
+    assert table.find(entries)["v"].tolist() == list(stored.values())
+    table.delete()
+    assert not list(tmp_path.iterdir())

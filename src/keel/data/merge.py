@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keel.data.dedup_join import duplicates_across
 from keel.data.dedup_store import DedupStore
 from keel.data.lineage import document_spans, remove_documents
 from keel.data.manifest import FORMAT, Manifest, SourceEntry, Split, load_manifest, resolve_inside, write_manifest
@@ -63,27 +64,21 @@ def _dedup_across_parts(parts: list[Path], manifests: list[Manifest], staging: P
             raise DataError(f"{path}: other stage settings than {parts[0]}; prepare every part with the same ones")
         if m.dedup_store is None:
             raise DataError(f"{path}: no dedup keys in the manifest; prepare it again with `--shard i/N`")
-    # Each later part's kept documents are looked up in the earlier parts' stores as they are: no store is
-    # filled again. Exact first, as prepare decides.
+    # The parts' dedup logs are joined as they are: no store is filled again. Exact first, as prepare decides.
     stores = [
         DedupStore(resolve_inside(path, m.dedup_store), exact, near, readonly=True)
         for path, m in zip(parts, manifests, strict=True)
     ]
     drop: dict[tuple[int, int], str] = {}
-    offset = len(manifests[0].files)
     try:
-        for p in range(1, len(parts)):
-            for batch in stores[p].kept_documents():
-                for stage, test in (
-                    ("dedup_exact", DedupStore.exact_duplicates),
-                    ("dedup_near", DedupStore.near_duplicates),
-                ):
-                    for earlier in stores[:p]:
-                        alive = [k for k in batch if (k.file + offset, k.ordinal) not in drop]
-                        for k, hit in zip(alive, test(earlier, alive), strict=True):
-                            if hit:
-                                drop[(k.file + offset, k.ordinal)] = stage
-            offset += len(manifests[p].files)
+        with tempfile.TemporaryDirectory(dir=staging) as work:
+            found = duplicates_across(stores, Path(work))
+        offset = 0
+        for store, m, rows in zip(stores, manifests, found, strict=True):
+            for kept in store.kept_batches() if rows else ():
+                for k in np.flatnonzero(np.isin(kept.rows, list(rows))).tolist():
+                    drop[(int(kept.files[k]) + offset, int(kept.ordinals[k]))] = rows[int(kept.rows[k])]
+            offset += len(m.files)
     finally:
         for store in stores:
             store.close()
