@@ -36,7 +36,7 @@ def batch_keys(rng: np.random.Generator, start: int, n: int, bands: int, seen: n
 
 
 def run(documents: int, batch: int, where: str | None) -> tuple[float, float, float, float]:
-    """One run: (documents/s over the first 10%, over the last 10%, peak bytes per document, closed bytes per document)."""
+    """One run: documents/s over the first and the last 10%, bytes per document at the largest and closed."""
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         store = DedupStore(Path(tmp) / "dedup", exact=True, near_threshold=0.8)
         rng = np.random.default_rng(0)

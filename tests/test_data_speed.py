@@ -8,6 +8,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -302,16 +303,29 @@ def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path
     data = "\n".join(lines).replace("doc 3 ", "doc\r3 ").encode()  # no final newline, a CR inside a line
     (tmp_path / "a.jsonl").write_bytes(data)
     pq.write_table(pa.table({"text": [f"row {i}" for i in range(23)]}), tmp_path / "b.parquet", row_group_size=5)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(data))
+    half = data.index(b"doc 30")
+    zstd = zstandard.ZstdCompressor()
+    (tmp_path / "d.jsonl.zst").write_bytes(zstd.compress(data[:half]) + zstd.compress(data[half:])[:-9])  # cut
     files = expand_sources([str(tmp_path / "*")]).files
-    for path, kinds in ((files[0], {"lines"}), (files[1], {"rows"})):
-        whole = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for r in read_records(path.path, "text")]
+    for path, kinds in ((files[0], {"lines"}), (files[1], {"rows"}), (files[2], {"data"}), (files[3], {"data"})):
+        whole = list(_records_and_end(read_records(path.path, "text")))
         for size in (1, 7, 100, 10_000):
             spans = list(plan([path], "text", size))
             assert {s.kind for s in spans} == kinds and (size == 10_000 or len(spans) > 1)
-            got = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for s in spans for r in read_span(s, "text")]
-            assert got == whole
+            assert [r for s in spans for r in _records_and_end(read_span(s, "text"))] == whole
+    assert whole[-1][0] == "truncated_file" and len(whole) > 25  # the cut .zst: its first frame's lines, then that
     bad = [str(r) for s in plan([files[0]], "text", 50) for r in read_span(s, "text") if isinstance(r, BadRecord)]
     assert [b.split(": ")[0] for b in bad] == [f"{files[0].path}:4", f"{files[0].path}:21"]  # numbered in the file
+
+
+def _records_and_end(records: Iterator) -> Iterator:
+    """Records as they come, bad ones as (kind, message), and the file-level problem that ends them, if any."""
+    try:
+        for r in records:
+            yield (r.kind, str(r)) if isinstance(r, BadRecord) else r
+    except BadRecord as e:
+        yield e.kind, str(e)
 
 
 def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch):
@@ -322,15 +336,19 @@ def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch
     (raw / "0.jsonl").write_text(json.dumps({"text": "first " * 50_000}) + "\n")  # all the encoder check reads
     for f in range(1, 4):
         (raw / f"{f}.jsonl").write_text("".join(json.dumps({"text": _document(rng)}) + "\n" for _ in range(200)))
+    for f, compress in ((4, gzip.compress), (5, zstandard.ZstdCompressor().compress)):  # the main process decompresses
+        lines = "".join(json.dumps({"text": _document(rng)}) + "\n" for _ in range(200)).encode()
+        (raw / f"{f}.jsonl.{'gz' if f == 4 else 'zst'}").write_bytes(compress(lines))
     monkeypatch.setattr("keel.data.pool.TASK_CHARS", 20_000)
     parsed = []
     for module in (keel.data.sources, keel.data.spans):
         original = module.jsonl_record
         monkeypatch.setattr(module, "jsonl_record", lambda *a, _o=original: parsed.append(1) or _o(*a))
     m = prepare_dataset(
-        [str(raw / "*.jsonl")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
+        [str(raw / "*.jsonl*")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
     )
-    assert m.splits["train"].documents + m.splits["val"].documents > 300
+    files = {int(f) for e in m.splits.values() for s in e.shards for f in np.load(tmp_path / "ds" / s.origins)[:, 0]}
+    assert files >= {1, 2, 3, 4, 5}  # the compressed ones among them (the first is filtered out)
     assert len(parsed) == 1  # the encoder check's sample; every other line was parsed in a worker
 
 

@@ -194,6 +194,14 @@ def _open_lines(path: str) -> BinaryIO:
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
+    for lineno, raw in enumerate(jsonl_lines(path), 1):
+        record = jsonl_record(raw, lineno, path, text_field)
+        if record is not None:
+            yield record
+
+
+def jsonl_lines(path: str) -> Iterator[bytes]:
+    """A JSON Lines file's lines (bytes, decompressed); a file-level problem raises BadRecord naming the line."""
     lineno = 0
     try:
         f = _open_lines(path)
@@ -218,9 +226,7 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
             if not raw:
                 return
             lineno += 1
-            record = jsonl_record(raw, lineno, path, text_field)
-            if record is not None:
-                yield record
+            yield raw
 
 
 def jsonl_record(raw: bytes, lineno: int, path: str, text_field: str) -> Record | None:

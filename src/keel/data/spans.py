@@ -3,7 +3,8 @@
 The main process only plans: it cuts an uncompressed JSON Lines file at line ends about every `size` bytes
 (counting the lines before each cut with bytes.count, so every record keeps its line number as its ordinal),
 a Parquet file at its row groups, and takes a text file whole. A compressed stream cannot be entered in the
-middle, so the main process reads compressed JSON Lines itself and hands over the documents.
+middle, so the main process decompresses compressed JSON Lines (in C) and hands over about `size` bytes of whole
+lines at a time; the workers parse them, as they parse the lines they read themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from keel.data.sources import (
     BadRecord,
     Record,
     SourceFile,
+    jsonl_lines,
     jsonl_record,
     read_records,
     text_of,
@@ -30,11 +32,11 @@ class Span(NamedTuple):
 
     file: int  # index into the sources' files
     source: SourceFile
-    kind: str  # "lines" (bytes [start, end)), "rows" (row group `start`), "whole", "records" (read already)
+    kind: str  # "lines" (bytes [start, end)), "rows" (row group `start`), "whole", "data" (lines decompressed)
     start: int = 0
     end: int = 0
     first: int = 0  # ordinal of the span's first record, less one for lines (JSON Lines count from 1)
-    records: tuple[Record, ...] = ()  # "records": what the main process read
+    data: bytes = b""  # "data": whole lines the main process decompressed
     failed: BadRecord | None = None  # a problem found while planning: it ends the file here
 
 
@@ -49,11 +51,11 @@ def plan(files: list[SourceFile], text_field: str, size: int, start_file: int = 
             elif path.endswith(".parquet"):
                 yield from _row_spans(index, source, text_field)
             elif path.endswith(JSONL_SUFFIXES):
-                yield from _read_here(index, source, text_field, size)
+                yield from _decompressed(index, source, size)
             else:
                 yield Span(index, source, "whole")
         except BadRecord as e:
-            yield Span(index, source, "records", failed=e)
+            yield Span(index, source, "data", failed=e)
 
 
 def _line_spans(index: int, source: SourceFile, size: int) -> Iterator[Span]:
@@ -102,27 +104,27 @@ def _row_spans(index: int, source: SourceFile, text_field: str) -> Iterator[Span
         row += meta.metadata.row_group(group).num_rows
 
 
-def _read_here(index: int, source: SourceFile, text_field: str, size: int) -> Iterator[Span]:
-    records: list[Record] = []
-    chars = 0
+def _decompressed(index: int, source: SourceFile, size: int) -> Iterator[Span]:
+    lines: list[bytes] = []
+    count, chars = 0, 0  # lines before the span, bytes in it
     try:
-        for record in read_records(source.path, text_field):
-            records.append(record)
-            chars += len(record[1]) if isinstance(record, tuple) else 0
+        for raw in jsonl_lines(source.path):
+            lines.append(raw)
+            chars += len(raw)
             if chars >= size:
-                yield Span(index, source, "records", records=tuple(records))
-                records, chars = [], 0
+                yield Span(index, source, "data", first=count, data=b"".join(lines))
+                count, lines, chars = count + len(lines), [], 0
     except BadRecord as e:
-        yield Span(index, source, "records", records=tuple(records), failed=e)
+        yield Span(index, source, "data", first=count, data=b"".join(lines), failed=e)
         return
-    if records:
-        yield Span(index, source, "records", records=tuple(records))
+    if lines:
+        yield Span(index, source, "data", first=count, data=b"".join(lines))
 
 
 def read_span(span: Span, text_field: str) -> Iterator[Record]:
     """A span's records in order: (ordinal, text) or a bad record; a file-level problem raises BadRecord."""
-    if span.kind == "records":
-        yield from span.records
+    if span.kind == "data":
+        yield from _parse(span.data, span.first, span.source.path, text_field)
         if span.failed is not None:
             raise span.failed
     elif span.kind == "lines":
@@ -141,7 +143,12 @@ def _lines(span: Span, text_field: str) -> Iterator[Record]:
             data = f.read(span.end - span.start)
     except OSError as e:
         raise unreadable(path, e) from None
-    lineno, at = span.first, 0
+    yield from _parse(data, span.first, path, text_field)
+
+
+def _parse(data: bytes, lineno: int, path: str, text_field: str) -> Iterator[Record]:
+    """The records of whole JSON Lines lines, numbered on from `lineno`."""
+    at = 0
     while at < len(data):
         cut = data.find(b"\n", at) + 1 or len(data)
         lineno += 1
