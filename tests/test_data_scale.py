@@ -207,6 +207,10 @@ def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
     assert out.exit_code == 0, out.output
     shown = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "merged")]).output
     assert "stage merge.dedup_exact: documents_dropped 1" in shown
+    (parts[1] / "dedup" / "store.json").write_text('{"kept": 20}')  # what an older Keel wrote beside its tables
+    old = CliRunner().invoke(app, ["data", "merge", str(tmp_path / "again"), *map(str, parts)])
+    assert old.exit_code == 2 and "dedup keys of an older Keel; prepare this part again" in old.output
+    assert not (tmp_path / "again").exists()
 
 
 def _origins(root: Path, manifest: Manifest) -> list[tuple[int, int]]:

@@ -457,7 +457,7 @@ def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp
 
 def test_the_hash_tables_keep_every_entry_through_doublings_and_flushes(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.hashtable.FIRST_SLOTS", 64)
-    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 256)
+    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 64)  # a batch fills more than half of it
     monkeypatch.setattr("keel.data.hashtable._CHUNK", 100)
     band = np.dtype([("k", "<u8"), ("v", "<u4")])
     table, stored = ShardedTable(tmp_path, "t", band), {}

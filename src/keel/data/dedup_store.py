@@ -30,6 +30,7 @@ EXACT = np.dtype([("k", "<u8"), ("k2", "<u8")])  # the 128-bit digest
 BAND = np.dtype([("k", "<u8")])
 MAX_KEPT = 2**32 - 1
 SYNC_BYTES = 64 << 20  # the logs are written out every this many bytes
+FORMAT = 2  # 1 (no "format" in store.json): hash tables and every kept signature; 2: the logs a merge joins
 
 
 class Keys(NamedTuple):
@@ -72,6 +73,8 @@ class DedupStore:
                 raise DataError(
                     f"{self.path} is missing: the dedup keys of this dataset are gone; prepare it again"
                 ) from None
+            if meta.get("format") != FORMAT:
+                raise DataError(f"{self.path}: dedup keys of an older Keel; prepare this part again to merge it")
         else:
             shutil.rmtree(self.path, ignore_errors=True)  # what a crashed scan left is not trusted
             self.path.mkdir(parents=True)
@@ -213,7 +216,7 @@ class DedupStore:
             if table is not None:
                 table.delete()
         if not self.readonly:
-            atomic_write_json(self.path / META, {"kept": self.kept})
+            atomic_write_json(self.path / META, {"format": FORMAT, "kept": self.kept})
 
 
 def _digests(docs: list[Keys]) -> np.ndarray:

@@ -55,7 +55,8 @@ class ShardedTable:
             if self._pending_counts[shard] + len(index) > PENDING_SLOTS // 2:
                 self._flush(shard)
             if not len(self._pending[shard]):
-                self._pending[shard] = np.zeros(max(PENDING_SLOTS, 2 * len(index)), self.dtype)
+                # A power of two: probing wraps around with a mask.
+                self._pending[shard] = np.zeros(max(PENDING_SLOTS, 1 << (2 * len(index)).bit_length()), self.dtype)
             _place(self._pending[shard], entries[index])
             self._pending_counts[shard] += len(index)
 
