@@ -17,7 +17,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from conftest import near_copy, quiet, random_document
+from conftest import assert_one_line_error, near_copy, quiet, random_document, run_keel
 from keel.cli import app
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.manifest import Manifest, load_manifest
@@ -208,9 +208,9 @@ def test_merge_drops_duplicates_across_parts_and_verify_passes(tmp_path):
     shown = CliRunner().invoke(app, ["data", "inspect", str(tmp_path / "merged")]).output
     assert "stage merge.dedup_exact: documents_dropped 1" in shown
     (parts[1] / "dedup" / "store.json").write_text('{"kept": 20}')  # what an older Keel wrote beside its tables
-    old = CliRunner().invoke(app, ["data", "merge", str(tmp_path / "again"), *map(str, parts)])
-    assert old.exit_code == 2 and "dedup keys of an older Keel; prepare this part again" in old.output
-    assert not (tmp_path / "again").exists()
+    old = run_keel("data", "merge", str(tmp_path / "again"), *map(str, parts), cwd=tmp_path)
+    assert_one_line_error(old, "dedup keys of an older Keel; prepare this part again")
+    assert not list(tmp_path.glob("*again*"))
 
 
 def _origins(root: Path, manifest: Manifest) -> list[tuple[int, int]]:

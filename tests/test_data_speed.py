@@ -20,7 +20,6 @@ import zstandard
 import keel.data.minhash
 import keel.data.prepare
 import keel.data.sources
-import keel.data.spans
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
 from keel.data.dedup_store import DedupStore, Keys
@@ -297,7 +296,8 @@ def test_word_count_fast_path_agrees_with_the_regex():
         assert _word_count(text) == len(re.findall(r"\w+", text)), repr(text)
 
 
-def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path):
+def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.sources.READ_BYTES", 64)  # a cut file's lines before the cut come out
     lines = [json.dumps({"text": f"doc {i} " + "x" * (i % 13)}) for i in range(60)]
     lines[5], lines[9], lines[20] = "", "   ", '{"text": "bad'
     data = "\n".join(lines).replace("doc 3 ", "doc\r3 ").encode()  # no final newline, a CR inside a line
@@ -341,9 +341,8 @@ def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch
         (raw / f"{f}.jsonl.{'gz' if f == 4 else 'zst'}").write_bytes(compress(lines))
     monkeypatch.setattr("keel.data.pool.TASK_CHARS", 20_000)
     parsed = []
-    for module in (keel.data.sources, keel.data.spans):
-        original = module.jsonl_record
-        monkeypatch.setattr(module, "jsonl_record", lambda *a, _o=original: parsed.append(1) or _o(*a))
+    original = keel.data.sources.jsonl_record
+    monkeypatch.setattr(keel.data.sources, "jsonl_record", lambda *a: parsed.append(1) or original(*a))
     m = prepare_dataset(
         [str(raw / "*.jsonl*")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
     )

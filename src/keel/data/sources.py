@@ -194,15 +194,21 @@ def _open_lines(path: str) -> BinaryIO:
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
-    for lineno, raw in enumerate(jsonl_lines(path), 1):
-        record = jsonl_record(raw, lineno, path, text_field)
-        if record is not None:
-            yield record
-
-
-def jsonl_lines(path: str) -> Iterator[bytes]:
-    """A JSON Lines file's lines (bytes, decompressed); a file-level problem raises BadRecord naming the line."""
     lineno = 0
+    for block in jsonl_blocks(path):
+        yield from parse_lines(block, lineno, path, text_field)
+        lineno += block.count(b"\n")
+
+
+READ_BYTES = 1 << 16  # decompressed per read: a corrupt or cut file loses at most this much before the problem
+
+
+def jsonl_blocks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """A JSON Lines file decompressed, about `size` bytes of whole lines at a time; a file-level problem raises.
+
+    Before the BadRecord of a problem, the whole lines decompressed so far come out: the records before it are kept.
+    """
+    lines, data = 0, b""
     try:
         f = _open_lines(path)
     except OSError as e:
@@ -210,23 +216,47 @@ def jsonl_lines(path: str) -> Iterator[bytes]:
     with f:
         while True:
             try:
-                raw = f.readline()
-            except EOFError:
-                raise BadRecord(
-                    "truncated_file",
-                    f"{path}: truncated: the compressed data ends before its end marker (after line {lineno}); "
-                    f"copy the whole file again, or {SKIP_HINT}",
-                ) from None
-            except (gzip.BadGzipFile, zlib.error, ValueError) as e:
-                raise BadRecord(
-                    "corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e}); {SKIP_HINT}"
-                ) from None
-            except OSError as e:
-                raise unreadable(path, e) from None
-            if not raw:
+                chunk = f.read(READ_BYTES)
+            except (EOFError, gzip.BadGzipFile, zlib.error, ValueError, OSError) as e:
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield data[:cut]
+                raise _stream_error(path, lines + data.count(b"\n", 0, cut), e) from None
+            data += chunk
+            if len(data) >= size or not chunk:
+                cut = len(data) if not chunk else data.rfind(b"\n") + 1  # the end of the file ends its last line
+                if cut:
+                    yield data[:cut]
+                    lines += data.count(b"\n", 0, cut)
+                    data = data[cut:]
+            if not chunk:
                 return
-            lineno += 1
-            yield raw
+
+
+def _stream_error(path: str, lines: int, e: Exception) -> BadRecord:
+    """The file-level problem of a stream that failed after `lines` whole lines."""
+    if isinstance(e, EOFError):
+        return BadRecord(
+            "truncated_file",
+            f"{path}: truncated: the compressed data ends before its end marker (after line {lines}); "
+            f"copy the whole file again, or {SKIP_HINT}",
+        )
+    if isinstance(e, (gzip.BadGzipFile, zlib.error, ValueError)):
+        return BadRecord("corrupt_compression", f"{path}:{lines + 1}: corrupt compressed data ({e}); {SKIP_HINT}")
+    assert isinstance(e, OSError)
+    return unreadable(path, e)
+
+
+def parse_lines(data: bytes, lineno: int, path: str, text_field: str) -> Iterator[Record]:
+    """The records of whole JSON Lines lines, numbered on from `lineno` (the number of the line before them)."""
+    at = 0
+    while at < len(data):
+        cut = data.find(b"\n", at) + 1 or len(data)
+        lineno += 1
+        record = jsonl_record(data[at:cut], lineno, path, text_field)
+        at = cut
+        if record is not None:
+            yield record
 
 
 def jsonl_record(raw: bytes, lineno: int, path: str, text_field: str) -> Record | None:

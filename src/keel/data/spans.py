@@ -3,8 +3,8 @@
 The main process only plans: it cuts an uncompressed JSON Lines file at line ends about every `size` bytes
 (counting the lines before each cut with bytes.count, so every record keeps its line number as its ordinal),
 a Parquet file at its row groups, and takes a text file whole. A compressed stream cannot be entered in the
-middle, so the main process decompresses compressed JSON Lines (in C) and hands over about `size` bytes of whole
-lines at a time; the workers parse them, as they parse the lines they read themselves.
+middle, so the main process decompresses compressed JSON Lines and hands over about `size` bytes of whole lines at
+a time; the workers parse them, as they parse the lines they read themselves.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from keel.data.sources import (
     BadRecord,
     Record,
     SourceFile,
-    jsonl_lines,
-    jsonl_record,
+    jsonl_blocks,
+    parse_lines,
     read_records,
     text_of,
     unreadable,
@@ -105,26 +105,19 @@ def _row_spans(index: int, source: SourceFile, text_field: str) -> Iterator[Span
 
 
 def _decompressed(index: int, source: SourceFile, size: int) -> Iterator[Span]:
-    lines: list[bytes] = []
-    count, chars = 0, 0  # lines before the span, bytes in it
+    lines = 0  # before the span
     try:
-        for raw in jsonl_lines(source.path):
-            lines.append(raw)
-            chars += len(raw)
-            if chars >= size:
-                yield Span(index, source, "data", first=count, data=b"".join(lines))
-                count, lines, chars = count + len(lines), [], 0
+        for block in jsonl_blocks(source.path, size):
+            yield Span(index, source, "data", first=lines, data=block)
+            lines += block.count(b"\n")
     except BadRecord as e:
-        yield Span(index, source, "data", first=count, data=b"".join(lines), failed=e)
-        return
-    if lines:
-        yield Span(index, source, "data", first=count, data=b"".join(lines))
+        yield Span(index, source, "data", first=lines, failed=e)
 
 
 def read_span(span: Span, text_field: str) -> Iterator[Record]:
     """A span's records in order: (ordinal, text) or a bad record; a file-level problem raises BadRecord."""
     if span.kind == "data":
-        yield from _parse(span.data, span.first, span.source.path, text_field)
+        yield from parse_lines(span.data, span.first, span.source.path, text_field)
         if span.failed is not None:
             raise span.failed
     elif span.kind == "lines":
@@ -143,19 +136,7 @@ def _lines(span: Span, text_field: str) -> Iterator[Record]:
             data = f.read(span.end - span.start)
     except OSError as e:
         raise unreadable(path, e) from None
-    yield from _parse(data, span.first, path, text_field)
-
-
-def _parse(data: bytes, lineno: int, path: str, text_field: str) -> Iterator[Record]:
-    """The records of whole JSON Lines lines, numbered on from `lineno`."""
-    at = 0
-    while at < len(data):
-        cut = data.find(b"\n", at) + 1 or len(data)
-        lineno += 1
-        record = jsonl_record(data[at:cut], lineno, path, text_field)
-        at = cut
-        if record is not None:
-            yield record
+    yield from parse_lines(data, span.first, path, text_field)
 
 
 def _rows(span: Span, text_field: str) -> Iterator[Record]:
