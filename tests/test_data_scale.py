@@ -145,6 +145,7 @@ def test_changed_settings_after_a_crash_start_fresh_and_say_so(tmp_path, monkeyp
 
 def test_dedup_state_lives_on_disk_and_ram_does_not_grow_with_documents(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 1 << 12)  # the RAM buffer, filled within the first batch
+    monkeypatch.setattr("keel.data.hashtable._CHUNK", 1 << 14)  # and what a doubling holds: both bounds reached early
     store = DedupStore(tmp_path / "d", exact=True, near_threshold=0.8)
     rng = np.random.default_rng(0)
     bands = store.bands
