@@ -154,14 +154,14 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:
         while self._at == len(self._out):
-            data = self._file.read(1 << 17)
+            data = self._file.read(1 << 20)
             if not data:
                 if self._frame is not None:
                     raise EOFError("the file ends inside a zstd frame (truncated)")
                 return 0
             self._out, self._at = self._decompress(data), 0
         n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at : self._at + n]
+        buffer[:n] = memoryview(self._out)[self._at : self._at + n]  # one copy, not two
         self._at += n
         return n
 
@@ -208,7 +208,7 @@ def jsonl_blocks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
 
     Before the BadRecord of a problem, the whole lines decompressed so far come out: the records before it are kept.
     """
-    lines, data = 0, b""
+    lines, chunks, held = 0, [b""], 0  # whole lines yielded; what was read since, and its size
     try:
         f = _open_lines(path)
     except OSError as e:
@@ -218,17 +218,20 @@ def jsonl_blocks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
             try:
                 chunk = f.read(READ_BYTES)
             except (EOFError, gzip.BadGzipFile, zlib.error, ValueError, OSError) as e:
+                data = b"".join(chunks)
                 cut = data.rfind(b"\n") + 1
                 if cut:
                     yield data[:cut]
                 raise _stream_error(path, lines + data.count(b"\n", 0, cut), e) from None
-            data += chunk
-            if len(data) >= size or not chunk:
+            chunks.append(chunk)
+            held += len(chunk)
+            if held >= size or not chunk:
+                data = b"".join(chunks)
                 cut = len(data) if not chunk else data.rfind(b"\n") + 1  # the end of the file ends its last line
                 if cut:
                     yield data[:cut]
                     lines += data.count(b"\n", 0, cut)
-                    data = data[cut:]
+                chunks, held = [data[cut:]], len(data) - cut
             if not chunk:
                 return
 
