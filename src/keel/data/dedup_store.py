@@ -90,6 +90,7 @@ class DedupStore:
         self._band_keys = ShardedTable(self.path, "band", BAND) if self.bands and writable else None
 
     def _parts(self) -> list[tuple[str, bool]]:
+        """The optional logs and whether this store keeps them."""
         return [("digests", self.exact), ("bands", bool(self.bands)), ("near", self.exact and bool(self.bands))]
 
     def check(self, docs: list[Keys]) -> list[str | None]:
@@ -98,9 +99,9 @@ class DedupStore:
         out: list[str | None] = [None] * n
         if n == 0:
             return out
-        alive = np.ones(n, bool)
-        digests = _digests(docs) if self._digests is not None else None
-        if self._digests is not None and digests is not None:
+        alive, digests = np.ones(n, bool), None
+        if self._digests is not None:
+            digests = _digests(docs)
             new = np.zeros(n, bool)
             _, first = np.unique(digests.view(np.dtype((np.void, 16))), return_index=True)
             new[first] = True
