@@ -31,22 +31,23 @@ def merge_datasets(parts: list[Path], out_dir: Path) -> Manifest:
             raise DataError(f"{path}: another tokenizer than {parts[0]}; prepare every part with one prepare.tokenizer")
         _check_lineage(path, m)
     stores = _open_stores(parts, manifests)  # before anything is written: their settings and format
-    with filesystem_errors("merge the datasets", DataError, where=out_dir):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        try:
-            shutil.copyfile(resolve_inside(parts[0], first.tokenizer.file), staging / first.tokenizer.file)
-            manifest = _merged(parts, manifests, staging)
-            write_manifest(staging, manifest)
-            if stores:
-                manifest = _dedup_across_parts(stores, manifests, staging, manifest)
-            commit_dataset(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            for store in stores:
-                store.close()
+    try:
+        with filesystem_errors("merge the datasets", DataError, where=out_dir):
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+            try:
+                shutil.copyfile(resolve_inside(parts[0], first.tokenizer.file), staging / first.tokenizer.file)
+                manifest = _merged(parts, manifests, staging)
+                write_manifest(staging, manifest)
+                if stores:
+                    manifest = _dedup_across_parts(stores, manifests, staging, manifest)
+                commit_dataset(staging, out_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    finally:
+        for store in stores:
+            store.close()
     return manifest
 
 
