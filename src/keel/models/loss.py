@@ -22,3 +22,10 @@ def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Te
     batch = batch.to(device)
     logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
     return next_token_loss(logits, batch.targets)
+
+
+def token_losses(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, S] in fp32, for losses grouped by where each token came from."""
+    batch = batch.to(device)
+    logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+    return F.cross_entropy(logits.float().transpose(1, 2), batch.targets, reduction="none")

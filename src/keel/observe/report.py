@@ -24,6 +24,15 @@ PANELS = [
     ("Step time", ["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "checkpoint_s"], "s"),
     ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"], "GB"),
 ]
+# (title, metric family drawn one line per member, y-axis label), after the panels above.
+FAMILY_PANELS = [
+    ("Gradient norm per parameter group", "grad_norm", "L2 norm"),
+    ("Validation loss per source", "val_loss", "nats/token"),
+    ("Validation perplexity per source", "val_ppl", "perplexity"),
+    ("Validation loss per mixture dataset", "val_loss_mixture", "nats/token"),
+    ("Validation perplexity per mixture dataset", "val_ppl_mixture", "perplexity"),
+    ("Bias audit: log-likelihood gap per axis", "audit_gap", "nats/token"),
+]
 
 
 def _plot(title: str, names: list[str], unit: str, records: list[dict], events: list[dict], t0: float) -> str | None:
@@ -126,8 +135,11 @@ def write_report(run_dir: Path) -> Path:
     events = read_jsonl(run.events)
     t0 = min([r["time"] for r in records] + [e["time"] for e in events])
     incidents = recent_incidents(run_dir, limit=len(events) or 1)
-    groups = sorted({name for r in records for name in r if name.startswith("grad_norm/")})
-    panels = [*PANELS, ("Gradient norm per parameter group", groups, "L2 norm")]
+    names = sorted({name for r in records for name in r})
+    families = [
+        (title, [n for n in names if n.startswith(f"{family}/")], unit) for title, family, unit in FAMILY_PANELS
+    ]
+    panels = [*PANELS, *families]
     images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in panels]
     images.append(("Goodput", _goodput_plot(events, t0)))
     rows = "".join(

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from keel.callback import Callback, LoopControl, StepOutcome
 from keel.checkpoint.schedule import CheckpointSchedule
+from keel.eval.audit import Audit
 from keel.eval.validation import Validation
 from keel.observe.lifecycle import RunLifecycle
 from keel.observe.mfu import peak_flops
@@ -76,7 +77,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             tokens_seen=lambda: t.state.tokens_seen,
         ),
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.model, t.val_data, cfg, env, t.autocast, t.timer, t.metrics.record),
+        Validation(t.model, cfg, env, t.autocast, t.timer, t.metrics.record),
+        Audit(cfg, t.model, env, t.autocast, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,
