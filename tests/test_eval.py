@@ -127,11 +127,16 @@ def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(trained):
         assert mixture.keys() == {"both", "extra"} and mixture["extra"]["weight"] == 1.0
         assert math.isclose(mixture["extra"]["val_loss"], logged["val_loss_mixture/extra"], rel_tol=1e-5)
         assert "source letters/*.txt: val_loss" in result.stdout
+    result = run_keel("eval", str(trained), "--batches", "1", cwd=trained.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((trained / "eval.json").read_text())
+    assert record["samples"] == 8 and record["tokens"] == 8 * 32 == sum(s["tokens"] for s in record["sources"])
     events = [json.loads(line) for line in (trained / "events.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in events if e["event"] == "eval"] == [4, 2]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [4, 2, 4]
     report = run_keel("report", str(trained), cwd=trained.parent)
     assert report.returncode == 0, report.stderr
     page = (trained / "report.html").read_text()
+    assert ">eval<" not in page  # an evaluation is no incident
     for panel in (
         "Validation loss per source",
         "Validation perplexity per source",

@@ -43,8 +43,7 @@ class Probe:
 
 
 def build_probe(axes: list[Axis], tokenizer_path: Path, max_len: int | None) -> Probe:
-    """Tokenize each template with each term; the words after the slot are encoded alone, so every variant of a
-    template scores the same tokens."""
+    """Each template with each term as token ids; the words after the slot are encoded alone (the same tokens)."""
     tokenizer = load_tokenizer(tokenizer_path)
     eos = eos_id(tokenizer)
     ids, scored = [], []
