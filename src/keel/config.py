@@ -175,6 +175,12 @@ class ParallelConfig(Section):
         "fsdp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 sharded)."
     )
     nproc: int = Field(1, gt=0, description="Processes to launch on this machine (one per GPU, or CPU workers).")
+    nnodes: int = Field(1, gt=0, description="Machines the run spans, each running nproc processes (--nnodes).")
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole run: nproc on each of nnodes machines."""
+        return self.nnodes * self.nproc
 
 
 class CheckpointConfig(Section):
@@ -248,6 +254,9 @@ class ObserveConfig(Section):
 class DistributedConfig(Section):
     timeout_s: float = Field(
         1800.0, gt=0, description="Seconds a collective may wait for the other ranks before it fails the process."
+    )
+    join_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a node waits for the others: for node 0's run dir, and in the rendezvous."
     )
 
 

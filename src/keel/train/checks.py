@@ -72,7 +72,7 @@ def mixture_hashes(mixture: dict[str, float], recorded: dict[str, str], tokenize
 
 def check_data(cfg: Config) -> None:
     """The splits the workers read hold at least one sample each; the batch and the mixture weights split."""
-    split_batch(cfg.train.global_batch_size, cfg.parallel.nproc, cfg.train.micro_batch_size)
+    split_batch(cfg.train.global_batch_size, cfg.parallel.world_size, cfg.train.micro_batch_size)
     train = [TokenDataset(d, "train") for d in cfg.data.mixture] or [TokenDataset(cfg.data.dataset, "train")]
     for dataset in train:
         num_samples(dataset, cfg.train.seq_len)
