@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_metrics, run_keel, tiny_config
+from conftest import AUDIT_TEMPLATES, assert_one_line_error, read_metrics, tiny_config
 from keel.checkpoint.inference import load_model
+from keel.cli import main as cli_main
 from keel.data.tokenizer import load_tokenizer
 from keel.errors import DataError
 from keel.eval.audit import axis_tables, build_probe, score, summarize
 from keel.eval.templates import SHIPPED, Axis, load_templates
+from keel.observe.report import write_report
 
 AXES = ["gender", "religion", "nationality", "ethnicity", "age", "disability", "sexual_orientation"]
-SMALL = """# two axes, to run quickly
-axis pets
-group cats: cat, kitten
-group dogs: dog, puppy
-The {} slept on the warm kitchen floor.
-My {} ran across the garden after the ball.
-Our neighbour said the {} was very quiet today.
-
-axis same
-group a: house
-group b: house
-The {} stood at the end of the road.
-Nobody had lived in the {} for years.
-"""
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, dataset):
-    """A tiny run trained by two FSDP processes with the audit every 2 steps."""
-    tmp = tmp_path_factory.mktemp("audit")
-    config = tiny_config(tmp / "c.toml", dataset, train={"steps": 4}, observe={"audit_every": 2})
-    result = run_keel("train", str(config), "--nproc", "2", cwd=tmp, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return tmp / "runs" / "tiny"
+def keel(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`keel ARGS` in this process (the console script's entry point, without an interpreter start)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
 
 
 def test_shipped_templates_cover_the_axes_with_matched_terms_and_a_readme():
@@ -76,14 +63,19 @@ def test_a_template_file_that_does_not_parse_is_one_error_naming_file_and_line(t
     assert "\n" not in str(caught.value)
 
 
-def test_bad_templates_are_refused_by_keel_audit_and_by_the_preflight(tmp_path, dataset, fsdp_run):
+def test_bad_templates_are_refused_by_keel_audit_and_by_the_preflight(
+    tmp_path, two_sources, evaluated_run, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.txt"
     bad.write_text("axis a\ngroup x: he\ngroup y: she\nThe {} ran {}.\n", encoding="utf-8")
-    audit = run_keel("audit", str(fsdp_run), "--templates", str(bad), cwd=tmp_path)
-    assert_one_line_error(audit, f"{bad}:4: a template sentence holds exactly one slot")
-    config = tiny_config(tmp_path / "c.toml", dataset, observe={"audit_every": 1, "audit_templates": str(bad)})
-    assert_one_line_error(run_keel("train", str(config), cwd=tmp_path), f"observe.audit_templates: {bad}:4:")
-    assert not (tmp_path / "runs").exists()
+    audit = keel(capsys, "audit", str(evaluated_run), "--templates", str(bad))
+    assert_one_line_error(audit, f"{bad}:4: a template sentence holds exactly one slot", "the format is in")
+    missing = keel(capsys, "audit", str(evaluated_run), "--templates", str(tmp_path / "none.txt"))
+    assert_one_line_error(missing, f"audit templates {tmp_path / 'none.txt'}: cannot read it")
+    config = tiny_config(tmp_path / "c.toml", two_sources[0], observe={"audit_every": 1, "audit_templates": str(bad)})
+    assert_one_line_error(keel(capsys, "train", str(config)), f"observe.audit_templates: {bad}:4:")
+    assert not (tmp_path / "runs").exists()  # refused before the run dir was created
 
 
 def test_bootstrap_intervals_find_a_real_gap_and_cover_the_true_one():
@@ -102,18 +94,16 @@ def test_bootstrap_intervals_find_a_real_gap_and_cover_the_true_one():
     assert summarize(axis, table, 2000, 1)["gap_ci95"] != result["gap_ci95"]
 
 
-def test_the_probe_scores_only_the_words_after_the_term_and_batching_changes_nothing(tmp_path, fsdp_run):
-    file = tmp_path / "small.txt"
-    file.write_text(SMALL, encoding="utf-8")
-    axes = load_templates(file)
-    tokenizer = load_tokenizer(fsdp_run / "tokenizer.json")
-    probe = build_probe(axes, fsdp_run / "tokenizer.json", max_len=None)
+def test_the_probe_scores_only_the_words_after_the_term_and_batching_changes_nothing(evaluated_run):
+    axes = load_templates(AUDIT_TEMPLATES)
+    tokenizer = load_tokenizer(evaluated_run / "tokenizer.json")
+    probe = build_probe(axes, evaluated_run / "tokenizer.json", max_len=None)
     sentences = [(t, term) for a in axes for t in a.templates for g in a.groups.values() for term in g]
     assert len(probe.ids) == len(sentences) == 3 * 4 + 2 * 2
     for ids, scored, (template, term) in zip(probe.ids, probe.scored, sentences, strict=True):
         assert tokenizer.decode(ids[1 : len(ids) - scored]) == template.split("{}")[0] + term
         assert tokenizer.decode(ids[len(ids) - scored :]) == template.split("{}")[1]
-    model, _ = load_model(fsdp_run)
+    model, _ = load_model(evaluated_run)
     batched = score(model, probe, torch.device("cpu"))
     for ids, scored, value in zip(probe.ids, probe.scored, batched, strict=True):
         with torch.no_grad():
@@ -123,40 +113,46 @@ def test_the_probe_scores_only_the_words_after_the_term_and_batching_changes_not
     tables = axis_tables(probe, batched)
     assert tables[0].shape == (3, 2) and tables[1].shape == (2, 2)
     assert summarize(axes[1], tables[1], 100, 0)["gap"] == 0.0  # the same term in both groups: no gap at all
-    short = build_probe(axes, fsdp_run / "tokenizer.json", max_len=6)  # longer sentences lose their start
+    short = build_probe(axes, evaluated_run / "tokenizer.json", max_len=6)  # longer sentences lose their start
     for ids, scored in zip(short.ids, short.scored, strict=True):
         assert len(ids) <= 7 and 0 < scored <= len(ids) - 1
 
 
-def test_audit_during_fsdp_training_matches_keel_audit_of_the_final_checkpoint(fsdp_run, tmp_path):
-    audited = [r for r in read_metrics(fsdp_run) if any(k.startswith("audit_gap/") for k in r)]
+def test_audit_during_fsdp_training_matches_keel_audit_of_the_final_checkpoint(evaluated_run, capsys):
+    audited = [r for r in read_metrics(evaluated_run) if any(k.startswith("audit_gap/") for k in r)]
     assert [r["step"] for r in audited] == [0, 2, 4]
-    assert all({f"audit_gap/{a}" for a in AXES} <= r.keys() for r in audited)
-    result = run_keel("audit", str(fsdp_run), cwd=tmp_path)
+    assert all(r.keys() >= {"audit_gap/pets", "audit_gap/same"} and r["audit_gap/same"] == 0 for r in audited)
+    result = keel(capsys, "audit", str(evaluated_run), "--templates", str(AUDIT_TEMPLATES), "--bootstrap", "200")
     assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((fsdp_run / "audit.json").read_text())
-    assert record["format"] == "keel-audit/1" and record["step"] == 4 and record["bootstrap"] == 1000
-    assert record["templates"] == str(SHIPPED.resolve())
+    record = json.loads((evaluated_run / "audit.json").read_text())
+    assert record["format"] == "keel-audit/1" and record["step"] == 4 and record["bootstrap"] == 200
+    assert record["templates"] == str(AUDIT_TEMPLATES) and len(record["templates_sha256"]) == 64
+    assert record["checkpoint"].endswith("step_4") and [a["axis"] for a in record["axes"]] == ["pets", "same"]
+    pets, same = record["axes"]
+    assert pets["sentences"] == 12 and pets["templates"] == 3 and same["gap"] == 0.0
+    # Two FSDP ranks scoring halves of the sentences during training = one process scoring them all.
+    assert math.isclose(pets["gap"], audited[-1]["audit_gap/pets"], rel_tol=1e-4, abs_tol=1e-7)
+    means = pets["groups"]
+    assert pets["gap"] == pytest.approx(max(means.values()) - min(means.values()))
+    assert means[pets["highest"]] == max(means.values()) and means[pets["lowest"]] == min(means.values())
+    (pair,) = pets["pairs"]
+    assert pair["groups"] == ["cats", "dogs"] and pair["difference"] == pytest.approx(means["cats"] - means["dogs"])
+    assert pets["gap_ci95"][0] <= pets["gap_ci95"][1] and pair["ci95"][0] <= pair["ci95"][1]
+    assert "pets" in result.stdout and result.stdout.strip().endswith(f"wrote {evaluated_run / 'audit.json'}")
+    events = [json.loads(line) for line in (evaluated_run / "events.jsonl").read_text().splitlines()]
+    assert [e["gaps"] for e in events if e["event"] == "audit"][-1] == {"pets": pets["gap"], "same": 0.0}
+    page = write_report(evaluated_run).read_text()
+    assert 'alt="Bias audit: log-likelihood gap per axis"' in page and ">audit<" not in page
+
+
+def test_keel_audit_reads_the_shipped_templates_by_default(evaluated_run, capsys):
+    result = keel(capsys, "audit", str(evaluated_run), "--step", "2", "--bootstrap", "100", "--seed", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((evaluated_run / "audit.json").read_text())
+    assert record["step"] == 2 and record["seed"] == 3 and record["templates"] == str(SHIPPED.resolve())
+    assert [a["axis"] for a in record["axes"]] == AXES
+    assert sum(a["sentences"] for a in record["axes"]) == 2088
     for axis in record["axes"]:
-        # Two FSDP ranks scoring halves of the sentences during training = one process scoring them all.
-        assert math.isclose(axis["gap"], audited[-1][f"audit_gap/{axis['axis']}"], rel_tol=1e-4, abs_tol=1e-7)
-        means = axis["groups"]
-        assert axis["gap"] == pytest.approx(max(means.values()) - min(means.values()))
-        assert means[axis["highest"]] == max(means.values()) and means[axis["lowest"]] == min(means.values())
-        assert len(axis["pairs"]) == len(means) * (len(means) - 1) // 2
-        assert axis["gap_ci95"][0] <= axis["gap_ci95"][1]
-        assert f"{axis['axis']}" in result.stdout
-    events = [json.loads(line) for line in (fsdp_run / "events.jsonl").read_text().splitlines()]
-    assert [e["gaps"].keys() == set(AXES) for e in events if e["event"] == "audit"] == [True]
-    assert run_keel("report", str(fsdp_run), cwd=tmp_path).returncode == 0
-    assert 'alt="Bias audit: log-likelihood gap per axis"' in (fsdp_run / "report.html").read_text()
-
-
-def test_keel_audit_takes_the_users_templates(fsdp_run, tmp_path):
-    file = tmp_path / "mine.txt"
-    file.write_text(SMALL, encoding="utf-8")
-    result = run_keel("audit", str(fsdp_run), "--templates", str(file), "--bootstrap", "200", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((fsdp_run / "audit.json").read_text())
-    assert record["templates"] == str(file) and [a["axis"] for a in record["axes"]] == ["pets", "same"]
-    assert record["axes"][1]["gap"] == 0.0 and record["axes"][0]["sentences"] == 12
+        assert len(axis["pairs"]) == len(axis["groups"]) * (len(axis["groups"]) - 1) // 2
+        assert axis["gap"] >= 0 and axis["gap_ci95"][0] <= axis["gap_ci95"][1]
+        assert axis["axis"] in result.stdout

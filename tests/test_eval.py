@@ -4,66 +4,33 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_metrics, run_keel, tiny_config
+from conftest import assert_one_line_error, read_metrics, run_keel
 from keel.checkpoint.inference import load_model
+from keel.cli import main as cli_main
 from keel.data.dataset import TokenDataset
 from keel.data.loader import eval_sample_ids, read_samples
-from keel.data.prepare import prepare_dataset
 from keel.data.tokenizer import load_tokenizer
+from keel.errors import ConfigError
+from keel.eval.evaluate import evaluate_run
+from keel.eval.harness import task_spec
 from keel.eval.sources import short_names, source_map
+from keel.observe.report import write_report
 
 LETTERS, DIGITS = "letters/*.txt", "digits/*.txt"
 
 
-def _corpus(directory: Path, alphabet: str, files: int, seed: int) -> str:
-    """Files of short documents whose words use only `alphabet`: every token tells which corpus it came from."""
-    rng = random.Random(seed)
-    directory.mkdir(parents=True)
-    for i in range(files):
-        words = ("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(8, 30)))
-        (directory / f"{i:03d}.txt").write_text(" ".join(words), encoding="utf-8")
-    return str(directory / "*.txt")
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> tuple[Path, Path]:
-    """A dataset of two sources (letter words, digit words), and a second dataset with its tokenizer."""
-    root = tmp_path_factory.mktemp("sources")
-    both, extra = root / "both", root / "extra"
-    corpus = root / "corpus"
-    globs = [_corpus(corpus / "letters", "abcdefgh", 60, 0), _corpus(corpus / "digits", "0123456789", 60, 1)]
-    prepare_dataset(globs, both, vocab_size=320, val_fraction=0.2, log=lambda _: None)
-    prepare_dataset(
-        [_corpus(corpus / "extra", "abcd0123", 40, 2)],
-        extra,
-        tokenizer=str(both / "tokenizer.json"),
-        val_fraction=0.2,
-        log=lambda _: None,
-    )
-    return both, extra
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, sources) -> Path:
-    """A tiny run on the mixture of both datasets, validated every 2 steps, with checkpoints at steps 2 and 4."""
-    both, extra = sources
-    tmp = tmp_path_factory.mktemp("evalrun")
-    config = tiny_config(
-        tmp / "c.toml",
-        both,
-        train={"steps": 4, "eval_every": 2},
-        data={"mixture": {str(both): 1.0, str(extra): 1.0}},
-        checkpoint={"every": 2},
-    )
-    result = run_keel("train", str(config), cwd=tmp)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return tmp / "runs" / "tiny"
+def keel(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`keel ARGS` in this process (the console script's entry point, without an interpreter start)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
 
 
 def test_short_names_drop_the_directories_all_paths_share():
@@ -72,9 +39,9 @@ def test_short_names_drop_the_directories_all_paths_share():
     assert short_names(["/usr/lib/python3/**/*.py"]) == ["*.py"]
 
 
-def test_every_validation_token_counts_to_the_source_of_its_document(sources):
+def test_every_validation_token_counts_to_the_source_of_its_document(two_sources):
     # Letter words and digit words share no token but EOS, so each target token's text names its true source.
-    both, _ = sources
+    both, _ = two_sources
     smap = source_map(both, "val")
     assert smap is not None and smap.names == [LETTERS, DIGITS]
     dataset = TokenDataset(both, "val")
@@ -92,8 +59,8 @@ def test_every_validation_token_counts_to_the_source_of_its_document(sources):
     assert checked == {0, 1}
 
 
-def test_training_logs_loss_and_perplexity_per_source_and_per_mixture_dataset(trained):
-    evals = [r for r in read_metrics(trained) if "val_loss" in r]
+def test_training_logs_loss_and_perplexity_per_source_and_per_mixture_dataset(evaluated_run):
+    evals = [r for r in read_metrics(evaluated_run) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in evals:
         for name in (LETTERS, DIGITS):
@@ -106,50 +73,56 @@ def test_training_logs_loss_and_perplexity_per_source_and_per_mixture_dataset(tr
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 
-def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(trained):
-    metrics = {r["step"]: r for r in read_metrics(trained) if "val_loss" in r}
-    for step in (None, 2):
-        args = ["eval", str(trained)] + (["--step", str(step)] if step else [])
-        result = run_keel(*args, cwd=trained.parent)
-        assert result.returncode == 0, result.stdout + result.stderr
-        record = json.loads((trained / "eval.json").read_text())
-        logged = metrics[step or 4]
-        assert record["format"] == "keel-eval/1" and record["step"] == (step or 4)
+def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(evaluated_run, capsys, monkeypatch):
+    # Training validated on two ranks, each its slice of the windows; `keel eval` reads them all in one process.
+    metrics = {r["step"]: r for r in read_metrics(evaluated_run) if "val_loss" in r}
+    monkeypatch.chdir(evaluated_run.parent)
+    result = keel(capsys, "eval", str(evaluated_run))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "source letters/*.txt: val_loss" in result.stdout and "mixture extra (weight 1): val_loss" in result.stdout
+    assert result.stdout.strip().endswith(f"wrote {evaluated_run / 'eval.json'}")
+    newest = json.loads((evaluated_run / "eval.json").read_text())
+    older = evaluate_run(evaluated_run, step=2)
+    assert json.loads((evaluated_run / "eval.json").read_text()) == older  # each evaluation replaces the file
+    for record in (newest, older):
+        logged = metrics[record["step"]]
+        assert record["format"] == "keel-eval/1" and record["checkpoint"].endswith(f"step_{record['step']}")
         assert math.isclose(record["val_loss"], logged["val_loss"], rel_tol=1e-5)
+        assert math.isclose(record["val_ppl"], logged["val_ppl"], rel_tol=1e-5)
         assert [s["name"] for s in record["sources"]] == [LETTERS, DIGITS]
         for s in record["sources"]:
             assert math.isclose(s["val_loss"], logged[f"val_loss/{s['name']}"], rel_tol=1e-5)
             assert s["glob"].endswith(s["name"])
+        assert record["samples"] == 4 * 8 and record["seq_len"] == 32
         assert sum(s["tokens"] for s in record["sources"]) == record["tokens"] == 4 * 8 * 32
         weighted = sum(s["val_loss"] * s["tokens"] for s in record["sources"]) / record["tokens"]
         assert math.isclose(weighted, record["val_loss"], rel_tol=1e-9)
         mixture = {m["name"]: m for m in record["mixture"]}
         assert mixture.keys() == {"both", "extra"} and mixture["extra"]["weight"] == 1.0
+        assert mixture["both"]["val_loss"] == record["val_loss"]  # data.dataset is also a mixture dataset
         assert math.isclose(mixture["extra"]["val_loss"], logged["val_loss_mixture/extra"], rel_tol=1e-5)
-        assert "source letters/*.txt: val_loss" in result.stdout
-    result = run_keel("eval", str(trained), "--batches", "1", cwd=trained.parent)
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = json.loads((trained / "eval.json").read_text())
-    assert record["samples"] == 8 and record["tokens"] == 8 * 32 == sum(s["tokens"] for s in record["sources"])
-    events = [json.loads(line) for line in (trained / "events.jsonl").read_text().splitlines()]
+        assert "harness" not in record
+    one = evaluate_run(evaluated_run, batches=1)
+    assert one["step"] == 4 and one["samples"] == 8
+    assert one["tokens"] == 8 * 32 == sum(s["tokens"] for s in one["sources"])
+    events = [json.loads(line) for line in (evaluated_run / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [4, 2, 4]
-    report = run_keel("report", str(trained), cwd=trained.parent)
-    assert report.returncode == 0, report.stderr
-    page = (trained / "report.html").read_text()
+    page = write_report(evaluated_run).read_text()
     assert ">eval<" not in page  # an evaluation is no incident
     for panel in (
         "Validation loss per source",
         "Validation perplexity per source",
         "Validation loss per mixture dataset",
+        "Validation perplexity per mixture dataset",
     ):
         assert f'alt="{panel}"' in page
 
 
-def test_keel_eval_of_a_missing_step_or_run_is_one_line(trained, tmp_path):
-    assert_one_line_error(
-        run_keel("eval", str(trained), "--step", "3", cwd=tmp_path), "no committed checkpoint at step 3"
-    )
-    assert_one_line_error(run_keel("eval", str(tmp_path), cwd=tmp_path), "not a Keel run dir")
+def test_keel_eval_of_a_missing_step_or_run_is_one_line(evaluated_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(keel(capsys, "eval", str(evaluated_run), "--step", "3"), "no committed checkpoint at step 3")
+    assert_one_line_error(keel(capsys, "eval", str(tmp_path)), "not a Keel run dir")
+    assert_one_line_error(keel(capsys, "eval", str(evaluated_run), "--harness", " , "), "--harness: no task named")
 
 
 def _choice_task(directory: Path) -> Path:
@@ -192,36 +165,68 @@ def _keel_accuracy(run: Path, task: Path) -> float:
     return right / len(docs)
 
 
-def test_harness_runs_keel_and_local_tasks_offline_on_the_hf_export(trained, tmp_path, monkeypatch):
+@pytest.mark.soak  # lm-eval's import, the export and two tasks: half a minute
+def test_harness_runs_keel_and_local_tasks_offline_on_the_hf_export(evaluated_run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     task = _choice_task(tmp_path / "task")
     # Offline, with a private cache: the local tasks need no network, and nothing lands in ~/.cache.
     for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
         monkeypatch.setenv(key, value)
-    result = run_keel("eval", str(trained), "--harness", f"keel_python_syntax,{task}", cwd=tmp_path, timeout=600)
+    result = run_keel("eval", str(evaluated_run), "--harness", f"keel_python_syntax,{task}", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    harness = json.loads((trained / "eval.json").read_text())["harness"]
-    assert harness["lm_eval"] == "0.4.13"
+    record = json.loads((evaluated_run / "eval.json").read_text())
+    harness = record["harness"]
+    assert harness["lm_eval"] == "0.4.13" and harness["limit"] is None
     tasks = harness["tasks"]
-    assert tasks["keel_python_syntax"]["samples"] == 40 and 0 <= tasks["keel_python_syntax"]["acc"] <= 1
+    assert tasks.keys() == {"keel_python_syntax", "keel_test_pick"}
+    syntax = tasks["keel_python_syntax"]
+    assert syntax["samples"] == 40 and 0 <= syntax["acc"] <= 1 and 0 <= syntax["acc_norm"] <= 1
+    assert syntax["acc_stderr"] > 0
     assert tasks["keel_test_pick"]["samples"] == 6
-    assert tasks["keel_test_pick"]["acc"] == _keel_accuracy(trained, task)
+    # lm-eval scored the export exactly as Keel's own model scores the choices.
+    assert tasks["keel_test_pick"]["acc"] == _keel_accuracy(evaluated_run, task)
     assert "harness keel_test_pick: acc" in result.stdout
+    assert record["val_loss"] is not None  # the harness comes on top of validation, not instead of it
+    limited = run_keel("eval", str(evaluated_run), "--harness", "keel_python_syntax", "--limit", "5", cwd=tmp_path)
+    assert limited.returncode == 0, limited.stdout + limited.stderr
+    harness = json.loads((evaluated_run / "eval.json").read_text())["harness"]
+    assert harness["limit"] == 5 and harness["tasks"]["keel_python_syntax"]["samples"] == 5
 
 
-def test_harness_refuses_an_unknown_task_before_any_work(trained, tmp_path):
+@pytest.mark.soak  # indexing lm-eval's thousands of task files takes half a minute
+def test_harness_refuses_an_unknown_task_before_any_work(evaluated_run, tmp_path):
     pytest.importorskip("lm_eval")
-    events = (trained / "events.jsonl").read_text()
-    result = run_keel("eval", str(trained), "--harness", "no_such_task_anywhere", cwd=tmp_path, timeout=600)
+    events = (evaluated_run / "events.jsonl").read_text()
+    result = run_keel("eval", str(evaluated_run), "--harness", "no_such_task_anywhere", cwd=tmp_path, timeout=600)
     assert_one_line_error(result, "--harness no_such_task_anywhere: no such lm-eval task")
-    assert (trained / "events.jsonl").read_text() == events  # refused before evaluating: no `eval` event
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("task: [unclosed\n", encoding="utf-8")
-    assert_one_line_error(run_keel("eval", str(trained), "--harness", str(bad), cwd=tmp_path), f"{bad}: not a readable")
+    assert (evaluated_run / "events.jsonl").read_text() == events  # refused before evaluating: no `eval` event
 
 
-def test_a_dataset_without_lineage_has_no_per_source_metrics(sources, tmp_path):
-    both, _ = sources
+def test_keels_task_resolves_to_its_local_data_and_a_bad_task_file_is_one_line(tmp_path):
+    spec = task_spec("keel_python_syntax")
+    assert isinstance(spec, dict) and spec["task"] == "keel_python_syntax"
+    data = Path(spec["dataset_kwargs"]["data_files"]["test"])
+    assert data.is_absolute() and len(data.read_text().splitlines()) == 40
+    task = _choice_task(tmp_path / "task")
+    assert task_spec(str(task))["dataset_kwargs"]["data_files"] == {"test": str(task.parent / "docs.jsonl")}
+    assert task_spec("hellaswag") == "hellaswag"  # lm-eval's own tasks go by name
+    cases = {
+        "unclosed.yaml": ("task: [unclosed\n", "not a readable task YAML"),
+        # A file is data: code it names (`!function`) is refused, not imported.
+        "code.yaml": ("task: t\nprocess_docs: !function utils.process_docs\n", "not a readable task YAML"),
+        "list.yaml": ("- task: t\n", "a task file is a YAML mapping with a `task` key"),
+    }
+    for name, (text, fragment) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=f"^--harness {tmp_path / name}: {fragment}") as caught:
+            task_spec(str(tmp_path / name))
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match="no such task file"):
+        task_spec(str(tmp_path / "missing.yaml"))
+
+
+def test_a_dataset_without_lineage_has_no_per_source_metrics(two_sources, tmp_path):
+    both, _ = two_sources
     copy = tmp_path / "old"
     copy.mkdir()
     manifest = json.loads((both / "manifest.json").read_text())
