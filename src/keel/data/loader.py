@@ -174,21 +174,3 @@ def eval_sample_ids(
     for b in range(num_batches):
         first = b * batch_size + rank * per_rank
         yield [(first + k) % count for k in range(per_rank)]
-
-
-def eval_batches(
-    dataset: TokenDataset,
-    *,
-    seq_len: int,
-    batch_size: int,
-    num_batches: int,
-    rank: int,
-    world_size: int,
-    document_positions: bool = False,
-    document_mask: bool = False,
-) -> Iterator[Batch]:
-    """This rank's slice of a fixed, unshuffled set of batches (see eval_sample_ids)."""
-    for ids in eval_sample_ids(
-        dataset, seq_len=seq_len, batch_size=batch_size, num_batches=num_batches, rank=rank, world_size=world_size
-    ):
-        yield read_samples(dataset, ids, seq_len, document_positions, document_mask)

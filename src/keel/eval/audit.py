@@ -12,18 +12,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from keel.callback import Callback, StepOutcome
 from keel.checkpoint.inference import checkpoint_path, load_model
 from keel.config import Config
 from keel.data.tokenizer import eos_id, load_tokenizer
-from keel.distributed.env import DistEnv, all_reduce_sum
+from keel.distributed.env import DistEnv
+from keel.distributed.mesh import Mesh, all_reduce_dp_sum
 from keel.errors import CheckpointError
 from keel.eval.templates import SLOT, Axis, load_templates, templates_path
 from keel.io import atomic_write_json, filesystem_errors, sha256_file
 from keel.models import model_args
+from keel.models.loss import token_cross_entropy
 from keel.observe.events import EventLog
 from keel.observe.step_timer import StepTimer
 from keel.rundir import RunDir, step_of
@@ -66,11 +67,12 @@ def score(
     model: nn.Module,
     probe: Probe,
     device: torch.device,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
-    env: DistEnv | None = None,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
-    """Each sentence's score; ranks score equal slices and sum, and all run as many forward passes (FSDP)."""
-    rank, world = (env.rank, env.world_size) if env else (0, 1)
+    """Each sentence's score; data-parallel ranks score equal slices and sum, all running as many forward passes."""
+    rank, world = (mesh.dp_rank, mesh.dp_size) if mesh else (0, 1)
+    tp = mesh.layout.tp if mesh else 1
     n = len(probe.ids)
     per = -(-n // world)
     mine = list(range(rank * per, min(n, (rank + 1) * per)))
@@ -80,7 +82,8 @@ def score(
     model.eval()
     for start in range(0, per, BATCH):
         rows = padded[start : start + BATCH]
-        width = max(len(probe.ids[j]) for j in rows) - 1
+        # Sequence parallel splits the positions evenly over the tensor-parallel ranks: pad to a multiple of tp.
+        width = -(-(max(len(probe.ids[j]) for j in rows) - 1) // tp) * tp
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
         targets = torch.zeros_like(inputs)
         mask = torch.zeros(len(rows), width, dtype=torch.float64)
@@ -89,14 +92,13 @@ def score(
             inputs[r, :length], targets[r, :length] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
             mask[r, length - probe.scored[j] : length] = 1  # right padding: causal attention never sees it
         inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
-        with autocast():
-            logits = model(inputs)
-        logp = F.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1).double()
+        with forward_context():
+            logp = -token_cross_entropy(model(inputs), targets).double()
         means = (logp * mask).sum(1) / mask.sum(1)
         real = max(0, min(len(rows), len(mine) - start))
         scores[rows[:real]] = means[:real]
     model.train(was_training)
-    return all_reduce_sum(scores).cpu().numpy()
+    return all_reduce_dp_sum(scores, mesh).cpu().numpy()
 
 
 def axis_tables(probe: Probe, scores: np.ndarray) -> list[np.ndarray]:
@@ -204,12 +206,13 @@ class Audit(Callback):
         cfg: Config,
         model: nn.Module,
         env: DistEnv,
-        autocast: Callable[[], AbstractContextManager],
+        mesh: Mesh,
+        forward_context: Callable[[], AbstractContextManager],
         timer: StepTimer,
         record: Callable[[int, dict[str, float]], None],
     ):
-        self.every, self.model, self.env = cfg.observe.audit_every, model, env
-        self.autocast, self.timer, self.record = autocast, timer, record
+        self.every, self.model, self.env, self.mesh = cfg.observe.audit_every, model, env, mesh
+        self.forward_context, self.timer, self.record = forward_context, timer, record
         tokenizer = RunDir(cfg.run_dir).tokenizer
         templates = cfg.observe.audit_templates
         self.probe = build_probe(load_templates(templates), tokenizer, max_context(cfg)) if self.every else None
@@ -226,6 +229,6 @@ class Audit(Callback):
     def measure(self) -> dict[str, float]:
         """Each axis's gap on the model as it is now."""
         assert self.probe is not None
-        scores = score(self.model, self.probe, self.env.device, self.autocast, self.env)
+        scores = score(self.model, self.probe, self.env.device, self.forward_context, self.mesh)
         tables = axis_tables(self.probe, scores)
         return {f"audit_gap/{a.name}": gap(t) for a, t in zip(self.probe.axes, tables, strict=True)}

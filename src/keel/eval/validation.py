@@ -16,7 +16,8 @@ from keel.callback import Callback, StepOutcome
 from keel.config import Config
 from keel.data.dataset import TokenDataset
 from keel.data.loader import eval_sample_ids, num_samples, read_samples
-from keel.distributed.env import DistEnv, all_reduce_sum
+from keel.distributed.env import DistEnv
+from keel.distributed.mesh import Mesh, all_reduce_dp_sum
 from keel.errors import DataError
 from keel.eval.sources import SourceMap, short_names, source_map
 from keel.models.loss import token_losses
@@ -82,8 +83,8 @@ def split_loss(
     split: EvalSplit,
     cfg: Config,
     device: torch.device,
-    autocast: Callable[[], AbstractContextManager],
-    env: DistEnv | None = None,
+    forward_context: Callable[[], AbstractContextManager],
+    mesh: Mesh | None = None,
     micro_batch: int | None = None,
 ) -> SplitLoss:
     """The loss over `train.eval_batches` global batches of the split (this rank's slice, summed over ranks)."""
@@ -97,13 +98,13 @@ def split_loss(
         seq_len=train.seq_len,
         batch_size=train.global_batch_size,
         num_batches=train.eval_batches,
-        rank=env.rank if env else 0,
-        world_size=env.world_size if env else 1,
+        rank=mesh.dp_rank if mesh else 0,
+        world_size=mesh.dp_size if mesh else 1,
     ):
         step = micro_batch or len(ids)
         for part in (ids[i : i + step] for i in range(0, len(ids), step)):
             batch = read_samples(split.dataset, part, train.seq_len, data.document_positions, data.document_mask)
-            with autocast():
+            with forward_context():
                 losses = token_losses(model, batch, device).double()
             totals[0, n] += losses.sum()
             totals[1, n] += losses.numel()
@@ -113,7 +114,7 @@ def split_loss(
                 totals[0, :n] += torch.bincount(source[known], weights=losses[known], minlength=n)
                 totals[1, :n] += torch.bincount(source[known], minlength=n)
     model.train(was_training)
-    sums, counts = all_reduce_sum(totals).tolist()
+    sums, counts = all_reduce_dp_sum(totals, mesh).tolist()
     return SplitLoss(sums[n], int(counts[n]), sums[:n], [int(c) for c in counts[:n]])
 
 
@@ -134,14 +135,14 @@ def validation_metrics(
     splits: list[EvalSplit],
     cfg: Config,
     device: torch.device,
-    autocast: Callable[[], AbstractContextManager],
-    env: DistEnv | None = None,
+    forward_context: Callable[[], AbstractContextManager],
+    mesh: Mesh | None = None,
     micro_batch: int | None = None,
 ) -> dict[str, float]:
     """Every validation metric: overall and per source on data.dataset, then per data.mixture dataset."""
     values: dict[str, float] = {}
     for split in splits:
-        values.update(loss_metrics(split, split_loss(model, split, cfg, device, autocast, env, micro_batch)))
+        values.update(loss_metrics(split, split_loss(model, split, cfg, device, forward_context, mesh, micro_batch)))
     # data.dataset in the mixture is evaluated once, under both names.
     mixture = list(cfg.data.mixture)
     for directory, name in zip(mixture, short_names(mixture), strict=True):
@@ -159,11 +160,13 @@ class Validation(Callback):
         model: nn.Module,
         cfg: Config,
         env: DistEnv,
-        autocast: Callable[[], AbstractContextManager],
+        mesh: Mesh,
+        forward_context: Callable[[], AbstractContextManager],
         timer: StepTimer,
         record: Callable[[int, dict[str, float]], None],
     ):
-        self.model, self.cfg, self.env, self.autocast = model, cfg, env, autocast
+        self.model, self.cfg, self.env, self.mesh = model, cfg, env, mesh
+        self.forward_context = forward_context
         self.every, self.timer, self.record = cfg.train.eval_every, timer, record
         self.splits = eval_splits(cfg) if self.every else []
 
@@ -178,4 +181,5 @@ class Validation(Callback):
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over `train.eval_batches` global batches of each split, over all ranks."""
-        return validation_metrics(self.model, self.splits, self.cfg, self.env.device, self.autocast, self.env)
+        device, context = self.env.device, self.forward_context
+        return validation_metrics(self.model, self.splits, self.cfg, device, context, self.mesh)

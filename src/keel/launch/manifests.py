@@ -17,9 +17,11 @@ from typing import Any
 
 from keel.config import Config
 from keel.config_toml import load_config
-from keel.errors import LaunchError
+from keel.distributed.mesh import resolve_layout
+from keel.errors import ConfigError, LaunchError
 from keel.launch.rendezvous import DEFAULT_PORT
 from keel.models import model_args
+from keel.train.checks import check_layout as check_model_layout
 
 WORKDIR = "/workspace"  # the pods' working directory: the run-dir volume, so relative run and data paths land on it
 CONFIG_DIR = "/etc/keel"
@@ -50,31 +52,46 @@ class Launch:
 def plan(config: Path, overrides: list[str], nodes: int, gpus: int | None) -> Launch:
     """Load and check the config for `nodes` machines of `gpus` GPUs each (default: its parallel.nproc)."""
     cfg = load_config(config, overrides)
-    model_args(cfg.model_section())  # as strict here as where the run will use it
+    args = model_args(cfg.model_section())  # as strict here as where the run will use it
     launch = Launch(config.resolve(), cfg, nodes, gpus or cfg.parallel.nproc, list(overrides))
     check_layout(launch)
+    on_cluster = cfg.parallel.model_copy(update={"nproc": launch.gpus, "nnodes": nodes})
+    check_model_layout(cfg.model_copy(update={"parallel": on_cluster}), args)
     return launch
 
 
+def _data_parallel(cfg: Config, ranks: int) -> int | None:
+    """Data-parallel ranks of the mesh over `ranks` processes; None when the mesh does not fit them."""
+    try:
+        return resolve_layout(cfg.parallel, ranks).dp
+    except ConfigError:
+        return None
+
+
 def _splits(cfg: Config, ranks: int) -> bool:
+    dp = _data_parallel(cfg, ranks)
     micro = cfg.train.micro_batch_size
     batch = cfg.train.global_batch_size
-    return batch % ranks == 0 and (micro is None or (batch // ranks) % micro == 0)
+    return dp is not None and batch % dp == 0 and (micro is None or (batch // dp) % micro == 0)
 
 
 def check_layout(launch: Launch) -> None:
-    """Refuse more GPUs per node than the config's batch layout allows: one line with the fix."""
+    """Refuse more GPUs per node than the config's mesh and batch layout allow: one line with the fix."""
     cfg, nodes, gpus = launch.cfg, launch.nodes, launch.gpus
     if _splits(cfg, nodes * gpus):
         return
-    batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     fits = [g for g in range(gpus - 1, 0, -1) if _splits(cfg, nodes * g)]
-    per_rank = f" in micro-batches of {micro}" if micro else ""
     fix = f"use --gpus-per-node {fits[0]}, or " if fits else ""
+    try:
+        dp = resolve_layout(cfg.parallel, nodes * gpus).dp
+    except ConfigError as e:
+        raise LaunchError(f"--gpus-per-node {gpus} on {nodes} nodes: {e}") from None
+    batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_rank = f" in micro-batches of {micro}" if micro else ""
     raise LaunchError(
-        f"--gpus-per-node {gpus} on {nodes} nodes makes {nodes * gpus} data-parallel ranks, which "
+        f"--gpus-per-node {gpus} on {nodes} nodes makes {dp} data-parallel ranks, which "
         f"train.global_batch_size {batch} does not split over evenly{per_rank}; {fix}set train.global_batch_size "
-        f"to a multiple of {nodes * gpus * (micro or 1)} (--set train.global_batch_size=N)"
+        f"to a multiple of {dp * (micro or 1)} (--set train.global_batch_size=N)"
     )
 
 

@@ -24,6 +24,7 @@ from keel.train.checks import (
     check_environment,
     check_file_hash,
     check_init_from_hf,
+    check_layout,
     check_same_model,
     check_tokenizer,
     mixture_hashes,
@@ -66,6 +67,7 @@ def resolve(cfg: Config) -> Config:
         parse_faults(resolved.resilience.inject, resolved.parallel.world_size)
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
+    check_layout(resolved, args)
     check_data(resolved)
     check_audit(resolved)
     check_init_from_hf(resolved, spec, args)
