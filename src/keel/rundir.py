@@ -109,6 +109,11 @@ class RunDir:
         return self.root / "report.html"
 
     @property
+    def model_card(self) -> Path:
+        """The model card, written when a run ends and by `keel card`; exported as the model's README.md."""
+        return self.root / "model_card.md"
+
+    @property
     def eval_results(self) -> Path:
         """The last `keel eval`: validation loss and perplexity per source and mixture dataset, harness scores."""
         return self.root / "eval.json"
