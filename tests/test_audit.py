@@ -15,8 +15,10 @@ from keel.checkpoint.inference import load_model
 from keel.cli import main as cli_main
 from keel.data.tokenizer import load_tokenizer
 from keel.errors import DataError
-from keel.eval.audit import axis_tables, build_probe, score, summarize
+from keel.eval.audit import audit_run, axis_tables, build_probe, score, summarize
+from keel.eval.evaluate import evaluate_run
 from keel.eval.templates import SHIPPED, Axis, load_templates
+from keel.observe.card import model_card
 from keel.observe.report import write_report
 
 AXES = ["gender", "religion", "nationality", "ethnicity", "age", "disability", "sexual_orientation"]
@@ -142,7 +144,9 @@ def test_audit_during_fsdp_training_matches_keel_audit_of_the_final_checkpoint(e
     events = [json.loads(line) for line in (evaluated_run / "events.jsonl").read_text().splitlines()]
     assert [e["gaps"] for e in events if e["event"] == "audit"][-1] == {"pets": pets["gap"], "same": 0.0}
     page = write_report(evaluated_run).read_text()
-    assert 'alt="Bias audit: log-likelihood gap per axis"' in page and ">audit<" not in page
+    data = json.loads(page.split('id="keel-data">')[1].split("</script>")[0])
+    assert {"audit_gap/pets", "audit_gap/same"} <= {s["name"] for p in data["panels"] for s in p["series"]}
+    assert 'id="audit"' in page and "cats" in page.split('id="audit"')[1]  # audit.json's table
 
 
 def test_keel_audit_reads_the_shipped_templates_by_default(evaluated_run, capsys):
@@ -156,3 +160,14 @@ def test_keel_audit_reads_the_shipped_templates_by_default(evaluated_run, capsys
         assert len(axis["pairs"]) == len(axis["groups"]) * (len(axis["groups"]) - 1) // 2
         assert axis["gap"] >= 0 and axis["gap_ci95"][0] <= axis["gap_ci95"][1]
         assert axis["axis"] in result.stdout
+
+
+def test_the_model_card_reads_what_keel_eval_and_keel_audit_write(evaluated_run):
+    # The card reads the files by their schema, not through the code that writes them: the two must agree.
+    evaluation = evaluate_run(evaluated_run)
+    audited = audit_run(evaluated_run, templates=str(AUDIT_TEMPLATES), bootstrap=100)
+    card = model_card(evaluated_run)
+    assert f"source `{evaluation['sources'][0]['name']}`" in card and f"{evaluation['val_loss']:.4f}" in card
+    pets = audited["axes"][0]
+    assert f"| pets | {pets['gap']:.4f} | [{pets['gap_ci95'][0]:.4f}, {pets['gap_ci95'][1]:.4f}] |" in card
+    assert "Not audited" not in card and "not evaluated" not in card

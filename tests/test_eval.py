@@ -108,14 +108,13 @@ def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(evaluated_r
     events = [json.loads(line) for line in (evaluated_run / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "eval"] == [4, 2, 4]
     page = write_report(evaluated_run).read_text()
-    assert ">eval<" not in page  # an evaluation is no incident
-    for panel in (
-        "Validation loss per source",
-        "Validation perplexity per source",
-        "Validation loss per mixture dataset",
-        "Validation perplexity per mixture dataset",
-    ):
-        assert f'alt="{panel}"' in page
+    data = json.loads(page.split('id="keel-data">')[1].split("</script>")[0])
+    panels = {p["id"]: [s["name"] for s in p["series"]] for p in data["panels"]}
+    assert panels["val_sources"] == ["val_loss", f"val_loss/{DIGITS}", f"val_loss/{LETTERS}"]
+    assert panels["val_ppl_sources"] == ["val_ppl", f"val_ppl/{DIGITS}", f"val_ppl/{LETTERS}"]
+    assert set(panels["val_mixture"]) == {"val_loss_mixture/both", "val_loss_mixture/extra"}
+    assert set(panels["val_ppl_mixture"]) == {"val_ppl_mixture/both", "val_ppl_mixture/extra"}
+    assert 'id="validation"' in page and "extra" in page.split('id="validation"')[1]  # eval.json's table
 
 
 def test_keel_eval_of_a_missing_step_or_run_is_one_line(evaluated_run, tmp_path, capsys, monkeypatch):
