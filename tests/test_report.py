@@ -153,8 +153,10 @@ def test_report_tells_incidents_in_sentences_and_leaves_out_what_the_run_lacks(r
     plotted = {s["name"] for p in data["panels"] for s in p["series"]}
     assert recorded - plotted == {"step", "time", "tokens_seen", "eta_s"}  # every metric has a plot
     assert "model card" in page  # every run writes its own card when it ends
-    for absent in ('id="validation"', 'id="audit"', 'id="plan"', "data card", ">evaluation<"):
-        assert absent not in page  # no per-source metrics, eval.json, audit.json or data card in this run
+    # Validation per source of the dataset (*.txt and *.jsonl files), from its lineage.
+    assert 'id="validation"' in page and {"val_loss/*.txt", "val_ppl/*.jsonl"} <= plotted
+    for absent in ('id="audit"', 'id="plan"', "data card", ">evaluation<"):
+        assert absent not in page  # no audit metrics, eval.json, audit.json or data card in this run
 
 
 def test_report_renders_in_chromium_with_every_plot_drawn(run, dataset, tmp_path, capsys):
