@@ -160,11 +160,11 @@ def lineage_lines(lineage: RunLineage) -> list[str]:
     """`keel data lineage --run`'s lines for one run."""
     r = lineage
     head = f"run {r.run} (seed {r.seed}, {r.last} steps, the dataset {r.version})"
-    lines = [f"{head}: " + (f"steps {_ranges(r.steps)} read it" if r.steps else "no step read it")]
+    lines = [f"{head}: " + (f"{_ranges(r.steps)} read it" if r.steps else "no step read it")]
     if r.validation:
         lines.append(f"run {r.run}: it is in the validation split the run evaluates on (never trained on)")
     if r.undone:
-        lines.append(f"run {r.run}: steps {_ranges(r.undone)} also read it before a rollback undid them")
+        lines.append(f"run {r.run}: {_ranges(r.undone)} also read it before a rollback undid it")
     if r.steps:
         held = ", ".join(f"step_{c}" for c in r.checkpoints) or "none yet"
         lines.append(f"run {r.run}: committed checkpoints that have seen it: {held}")
@@ -172,11 +172,11 @@ def lineage_lines(lineage: RunLineage) -> list[str]:
 
 
 def _ranges(values: list[int]) -> str:
-    """1, 2, 3, 7 -> '1-3, 7'."""
+    """[1, 2, 3, 7] -> 'steps 1-3, 7'; [4] -> 'step 4'."""
     out: list[list[int]] = []
     for v in values:
         if out and v == out[-1][1] + 1:
             out[-1][1] = v
         elif not out or v != out[-1][1]:
             out.append([v, v])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+    return ("step " if len(values) == 1 else "steps ") + ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
