@@ -7,7 +7,6 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -15,11 +14,12 @@ from conftest import assert_one_line_error, dataset_text, quiet, run_keel
 from keel.cli import app
 from keel.data.dataset import TokenDataset
 from keel.data.inspect import inspect_lines, verify_dataset
-from keel.data.lineage import find_documents
+from keel.data.lineage import document_spans, find_documents
 from keel.data.manifest import load_manifest, resolve_inside
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
 from keel.data.tokenizer import load_tokenizer
+from keel.data.tombstones import check_tombstones_file
 from keel.errors import DataError
 
 NAME = "Zorblax Quintavius"  # a person only document 5 of a.jsonl names
@@ -91,10 +91,16 @@ def test_a_removed_document_stays_out_of_later_prepares_even_moved_and_renamed(c
 
 def test_a_tombstones_file_outlives_the_dataset_and_prepare_reads_it_from_the_config(corpus, tmp_path):
     ds, dead = tmp_path / "ds", tmp_path / "registry" / "tombstones.json"
-    dead.parent.mkdir()
     prepare_dataset([str(corpus / "*")], ds, **SETTINGS)
+    with pytest.raises(DataError, match="already holds a dataset; choose another data.dataset or delete it"):
+        prepare_dataset([str(corpus / "*")], ds, **SETTINGS)  # no tombstones yet: the plain refusal
     assert "holds 1" in remove(str(ds), "--source", "a.jsonl", "--ordinal", "5", "--tombstones", str(dead))
     assert "holds 2" in remove(str(ds), "--source", "b.txt", "--tombstones", str(dead))
+    # Preparing over the dataset is refused, and the refusal says how to keep its removed documents out.
+    with pytest.raises(
+        DataError, match=rf'choose another data.dataset \(with prepare.tombstones = \["{ds}"\]: it keeps its 2'
+    ):
+        prepare_dataset([str(corpus / "*")], ds, **SETTINGS)
     shutil.rmtree(ds)
     out = tmp_path / "again"
     base = ["data", "prepare", "--source", str(corpus / "*"), "--set", "prepare.vocab_size=400"]
@@ -105,9 +111,23 @@ def test_a_tombstones_file_outlives_the_dataset_and_prepare_reads_it_from_the_co
     missing = run_keel(*base, "--out", str(tmp_path / "x"), "--set", 'prepare.tombstones=["nope"]', cwd=tmp_path)
     assert_one_line_error(missing, "prepare.tombstones: nope is neither a prepared dataset nor a tombstones file")
     (tmp_path / "bad.json").write_text('{"tombstones": [{"sha256": 3}]}')
-    bad = run_keel(*base, "--out", str(tmp_path / "y"), "--set", 'prepare.tombstones=["bad.json"]', cwd=tmp_path)
-    assert_one_line_error(bad, "bad.json", "tombstones.0")
+    with pytest.raises(DataError, match=r"prepare.tombstones: .*bad.json: tombstones.0"):
+        prepare_dataset([str(corpus / "*")], tmp_path / "y", **SETTINGS, tombstones=[str(tmp_path / "bad.json")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_tombstones_file_that_cannot_be_written_is_refused_before_the_removal(corpus, tmp_path):
+    ds = tmp_path / "ds"
+    prepare_dataset([str(corpus / "*")], ds, **SETTINGS)
+    before = (ds / "manifest.json").read_bytes()
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    remove = ("data", "remove", str(ds), "--source", "a.jsonl", "--ordinal", "5", "--tombstones")
+    result = run_keel(*remove, str(tmp_path / "notes.json"), cwd=tmp_path)
+    assert_one_line_error(result, "--tombstones: ", 'notes.json has no "tombstones" list')
+    for bad, message in ((tmp_path, "is a directory; name a file"), (tmp_path / "notes.json" / "t.json", "is a file")):
+        with pytest.raises(DataError, match=message):
+            check_tombstones_file(bad)
+    assert (ds / "manifest.json").read_bytes() == before  # nothing was removed
 
 
 def test_removing_a_whole_file_marks_it_removed_in_the_file_list(corpus, tmp_path):
@@ -129,21 +149,73 @@ def test_removing_a_whole_file_marks_it_removed_in_the_file_list(corpus, tmp_pat
     assert all(f.removed is None for f in load_manifest(ds).files if f.key == "a.jsonl")
 
 
-def test_remove_reports_the_vocabulary_only_the_removed_text_used(corpus, tmp_path):
+def documents(dataset: Path, split: str) -> list[str]:
+    """A split's documents, each decoded on its own (without its EOS)."""
+    manifest = load_manifest(dataset)
+    tok = load_tokenizer(resolve_inside(dataset, manifest.tokenizer.file))
+    data = TokenDataset(dataset, split)
+    return [
+        tok.decode(data.read(d.start, d.end - d.start - 1).tolist()) for d in document_spans(dataset, manifest, split)
+    ]
+
+
+def test_remove_reports_the_vocabulary_learned_only_from_the_removed_text(corpus, tmp_path):
+    # Kept text with English words: merge steps such as "ax" are inside kept words that encode to bigger entries
+    # ("axle"), so the kept text never emits them, yet they were learned from it too and are not reported.
+    rng = random.Random(5)
+    english = "and hand sand send end band quint tavern axle".split()
+    with (corpus / "a.jsonl").open("a") as f:
+        for _ in range(30):
+            f.write(json.dumps({"text": " ".join(rng.choice(english) for _ in range(40))}) + "\n")
     ds = tmp_path / "ds"
     prepare_dataset([str(corpus / "*")], ds, **SETTINGS)
     tokenizer = load_manifest(ds).tokenizer
     tok = load_tokenizer(ds / "tokenizer.json")
-    name_ids = set(tok.encode(f"{NAME} {NAME}").ids)
     assert "Zorblax" in tok.get_vocab() and "ĠQuintavius" in tok.get_vocab()
+    [span] = find_documents(ds, "a.jsonl", 5)
+    assert span.split == "train"  # so in the BPE's sample (the corpus is small: every training document is)
+    removed = tok.decode(TokenDataset(ds, "train").read(span.start, span.end - span.start - 1).tolist())
     output = remove(str(ds), "--source", "a.jsonl", "--ordinal", "5")
-    assert "tokenizer entries occur only in the removed text" in output and "' Quintavius'" in output
+    assert "tokenizer entries were learned only from the removed text" in output and "' Quintavius'" in output
     removal = load_manifest(ds).removals[-1]
-    assert name_ids <= set(removal.vocabulary)
-    kept = np.concatenate([TokenDataset(ds, s).read(0, TokenDataset(ds, s).num_tokens) for s in ("train", "val")])
-    assert not np.isin(removal.vocabulary, kept).any()  # no reported entry is used by the kept text
+    # The definition, computed here directly: a learned entry (2+ byte symbols) inside a word of the removed text
+    # whose text occurs in no kept training document.
+    kept = [d.encode() for d in documents(ds, "train")]
+    words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(removed)]
+    special = set(tok.get_added_tokens_decoder())
+    expected = {
+        i
+        for t, i in tok.get_vocab().items()
+        if len(t) > 1 and i not in special and any(t in w for w in words)
+        if not any(tok.decode([i]).encode() in d for d in kept)
+    }
+    assert set(removal.vocabulary) == expected
+    # Every piece of the name, and the merge steps no text emits (Zorbl, Quintav), but no step of a kept word.
+    assert {i for t, i in tok.get_vocab().items() if "Zorb" in t or "Quint" in t} <= expected
+    steps = {tok.token_to_id(t) for t in ("ax", "av", "tav", "nd")}  # in "axle", "tavern", "and"
+    assert None not in steps and not steps & expected
     assert load_manifest(ds).tokenizer == tokenizer  # reported, not changed, without --retrain-tokenizer
-    assert f"{len(removal.vocabulary)} vocabulary entries only they used" in "\n".join(inspect_lines(ds))
+    assert f"{len(removal.vocabulary)} vocabulary entries learned only from them" in "\n".join(inspect_lines(ds))
+
+
+def test_nothing_is_reported_learned_from_text_the_tokenizer_never_trained_on(corpus, tmp_path):
+    ds, given = tmp_path / "ds", tmp_path / "given"
+    prepare_dataset([str(corpus / "*")], ds, **SETTINGS)
+    [val] = [d for d in document_spans(ds, load_manifest(ds), "val")][:1]
+    key = load_manifest(ds).files[val.file].key
+    output = remove(str(ds), "--source", key, "--ordinal", str(val.ordinal))
+    assert "no tokenizer entry was learned only from the removed text (the removed text was not in the sample" in output
+    prepare_dataset([str(corpus / "*")], given, **SETTINGS, tokenizer=str(ds / "tokenizer.json"))
+    assert load_manifest(given).tokenizer.given
+    before = (given / "manifest.json").read_bytes()
+    refused = run_keel(
+        "data", "remove", str(given), "--source", "a.jsonl", "--ordinal", "5", "--retrain-tokenizer", cwd=tmp_path
+    )
+    assert_one_line_error(refused, "--retrain-tokenizer: nothing in", "given by prepare.tokenizer", "remove without")
+    assert (given / "manifest.json").read_bytes() == before  # refused before anything changed
+    output = remove(str(given), "--source", "a.jsonl", "--ordinal", "5")
+    assert "(the tokenizer was given by prepare.tokenizer, not trained on this dataset)" in output
+    assert load_manifest(given).removals[-1].vocabulary == []
 
 
 def test_retrain_tokenizer_writes_what_a_fresh_prepare_without_the_document_writes(corpus, tmp_path):

@@ -191,9 +191,11 @@ def data_remove(
     from keel.data.erase import erase_documents, erased_lines
     from keel.data.lineage import find_documents
     from keel.data.manifest import load_manifest
-    from keel.data.tombstones import add_to_file
+    from keel.data.tombstones import add_to_file, check_tombstones_file
 
     spans = find_documents(dataset, source, ordinal)
+    if tombstones is not None:
+        check_tombstones_file(tombstones)  # before the removal: it cannot fail half done
     erased = erase_documents(dataset, spans, whole_files=ordinal is None, retrain=retrain_tokenizer)
     print("\n".join(erased_lines(erased, dataset, ordinal is None)))
     if tombstones is not None:

@@ -22,7 +22,7 @@ from keel.data.retokenize import retokenize
 from keel.data.sources import read_documents
 from keel.data.stages import clean, content_hash
 from keel.data.tokenizer import load_tokenizer
-from keel.data.vocab import only_in_removed
+from keel.data.vocab import learned_only_from
 from keel.errors import DataError
 from keel.io import check_writable_dir, filesystem_errors
 
@@ -32,7 +32,8 @@ class Erased:
     """What a removal did and what it could not make exact."""
 
     removal: Removal  # its record in the manifest
-    vocabulary: list[str]  # the old tokenizer's entries that only the removed text used
+    vocabulary: list[str]  # the old tokenizer's entries learned only from the removed text
+    why_none: str | None  # why the tokenizer cannot have learned anything from the removed text
     remaining: list[str]  # those the retrained tokenizer learned again from the kept text
     unmatched: list[str]  # key:ordinal of documents whose tombstone hashes the scrubbed text (source gone or changed)
 
@@ -66,14 +67,20 @@ def _erase(
     removal.spans = [(d.split, d.start, d.end) for d in spans]
     removal.split_tokens = {split: entry.tokens for split, entry in manifest.splits.items()}
     removal.tombstones = [content_hash(o or t) for o, t in zip(originals, texts, strict=True)]
-    removal.vocabulary = only_in_removed(root, manifest, ids, tok)
+    learned = learned_only_from(root, manifest, spans, tok)
+    if retrain and learned.why_none:
+        raise DataError(
+            f"--retrain-tokenizer: nothing in {root}'s tokenizer was learned from the removed text "
+            f"({learned.why_none}); remove without --retrain-tokenizer"
+        )
+    removal.vocabulary = learned.ids
     unmatched = [f"{k}:{o}" for (k, o), text in zip(removal.documents, originals, strict=True) if text is None]
     _account(manifest, spans, removal, whole_files)
     entries = [tok.id_to_token(i) for i in removal.vocabulary]
     vocabulary = [tok.decode([i], skip_special_tokens=False) for i in removal.vocabulary]  # as text, not bytes
     if not retrain:
         rewrite_without(root, manifest, spans, removal)
-        return Erased(removal, vocabulary, [], unmatched)
+        return Erased(removal, vocabulary, learned.why_none, [], unmatched)
     old = [manifest.tokenizer.file] + [n for e in manifest.splits.values() for s in e.shards for n in _names(s)]
     removal.shards = [s.file for e in manifest.splits.values() for s in e.shards]
     removal.retokenized = True
@@ -82,7 +89,7 @@ def _erase(
     write_manifest(root, manifest)  # the commit point: before it the old version is intact and still named
     _delete(root, old)
     remaining = [shown for shown, t in zip(vocabulary, entries, strict=True) if new.token_to_id(t) is not None]
-    return Erased(removal, vocabulary, remaining, unmatched)
+    return Erased(removal, vocabulary, None, remaining, unmatched)
 
 
 def _names(shard: Shard) -> list[str]:
@@ -155,15 +162,16 @@ def erased_lines(erased: Erased, dataset: Path, whole_files: bool) -> list[str]:
     ]
     shown = ", ".join(repr(t) for t in erased.vocabulary[:20]) + (", ..." if len(erased.vocabulary) > 20 else "")
     if not erased.vocabulary:
-        lines.append("vocabulary: no tokenizer entry was used only by the removed text")
+        why = f" ({erased.why_none})" if erased.why_none else ""
+        lines.append(f"vocabulary: no tokenizer entry was learned only from the removed text{why}")
     elif not r.retokenized:
         lines.append(
-            f"vocabulary: {len(erased.vocabulary)} tokenizer entries occur only in the removed text: {shown}; "
-            "--retrain-tokenizer trains the tokenizer again on the kept text and re-encodes every shard"
+            f"vocabulary: {len(erased.vocabulary)} tokenizer entries were learned only from the removed text: "
+            f"{shown}; --retrain-tokenizer trains the tokenizer again on the kept text and re-encodes every shard"
         )
     else:
         again = f"; {len(erased.remaining)} learned again from the kept text: {erased.remaining}"
-        gone = f"vocabulary: {len(erased.vocabulary)} entries only the removed text used ({shown}) are gone"
+        gone = f"vocabulary: {len(erased.vocabulary)} entries learned only from the removed text ({shown}) are gone"
         lines.append(gone + (again if erased.remaining else ""))
     lines.append(
         "runs trained before this removal read the old version: their resume refuses the changed manifest"

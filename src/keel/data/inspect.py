@@ -31,7 +31,7 @@ def inspect_lines(dataset_dir: Path) -> list[str]:
     for removal in m.removals:
         line = f"removal {removal.time}: {len(removal.documents)} documents, shards {removal.shards}"
         if removal.vocabulary is not None:
-            line += f", {len(removal.vocabulary)} vocabulary entries only they used"
+            line += f", {len(removal.vocabulary)} vocabulary entries learned only from them"
         lines.append(line + (", tokenizer retrained and every shard re-encoded" if removal.retokenized else ""))
     for f in m.files:
         if f.removed:

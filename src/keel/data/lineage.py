@@ -70,7 +70,7 @@ def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -
     if ordinal is None:
         raise DataError(
             f"{root}: source file {source!r} has no documents left in the dataset "
-            "(quality filters, dedup or `keel data remove` dropped them all)"
+            "(quality filters, dedup, tombstones or `keel data remove` dropped them all)"
         )
     keys = {manifest.files[i].key for i in files}
     removed = [r.time for r in manifest.removals if any((k, ordinal) in r.documents for k in keys)]
@@ -79,7 +79,7 @@ def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -
     raise DataError(
         f"{root}: no document {ordinal} of {source!r} in the dataset: the file has no such document "
         "(the ordinal is the JSON Lines line number, the Parquet row, 0 for a text file), "
-        "or it was empty or dropped by a quality filter or dedup"
+        "or it was empty or dropped by a quality filter, dedup or a tombstone (prepare.tombstones)"
     )
 
 

@@ -34,6 +34,7 @@ class TokenizerEntry(Entry):
     sha256: str
     vocab_size: int = Field(gt=0)
     eos_id: int = Field(ge=0)
+    given: bool | None = None  # True: prepare.tokenizer supplied it, so none of it was learned from this dataset
 
 
 class Shard(Entry):

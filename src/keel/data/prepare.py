@@ -167,6 +167,8 @@ def _prepare(
             tok = load_tokenizer(staging / "tokenizer.json")
         manifest = _write(staging, found, result, reading, tok, settings, progress, pool, log)
         manifest.tombstones = dead or None  # carried on, so a prepare from this dataset drops them too
+        if tokenizer is not None:
+            manifest.tokenizer.given = True  # nothing in it was learned here: a removal's vocabulary report says so
         if part is None or not (staging / STORE).exists():
             shutil.rmtree(staging / STORE, ignore_errors=True)  # the dedup keys outlive the run only for a merge
         else:
@@ -365,7 +367,12 @@ def check_output(out_dir: Path) -> None:
 def check_new(out_dir: Path) -> None:
     """Refuse an out_dir that already holds a dataset or anything else."""
     if (out_dir / MANIFEST).exists():
-        raise DataError(f"{out_dir} already holds a dataset; choose another data.dataset or delete it")
+        try:
+            held = len(read_tombstones([str(out_dir)]))
+        except KeelError:
+            held = 0  # an unreadable manifest: the refusal says enough
+        keep = f'(with prepare.tombstones = ["{out_dir}"]: it keeps its {held} removed documents out) ' if held else ""
+        raise DataError(f"{out_dir} already holds a dataset; choose another data.dataset {keep}or delete it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir} exists and is not an empty directory; choose another data.dataset or delete it")
 

@@ -13,10 +13,9 @@ from tokenizers import Tokenizer
 from keel.data.dataset import TokenDataset
 from keel.data.lineage import split_index
 from keel.data.manifest import Manifest, Split, TokenizerEntry
-from keel.data.pool import doc_hashes
-from keel.data.scan import TRAIN_SAMPLE_CHARS
 from keel.data.shards import ShardWriter
 from keel.data.tokenizer import Encoder, choose_encoder, eos_id, train_tokenizer
+from keel.data.vocab import bpe_sample
 from keel.io import fsync_path, sha256_file
 
 BATCH = 1024  # documents decoded and encoded at a time
@@ -28,7 +27,7 @@ def retokenize(
 ) -> Tokenizer:
     """Train prepare's BPE on the kept documents, write them re-encoded under a new tN/, point `manifest` there."""
     version = _version_dir(root, manifest)
-    sample = _sample(root, manifest, gone, old)
+    sample = [text for _, _, text in bpe_sample(root, manifest, old, frozenset(gone))]
     tok = train_tokenizer(sample, manifest.tokenizer.vocab_size)
     log(f"trained a {tok.get_vocab_size()}-token BPE on the kept text ({sum(map(len, sample)) / 1e6:.1f} MB)")
     path = version / "tokenizer.json"
@@ -76,25 +75,3 @@ def _kept(
         picked = np.arange(at, min(at + BATCH, len(starts)))[keep[at : at + BATCH]]
         ids = [data.read(int(s), int(e - s) - 1).tolist() for s, e in zip(starts[picked], ends[picked], strict=True)]
         yield origins[picked], tok.decode_batch(ids, skip_special_tokens=False)
-
-
-def _sample(root: Path, manifest: Manifest, gone: set[tuple[str, int]], tok: Tokenizer) -> list[str]:
-    """The text prepare's scan would sample to train the BPE: the same documents (by their hashes), less `gone`."""
-    total = sum(s.bytes for s in manifest.sources)
-    fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total, 1))
-    val = manifest.settings.val_fraction
-    picked = []
-    for split in manifest.splits:
-        starts, ends, origins = split_index(root, manifest, split)
-        for s, e, (file, ordinal) in zip(starts.tolist(), ends.tolist(), origins.tolist(), strict=True):
-            split_hash, sample_hash = doc_hashes(manifest.files[file].key, ordinal)
-            if (split, s) not in gone and split_hash >= val and sample_hash < fraction:
-                picked.append((file, ordinal, split, s, e))
-    data = {split: TokenDataset(root, split) for split in manifest.splits}
-    out, size = [], 0
-    for _, _, split, s, e in sorted(picked):  # the scan samples in document order, up to twice the target
-        if size >= 2 * TRAIN_SAMPLE_CHARS:
-            break
-        out.append(tok.decode(data[split].read(s, e - s - 1).tolist(), skip_special_tokens=False))
-        size += len(out[-1])
-    return out

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from keel.config import validation_message
 from keel.data.manifest import MANIFEST, Entry, Tombstone
 from keel.errors import ConfigError, DataError
-from keel.io import atomic_write_json, filesystem_errors
+from keel.io import atomic_write_json, check_writable_dir, filesystem_errors
 
 FORMAT = "keel-tombstones/1"
 
@@ -37,27 +37,38 @@ def read_tombstones(paths: list[str]) -> list[Tombstone]:
     return list(found.values())
 
 
-def _read(file: Path) -> list[Tombstone] | None:
+def _read(file: Path, what: str = "prepare.tombstones") -> list[Tombstone] | None:
     with filesystem_errors("read the tombstones", DataError):
         raw = file.read_bytes()
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"prepare.tombstones: {file} is not valid JSON ({e})") from None
+        raise DataError(f"{what}: {file} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or ("tombstones" not in data and "format" not in data):
-        raise DataError(f'prepare.tombstones: {file} has no "tombstones" list; is it a tombstones file?')
+        raise DataError(f'{what}: {file} has no "tombstones" list; is it a tombstones file?')
     try:
         return TombstoneFile.model_validate({"tombstones": data.get("tombstones")}).tombstones
     except ValidationError as e:
-        raise DataError(f"prepare.tombstones: {file}: {validation_message(e, TombstoneFile)}") from None
+        raise DataError(f"{what}: {file}: {validation_message(e, TombstoneFile)}") from None
+
+
+def check_tombstones_file(path: Path) -> None:
+    """Before a removal changes anything: the file `--tombstones` names is a tombstones file, or can be made."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"--tombstones {path} is a directory; name a file, e.g. {path / 'tombstones.json'}")
+    if path.exists():
+        _read(path, "--tombstones")
+    check_writable_dir(path.parent, "--tombstones", DataError)
 
 
 def add_to_file(path: Path, tombstones: list[Tombstone]) -> int:
     """Add tombstones to a tombstones file (made if missing, replaced atomically); returns how many it holds."""
     path = Path(path)
-    have = (_read(path) or []) if path.exists() else []
+    have = (_read(path, "--tombstones") or []) if path.exists() else []
     known = {t.sha256 for t in have}
     merged = have + [t for t in tombstones if t.sha256 not in known]
     with filesystem_errors("write the tombstones file", DataError, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"format": FORMAT, "tombstones": [t.model_dump(mode="json") for t in merged]})
     return len(merged)

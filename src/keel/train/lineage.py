@@ -112,11 +112,7 @@ def run_lineage(dataset: Path, versions: list[Version], run_dir: Path) -> RunLin
     k = next((i for i, h in enumerate(hashes) if h in by_hash), None)
     held_out = by_hash.get(data.manifest_sha256)
     if k is None and held_out is None:
-        raise DataError(
-            f"run {run.root} was trained on another dataset ({paths[0]}, manifest hash {(hashes[0] or '?')[:12]}; "
-            f"{dataset} has {versions[0].sha256[:12]}{' or an earlier version' if len(versions) > 1 else ''}); "
-            "pass the dataset the run was trained on, or leave the run out"
-        )
+        raise _another_dataset(run.root, Path(dataset), paths, hashes, versions)
     traj = trajectory(run)
     steps = undone = np.zeros(0, dtype=np.int64)
     version = (held_out if k is None else by_hash[hashes[k]]).label
@@ -133,6 +129,25 @@ def run_lineage(dataset: Path, versions: list[Version], run_dir: Path) -> RunLin
         undone=sorted(undone.tolist()),
         checkpoints=[c for c in committed_steps(run.checkpoints) if first is not None and c >= first],
         validation=held_out is not None and any(d.split == "val" for d in held_out.spans),
+    )
+
+
+def _another_dataset(
+    run: Path, dataset: Path, paths: list[str], hashes: list[str | None], versions: list[Version]
+) -> DataError:
+    """The one-line refusal for a run that read none of the dataset's versions: which it read, and what to pass."""
+    now = versions[0].sha256[:12]
+    for path, digest in zip(paths, hashes, strict=True):
+        if Path(path).resolve() == dataset.resolve():  # prepared again in place, or changed in a way not recorded
+            return DataError(
+                f"run {run} was trained on another version of {dataset} (manifest hash {(digest or '?')[:12]}; it "
+                f"is now {now} and its removal records describe no version with that hash); pass a copy of the "
+                "dataset as the run read it, or leave the run out"
+            )
+    earlier = " or an earlier version" if len(versions) > 1 else ""
+    return DataError(
+        f"run {run} was trained on another dataset ({paths[0]}, manifest hash {(hashes[0] or '?')[:12]}; "
+        f"{dataset} has {now}{earlier}); pass the dataset the run was trained on, or leave the run out"
     )
 
 
