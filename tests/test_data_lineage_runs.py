@@ -10,14 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import assert_one_line_error, quiet, run_keel, tiny_config
 from keel.checkpoint.commit import committed_steps
+from keel.cli import app
+from keel.config_toml import load_config
 from keel.data.dataset import TokenDataset
-from keel.data.lineage import find_documents
+from keel.data.lineage import document_spans, find_documents
 from keel.data.loader import BatchLoader
+from keel.data.manifest import load_manifest
 from keel.data.prepare import prepare_dataset
 from keel.data.versions import document_versions
+from keel.errors import DataError
 from keel.train.lineage import run_lineage
 
 NAME = "Zorblax Quintavius"
@@ -35,7 +40,7 @@ def corpus(path: Path, seed: int, marker: bool) -> Path:
 
 
 def train(tmp: Path, name: str, dataset: Path, seed: int, **sections: dict) -> Path:
-    checkpoint = {"every": 5, "keep": 3}
+    checkpoint = {"every": 10, "keep": 3}
     config = tiny_config(
         tmp / f"{name}.toml", dataset, run={"name": name, "seed": seed}, checkpoint=checkpoint, **sections
     )
@@ -46,24 +51,33 @@ def train(tmp: Path, name: str, dataset: Path, seed: int, **sections: dict) -> P
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    """A dataset and another with its tokenizer; run a (seed 0, a loss spike rolls steps 21-23 back), run b (seed 1),
-    and run m, a mixture of both datasets (seed 2)."""
+    """A dataset and run a on it (seed 0; a loss spike at step 23 rolls steps 21-23 back to its step-20 checkpoint)."""
     tmp = tmp_path_factory.mktemp("lineage")
-    settings = {"val_fraction": 0.2, "log": quiet}
     data = tmp / "data"
-    prepare_dataset([str(corpus(tmp / "a.jsonl", 2, True))], data, vocab_size=400, **settings)
-    other = tmp / "other"
-    tokenizer = str(data / "tokenizer.json")
-    prepare_dataset([str(corpus(tmp / "o.jsonl", 3, False))], other, tokenizer=tokenizer, **settings)
+    prepare_dataset([str(corpus(tmp / "a.jsonl", 2, True))], data, vocab_size=400, val_fraction=0.2, log=quiet)
     spike = {"inject": "spike:step=23", "spike_window": 10}
-    return {
-        "tmp": tmp,
-        "data": data,
-        "other": other,
-        "a": train(tmp, "a", data, 0, train={"steps": 30}, resilience=spike),
-        "b": train(tmp, "b", data, 1, train={"steps": 30}),
-        "m": train(tmp, "m", data, 2, train={"steps": 12}, data={"mixture": {str(other): 1.0, str(data): 1.0}}),
-    }
+    return {"tmp": tmp, "data": data, "a": train(tmp, "a", data, 0, train={"steps": 30}, resilience=spike)}
+
+
+def other_dataset(tmp: Path, data: Path) -> Path:
+    """Another dataset with the same tokenizer (so a mixture of both is allowed)."""
+    other = tmp / "other"
+    if not other.exists():
+        tokenizer = str(data / "tokenizer.json")
+        prepare_dataset(
+            [str(corpus(tmp / "o.jsonl", 3, False))], other, tokenizer=tokenizer, val_fraction=0.2, log=quiet
+        )
+    return other
+
+
+def copy_run(run: Path, dataset: Path, into: Path) -> Path:
+    """A copy of a run dir whose config names `dataset` (and the copy) instead of the originals."""
+    copy = into / "runs" / run.name
+    shutil.copytree(run, copy)
+    config = (copy / "config.toml").read_text()
+    old = load_config(run / "config.toml").data.dataset
+    (copy / "config.toml").write_text(config.replace(f'"{old}"', f'"{dataset}"').replace(f'"{run}"', f'"{copy}"'))
+    return copy
 
 
 def steps_holding(loader: BatchLoader, tokens: set[int], reads: dict[int, int]) -> list[int]:
@@ -101,87 +115,92 @@ def loader(datasets: list[TokenDataset], seed: int, weights: list[float] | None 
 
 
 def test_lineage_names_the_steps_that_read_the_document_as_the_loader_reads_them(trained):
-    data = trained["data"]
+    data, run = trained["data"], trained["a"]
     tokens, versions = marker_tokens(data), document_versions(data, "a.jsonl", 5)
-    train_split = [TokenDataset(data, "train")]
-    # Run a rolled back from step 23 to its step-20 checkpoint and skipped batches 20-22: step s > 20 reads s + 2.
-    reads = {"a": {s: s - 1 if s <= 20 else s + 2 for s in range(1, 31)}, "b": {s: s - 1 for s in range(1, 31)}}
-    found = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        got = run_lineage(data, versions, trained[name])
-        expected = steps_holding(loader(train_split, seed), tokens, reads[name])
-        assert got.steps == expected and expected and got.last == 30
-        assert got.checkpoints == [c for c in committed_steps(trained[name] / "checkpoints") if c >= expected[0]]
-        found[name] = expected
-    assert found["a"] != found["b"]  # another seed, another order
-    undone = run_lineage(data, versions, trained["a"]).undone
-    assert undone == steps_holding(loader(train_split, 0), tokens, {21: 20, 22: 21, 23: 22})
-    result = run_keel(
-        "data",
-        "lineage",
-        str(data),
-        "--source",
-        "a.jsonl",
-        "--ordinal",
-        "5",
-        "--run",
-        str(trained["a"]),
-        "--run",
-        str(trained["b"]),
-        cwd=trained["tmp"],
-    )
+    # The rollback from step 23 to the step-20 checkpoint skipped batches 20-22: step s > 20 reads batch s + 2.
+    reads = {s: s - 1 if s <= 20 else s + 2 for s in range(1, 31)}
+    got = run_lineage(data, versions, run)
+    expected = steps_holding(loader([TokenDataset(data, "train")], 0), tokens, reads)
+    assert got.steps == expected and expected and got.last == 30 and not got.validation
+    assert got.checkpoints == [c for c in committed_steps(run / "checkpoints") if c >= expected[0]]
+    undone = steps_holding(loader([TokenDataset(data, "train")], 0), tokens, {21: 20, 22: 21, 23: 22})
+    assert got.undone == undone
+    # A document of the validation split: evaluated on, never trained on.
+    val = document_spans(data, load_manifest(data), "val")[0]
+    in_val = run_lineage(data, document_versions(data, "a.jsonl", val.ordinal), run)
+    assert in_val.validation and in_val.steps == [] and in_val.checkpoints == []
+    lineage = ("data", "lineage", str(data), "--source", "a.jsonl", "--ordinal", "5", "--seq-len", str(SEQ))
+    result = run_keel(*lineage, "--run", str(run), cwd=trained["tmp"])
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "train document 5: tokens" in out and f"run {trained['b']} (seed 1, 30 steps, the dataset now):" in out
-    assert f"run {trained['a']}: committed checkpoints that have seen it: step_20, step_25, step_30" in out
+    assert "train document 5: tokens" in out and f"run {run} (seed 0, 30 steps, the dataset now): steps " in out
+    held = ", ".join(f"step_{c}" for c in got.checkpoints)
+    assert got.checkpoints and f"run {run}: committed checkpoints that have seen it: {held}\n" in out
+    [line] = [x for x in out.splitlines() if x.endswith(" read it")]
+    named = [r.split("-") for r in line.split("): step")[1].removeprefix("s").removesuffix(" read it").split(", ")]
+    assert [s for r in named for s in range(int(r[0]), int(r[-1]) + 1)] == expected  # as ranges, in order
 
 
+def test_lineage_for_a_run_trained_on_another_dataset_is_one_line_naming_it(trained, tmp_path):
+    data, run = trained["data"], trained["a"]
+    other = other_dataset(trained["tmp"], data)
+    result = run_keel("data", "lineage", str(other), "--source", "o.jsonl", "--run", str(run), cwd=tmp_path)
+    assert_one_line_error(result, f"run {run} was trained on another dataset ({data}", "pass the dataset the run")
+    assert not list(tmp_path.iterdir())  # nothing written
+    # The same path holding another dataset (prepared again in place): named as another version of it.
+    again = tmp_path / "data"
+    shutil.copytree(other, again)
+    with pytest.raises(DataError, match=rf"run .* was trained on another version of {again} \(manifest hash "):
+        run_lineage(again, document_versions(again, "o.jsonl"), copy_run(run, again, tmp_path))
+    with pytest.raises(DataError, match="nope: not a Keel run dir"):
+        run_lineage(data, document_versions(data, "a.jsonl", 5), tmp_path / "nope")
+
+
+def test_after_removal_lineage_still_answers_for_the_run(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained["data"], data)
+    run = copy_run(trained["a"], data, tmp_path)
+
+    def lineage(ordinal: int) -> tuple[list[int], list[int], list[int]]:
+        got = run_lineage(data, document_versions(data, "a.jsonl", ordinal), run)
+        return got.steps, got.undone, got.checkpoints
+
+    later = max(document_spans(data, load_manifest(data), "train"), key=lambda d: d.start).ordinal
+    before = {ordinal: lineage(ordinal) for ordinal in (5, later)}
+    assert before[5][0] and before[later][0]
+    remove = ["data", "remove", str(data), "--source", "a.jsonl", "--ordinal"]
+    assert CliRunner().invoke(app, [*remove, "5"]).exit_code == 0
+    assert {ordinal: lineage(ordinal) for ordinal in (5, later)} == before  # the later document moved: mapped back
+    result = CliRunner().invoke(
+        app, ["data", "lineage", str(data), "--source", "a.jsonl", "--ordinal", "5", "--run", str(run)]
+    )
+    assert "removed from" in result.output and "the dataset before the removal of 20" in result.output
+    assert CliRunner().invoke(app, [*remove, str(later), "--retrain-tokenizer"]).exit_code == 0
+    assert lineage(5) == before[5] and lineage(later) == before[later]
+
+
+@pytest.mark.soak
 def test_lineage_follows_a_mixture_to_the_dataset_and_its_own_seed(trained):
-    data, other = trained["data"], trained["other"]
-    got = run_lineage(data, document_versions(data, "a.jsonl", 5), trained["m"])
+    tmp, data = trained["tmp"], trained["data"]
+    other = other_dataset(tmp, data)
+    m = train(tmp, "m", data, 2, train={"steps": 12}, data={"mixture": {str(other): 1.0, str(data): 1.0}})
+    got = run_lineage(data, document_versions(data, "a.jsonl", 5), m)
     both = [TokenDataset(other, "train"), TokenDataset(data, "train")]
     expected = steps_holding(loader(both, 2, [1.0, 1.0]), marker_tokens(data), {s: s - 1 for s in range(1, 13)})
     assert got.steps == expected and got.last == 12
     # The other dataset is dataset 0 of the mixture: its documents are read at the steps whose batch takes from it.
     mixed = loader(both, 2, [1.0, 1.0])
     takes = [s for s in range(1, 13) if any(mixed.locate((s - 1) * BATCH + i)[0] == 0 for i in range(BATCH))]
-    assert run_lineage(other, document_versions(other, "o.jsonl"), trained["m"]).steps == takes
+    assert run_lineage(other, document_versions(other, "o.jsonl"), m).steps == takes
 
 
-def test_lineage_for_a_run_trained_on_another_dataset_is_one_line_naming_it(trained):
-    result = run_keel(
-        "data", "lineage", str(trained["other"]), "--source", "o.jsonl", "--run", str(trained["a"]), cwd=trained["tmp"]
-    )
-    assert_one_line_error(result, f"run {trained['a']} was trained on another dataset ({trained['data']}", "pass")
-    nothing = run_keel(
-        "data", "lineage", str(trained["data"]), "--source", "a.jsonl", "--run", "nope", cwd=trained["tmp"]
-    )
-    assert_one_line_error(nothing, "nope: not a Keel run dir")
-
-
-def test_after_removal_lineage_still_answers_for_the_runs_and_their_resume_refuses(trained, tmp_path):
-    # A copy of the dataset and of run b, pointed at each other, to remove from.
-    data, run = tmp_path / "data", tmp_path / "runs" / "b"
+@pytest.mark.soak
+def test_after_removal_the_runs_resume_refuses_the_changed_dataset(trained, tmp_path):
+    data = tmp_path / "data"
     shutil.copytree(trained["data"], data)
-    shutil.copytree(trained["b"], run)
-    config = (run / "config.toml").read_text()
-    config = config.replace(f'"{trained["data"]}"', f'"{data}"').replace(f'"{trained["b"]}"', f'"{run}"')
-    (run / "config.toml").write_text(config)
-
-    def lineage(ordinal: int) -> tuple[list[int], list[int]]:
-        got = run_lineage(data, document_versions(data, "a.jsonl", ordinal), run)
-        return got.steps, got.checkpoints
-
-    before = {ordinal: lineage(ordinal) for ordinal in (5, 30)}
-    assert before[5][0] and before[30][0] and find_documents(data, "a.jsonl", 30)[0].split == "train"
-    remove = ("data", "remove", str(data), "--source", "a.jsonl", "--ordinal")
-    assert run_keel(*remove, "5", cwd=tmp_path).returncode == 0
-    assert {ordinal: lineage(ordinal) for ordinal in (5, 30)} == before  # document 30 moved: mapped back
-    result = run_keel(
-        "data", "lineage", str(data), "--source", "a.jsonl", "--ordinal", "5", "--run", str(run), cwd=tmp_path
+    run = copy_run(trained["a"], data, tmp_path)
+    assert (
+        CliRunner().invoke(app, ["data", "remove", str(data), "--source", "a.jsonl", "--ordinal", "5"]).exit_code == 0
     )
-    assert "removed from" in result.stdout and "committed checkpoints that have seen it" in result.stdout
-    assert run_keel(*remove, "30", "--retrain-tokenizer", cwd=tmp_path).returncode == 0
-    assert lineage(5) == before[5] and lineage(30) == before[30]
     resumed = run_keel("train", "--resume", str(run), "--set", "train.steps=35", cwd=tmp_path)
     assert_one_line_error(resumed, f"data.dataset {data} has changed since this run started")
