@@ -125,6 +125,19 @@ def test_lineage_names_the_steps_that_read_the_document_as_the_loader_reads_them
     assert got.checkpoints == [c for c in committed_steps(run / "checkpoints") if c >= expected[0]]
     undone = steps_holding(loader([TokenDataset(data, "train")], 0), tokens, {21: 20, 22: 21, 23: 22})
     assert got.undone == undone
+    # Every training document, against the sample ids of each step's batch (windows of SEQ + 1 tokens at stride SEQ).
+    order = loader([TokenDataset(data, "train")], 0)
+    batches = {s: {order.locate(p * BATCH + i)[1] for i in range(BATCH)} for s, p in reads.items()}
+    rolled = {s: {order.locate(p * BATCH + i)[1] for i in range(BATCH)} for s, p in {21: 20, 22: 21, 23: 22}.items()}
+    after, undone_any = set(), set()
+    for d in document_spans(data, load_manifest(data), "train"):
+        got = run_lineage(data, document_versions(data, "a.jsonl", d.ordinal), run)
+        holds = {i for i in range(d.end // SEQ + 1) if i * SEQ < d.end and i * SEQ + SEQ >= d.start}
+        assert got.steps == [s for s, ids in batches.items() if ids & holds], d
+        assert got.undone == [s for s, ids in rolled.items() if ids & holds], d
+        after.update(s for s in got.steps if s > 20)
+        undone_any.update(got.undone)
+    assert after and undone_any  # steps after the rollback and steps it undid were both checked
     # A document of the validation split: evaluated on, never trained on.
     val = document_spans(data, load_manifest(data), "val")[0]
     in_val = run_lineage(data, document_versions(data, "a.jsonl", val.ordinal), run)
