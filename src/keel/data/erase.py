@@ -76,8 +76,9 @@ def _erase(
     removal.vocabulary = learned.ids
     unmatched = [f"{k}:{o}" for (k, o), text in zip(removal.documents, originals, strict=True) if text is None]
     _account(manifest, spans, removal, whole_files)
-    entries = [tok.id_to_token(i) for i in removal.vocabulary]
-    vocabulary = [tok.decode([i], skip_special_tokens=False) for i in removal.vocabulary]  # as text, not bytes
+    shown = sorted(removal.vocabulary, key=lambda i: (-len(tok.id_to_token(i)), i))  # the longest, most telling first
+    entries = [tok.id_to_token(i) for i in shown]
+    vocabulary = [tok.decode([i], skip_special_tokens=False) for i in shown]  # as text, not bytes
     if not retrain:
         rewrite_without(root, manifest, spans, removal)
         return Erased(removal, vocabulary, learned.why_none, [], unmatched)

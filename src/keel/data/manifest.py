@@ -96,7 +96,7 @@ class Removal(Entry):
     spans: list[tuple[str, int, int]] | None = None  # each document's (split, start, end) in that version
     split_tokens: dict[str, int] | None = None  # each split's tokens in that version
     tombstones: list[str] | None = None  # each document's content hash
-    vocabulary: list[int] | None = None  # ids of the old tokenizer's entries found only in the removed text
+    vocabulary: list[int] | None = None  # ids of the tokenizer's entries learned only from the removed text
     retokenized: bool | None = None  # True: a new tokenizer was trained on the kept text and every shard re-encoded
 
 
