@@ -82,7 +82,7 @@ def tiny_config(path: Path, dataset: Path, **sections: dict) -> Path:
         "data": {"dataset": str(dataset)},
         "train": {"steps": 5, "seq_len": 32, "global_batch_size": 8, "eval_every": 0, "precision": "fp32"},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
-        "parallel": {"dp": "fsdp", "nproc": 1},
+        "parallel": {"nproc": 1},
         "checkpoint": {"every": 0, "keep": 2},
         "observe": {"log_every": 1, "tensorboard": False},
     }

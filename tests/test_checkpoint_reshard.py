@@ -36,14 +36,19 @@ def chain(tmp_path, dataset, legs: list[tuple[int, str, int]]):
             *first,
             "--nproc",
             str(nproc),
-            "--set",
-            f"parallel.dp={dp}",
+            *DP[dp],
             "--set",
             f"train.stop_after={stop_after}",
             cwd=tmp_path,
         )
         assert result.returncode == 0, result.stdout + result.stderr
     return run
+
+
+DP = {  # the data-parallel style as mesh settings
+    "ddp": ["--set", "parallel.dp_replicate=-1", "--set", "parallel.dp_shard=1"],
+    "fsdp": ["--set", "parallel.dp_replicate=1", "--set", "parallel.dp_shard=-1"],
+}
 
 
 def assert_continues(run, ref, legs):

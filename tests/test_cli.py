@@ -56,7 +56,14 @@ def test_starting_another_run_in_an_existing_run_dir_is_refused_and_keeps_it(tmp
 def test_help_config_lists_every_key_with_its_doc(tmp_path):
     result = run_keel("train", "--help-config", cwd=tmp_path)
     assert result.returncode == 0
-    for key in ("train.steps", "optim.lr", "parallel.dp", "checkpoint.every", "model.n_kv_heads", "prepare.sources"):
+    for key in (
+        "train.steps",
+        "optim.lr",
+        "parallel.dp_shard",
+        "checkpoint.every",
+        "model.n_kv_heads",
+        "prepare.sources",
+    ):
         assert key in result.stdout
 
 

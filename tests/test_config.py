@@ -25,7 +25,7 @@ def test_config_has_every_section_and_required_key():
     cfg = load_config(None)
     sections = {"run", "model", "data", "prepare", "train", "optim", "parallel", "checkpoint", "observe"}
     assert set(ROOT_SECTIONS) == sections | {"distributed", "resilience"}
-    for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.dp"):
+    for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.tp"):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name)
     assert cfg.run_dir == Path("runs/keel")
@@ -48,7 +48,9 @@ def test_overrides_reach_nested_model_arguments():
         ("train.steps=-5", "train.steps: Input should be greater than 0 (got -5)"),
         ("train.stepz=5", "train.stepz: unknown key"),
         ("nosuch.key=1", "nosuch: unknown key"),
-        ("parallel.dp=zero", "parallel.dp: Input should be 'ddp' or 'fsdp'"),
+        ("parallel.dp=fsdp", "parallel.dp: replaced by parallel.dp_replicate and parallel.dp_shard"),
+        ("parallel.dp_shard=0", "parallel.dp_shard: must be a positive number of processes or -1"),
+        ("parallel.tp=0", "parallel.tp: Input should be greater than 0"),
         ("train.steps=many", "train.steps: Input should be a valid integer"),
         ("optim.lr=0", "optim.lr: Input should be greater than 0"),
         ("steps", "expected KEY=VALUE"),

@@ -133,7 +133,7 @@ def test_model_built_on_meta_and_materialised_equals_a_direct_build():
         lazy = spec.build(args)
     lazy.to_empty(device="cpu")
     torch.manual_seed(5)
-    lazy.init_weights()
+    lazy.init_weights(5)
     assert lazy.output.weight is lazy.tok_embeddings.weight  # to_empty() untied them; init_weights re-ties
     for (name, p), q in zip(direct.state_dict().items(), lazy.state_dict().values(), strict=True):
         assert torch.equal(p, q), name

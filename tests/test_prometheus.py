@@ -90,7 +90,7 @@ def test_prometheus_scrapes_loss_and_throughput_of_a_two_process_run(tmp_path, d
         tmp_path / "c.toml",
         dataset,
         train={"steps": 100000},
-        parallel={"nproc": 2, "dp": "ddp"},
+        parallel={"nproc": 2, "dp_replicate": -1, "dp_shard": 1},
         observe={"prometheus": True, "prometheus_port": exporters, "console": False},
     )
     (tmp_path / "prometheus.yml").write_text(

@@ -46,7 +46,7 @@ def test_a_rank_slowed_by_a_busy_neighbour_is_named_a_straggler(tmp_path, datase
         tmp_path / "c.toml",
         dataset,
         train={"steps": 9},
-        parallel={"dp": "ddp", "nproc": 2},
+        parallel={"dp_replicate": -1, "dp_shard": 1, "nproc": 2},
         observe={"log_every": 1, "straggler_every": 3, "straggler_margin": 0.2},
     )
     result = run_keel("train", str(config), cwd=tmp_path)

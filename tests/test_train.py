@@ -21,8 +21,8 @@ def train(tmp_path, dataset, name, *extra, **sections):
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, dataset):
     runs = [
         train(tmp_path, dataset, "single"),
-        train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp": "ddp"}),
-        train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp": "fsdp"}),
+        train(tmp_path, dataset, "ddp", "--nproc", "2", parallel={"dp_replicate": -1, "dp_shard": 1}),
+        train(tmp_path, dataset, "fsdp", "--nproc", "2", parallel={"dp_shard": -1}),
         train_under_external_torchrun(tmp_path, dataset, "external"),
     ]
     single, ddp, fsdp, external = map(losses, runs)

@@ -22,6 +22,8 @@ data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 checkpoint_app = typer.Typer(help="Inspect a run's checkpoints.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(checkpoint_app, name="checkpoint")
+launch_app = typer.Typer(help="Print what runs a training on a cluster.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(launch_app, name="launch")
 
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable).")
@@ -49,6 +51,15 @@ def train(
         Path | None, typer.Option(help="Continue the run in this run dir from its newest checkpoint.")
     ] = None,
     help_config: Annotated[bool, typer.Option("--help-config", help="List every config key with its doc.")] = False,
+    nnodes: Annotated[
+        int | None, typer.Option(help="Machines the run spans, each starting --nproc processes (Slurm: SLURM_NNODES).")
+    ] = None,
+    node_rank: Annotated[
+        int | None, typer.Option(help="This machine's number from 0; node 0 creates the run dir (Slurm: SLURM_NODEID).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the c10d rendezvous on node 0 (Slurm: the job's first host:29500).")
+    ] = None,
 ) -> None:
     """Train a model: keel train CONFIG [--set k=v ...] [--nproc N], or keel train --resume RUN_DIR."""
     if help_config:
@@ -56,7 +67,50 @@ def train(
         return
     from keel.launch.train import train as run_train
 
-    raise typer.Exit(run_train(config, overrides or [], resume, nproc))
+    raise typer.Exit(run_train(config, overrides or [], resume, nproc, (nnodes, node_rank, rdzv_endpoint)))
+
+
+ConfigArgument = Annotated[Path, typer.Argument(help="TOML config file (see configs/).")]
+NodesOption = Annotated[int, typer.Option(help="Machines to train on.", min=1)]
+GpusOption = Annotated[
+    int | None, typer.Option(help="GPUs (processes) per machine; default: the config's parallel.nproc.", min=1)
+]
+
+
+@launch_app.command("slurm")
+def launch_slurm(
+    config: ConfigArgument,
+    nodes: NodesOption,
+    gpus_per_node: GpusOption = None,
+    overrides: SetOption = None,
+    time: Annotated[str, typer.Option(help="The job's time limit (#SBATCH --time).")] = "24:00:00",
+    partition: Annotated[str | None, typer.Option(help="Slurm partition (#SBATCH --partition).")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account (#SBATCH --account).")] = None,
+) -> None:
+    """Print an sbatch script: srun starts keel train on every node; preemption requeues the job, which continues."""
+    from keel.launch.manifests import plan, slurm_script
+
+    print(slurm_script(plan(config, overrides or [], nodes, gpus_per_node), time, partition, account), end="")
+
+
+@launch_app.command("k8s")
+def launch_k8s(
+    config: ConfigArgument,
+    nodes: NodesOption,
+    gpus_per_node: GpusOption = None,
+    overrides: SetOption = None,
+    kind: Annotated[str, typer.Option(help="job (Indexed Job + headless Service) or pytorchjob (Kubeflow).")] = "job",
+    image: Annotated[str, typer.Option(help="Container image with keel installed.")] = "keel:latest",
+    storage: Annotated[str, typer.Option(help="Size of the run-dir volume (a ReadWriteMany PVC).")] = "500Gi",
+    storage_class: Annotated[str | None, typer.Option(help="StorageClass of the run-dir volume.")] = None,
+) -> None:
+    """Print Kubernetes manifests: the config, a run-dir PVC and an Indexed Job (or PyTorchJob) of keel train."""
+    from keel.launch.manifests import k8s_manifests, plan
+
+    if kind not in ("job", "pytorchjob"):
+        raise KeelError(f"--kind {kind!r}: choose job (an Indexed Job) or pytorchjob (a Kubeflow PyTorchJob)")
+    launch = plan(config, overrides or [], nodes, gpus_per_node)
+    print(k8s_manifests(launch, kind, image, storage, storage_class), end="")
 
 
 @data_app.command("prepare")

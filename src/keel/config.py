@@ -175,10 +175,40 @@ class OptimConfig(Section):
 
 
 class ParallelConfig(Section):
-    dp: Literal["ddp", "fsdp"] = Field(
-        "fsdp", description="Data parallelism: ddp (replicated) or fsdp (FSDP2 sharded)."
-    )
+    """The device mesh: pp x dp_replicate x dp_shard x tp processes, their product the world size."""
+
     nproc: int = Field(1, gt=0, description="Processes to launch on this machine (one per GPU, or CPU workers).")
+    nnodes: int = Field(1, gt=0, description="Machines the run spans, each running nproc processes (--nnodes).")
+    dp_replicate: int = Field(
+        1, description="Data-parallel replicas (DDP; with dp_shard > 1 HSDP); -1 takes the processes left."
+    )
+    dp_shard: int = Field(-1, description="Data-parallel shards (FSDP2) within a replica; -1 takes the processes left.")
+    tp: int = Field(1, gt=0, description="Tensor parallel, with sequence parallel: heads and MLP split this many ways.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dp" in data:
+            raise ValueError(
+                "dp: replaced by parallel.dp_replicate and parallel.dp_shard (fsdp: the default; "
+                "ddp: dp_replicate = -1 and dp_shard = 1)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_rest(self) -> ParallelConfig:
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard}
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"{name}: must be a positive number of processes or -1 (the rest), not {size}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("dp_replicate: only one of dp_replicate and dp_shard can be -1 (the processes left)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole run: nproc on each of nnodes machines."""
+        return self.nnodes * self.nproc
 
 
 class CheckpointConfig(Section):
@@ -245,6 +275,9 @@ class DistributedConfig(Section):
     timeout_s: float = Field(
         1800.0, gt=0, description="Seconds a collective may wait for the other ranks before it fails the process."
     )
+    join_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a node waits for the others: for node 0's run dir, and in the rendezvous."
+    )
 
 
 class ResilienceConfig(Section):
@@ -308,8 +341,9 @@ class Config(Section):
     @model_validator(mode="before")
     @classmethod
     def _migrate_run_config(cls, data: Any) -> Any:
-        # A run dir's config.toml written before [prepare] existed holds the preparation keys under [data]. It is
-        # Keel's own record (only a started run sets data.manifest_sha256), so its keys are moved, not refused.
+        # A run dir's config.toml written before [prepare] and the mesh existed holds the preparation keys under
+        # [data] and parallel.dp. It is Keel's own record (only a started run sets data.manifest_sha256), so its
+        # keys are moved, not refused.
         if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
             return data
         section, prepare = data["data"], data.get("prepare", {})
@@ -317,7 +351,11 @@ class Config(Section):
             return data
         moved = {key: value for key, value in section.items() if key in PrepareConfig.model_fields}
         kept = {key: value for key, value in section.items() if key not in moved}
-        return {**data, "data": kept, "prepare": {**moved, **prepare}}
+        parallel = dict(data.get("parallel") or {})
+        if parallel.get("dp") == "ddp":  # before the mesh: data parallelism was ddp or fsdp over all processes
+            parallel.update(dp_replicate=-1, dp_shard=1)
+        parallel.pop("dp", None)
+        return {**data, "data": kept, "prepare": {**moved, **prepare}, "parallel": parallel}
 
     @property
     def run_dir(self) -> Path:

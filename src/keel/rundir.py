@@ -84,10 +84,9 @@ class RunDir:
         """Where global rank `rank` is (step, phase, liveness), for the hang watchdog and the launcher."""
         return self.logs / f"rank{rank}.progress"
 
-    @property
-    def launcher_log(self) -> Path:
-        """torchrun's own output (its error report, the workers' warnings), kept off the console."""
-        return self.logs / "torchrun.log"
+    def launcher_log(self, node_rank: int = 0) -> Path:
+        """torchrun's own output (its error report, the workers' warnings), kept off the console; one per node."""
+        return self.logs / ("torchrun.log" if node_rank == 0 else f"torchrun.node{node_rank}.log")
 
     @property
     def worker_error(self) -> Path:

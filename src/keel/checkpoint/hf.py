@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from keel.checkpoint.inference import checkpoint_path, load_model
 from keel.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
@@ -186,7 +187,7 @@ def check_hf_dir(directory: Path, spec: ModelSpec, args: BaseModel) -> None:
 
 
 def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, directory: Path) -> None:
-    """Load a Hugging Face format directory's weights into a freshly built (unsharded) model, exactly."""
+    """Load a Hugging Face format directory's weights into a model, exactly; each rank keeps its shards of them."""
     directory = Path(directory)
     mapping = _mapping(spec)
     check_hf_dir(directory, spec, args)
@@ -195,11 +196,11 @@ def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, director
         state = mapping.from_hf(args, hf_state)
     except KeyError as e:
         raise CheckpointError(f"checkpoint.init_from_hf: {directory} has no tensor {e.args[0]!r}") from None
-    own = model.state_dict()
+    own = get_model_state_dict(model)  # full names and whole shapes, however the model is wrapped and sharded
     for name, tensor in state.items():
         if name in own and tensor.shape != own[name].shape:
             raise CheckpointError(
                 f"checkpoint.init_from_hf: {directory} tensor for {name} has shape "
                 f"{list(tensor.shape)}, the model's is {list(own[name].shape)}"
             )
-    model.load_state_dict(state)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

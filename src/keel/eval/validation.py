@@ -13,6 +13,7 @@ from keel.config import Config
 from keel.data.dataset import TokenDataset
 from keel.data.loader import Batch, eval_batches
 from keel.distributed.env import DistEnv, all_reduce_mean
+from keel.distributed.mesh import Mesh
 from keel.models.loss import batch_loss
 from keel.observe.step_timer import StepTimer
 
@@ -42,11 +43,13 @@ class Validation(Callback):
         dataset: TokenDataset,
         cfg: Config,
         env: DistEnv,
-        autocast: Callable[[], AbstractContextManager],
+        mesh: Mesh,
+        forward_context: Callable[[], AbstractContextManager],
         timer: StepTimer,
         record: Callable[[int, dict[str, float]], None],
     ):
-        self.model, self.dataset, self.cfg, self.env, self.autocast = model, dataset, cfg, env, autocast
+        self.model, self.dataset, self.cfg, self.env, self.mesh = model, dataset, cfg, env, mesh
+        self.forward_context = forward_context
         self.every, self.timer, self.record = cfg.train.eval_every, timer, record
 
     def on_train_start(self, step: int) -> None:
@@ -66,9 +69,9 @@ class Validation(Callback):
             seq_len=train.seq_len,
             batch_size=train.global_batch_size,
             num_batches=train.eval_batches,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
+            rank=self.mesh.dp_rank,
+            world_size=self.mesh.dp_size,
             document_positions=data.document_positions,
             document_mask=data.document_mask,
         )
-        return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.autocast)))
+        return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.forward_context)))

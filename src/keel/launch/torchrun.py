@@ -14,6 +14,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import psutil
 
 from keel.errors import LaunchError
 from keel.io import filesystem_errors
+from keel.launch.rendezvous import Nodes, rdzv_id
 from keel.observe.events import EventLog
 from keel.resilience.watchdog import EXIT_HANG, read_progress
 from keel.rundir import RunDir
@@ -34,8 +36,10 @@ FAILURE = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d
 
 
 def under_launcher() -> bool:
-    """True when this process was started by torchrun (or another launcher that sets RANK/WORLD_SIZE)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    """True when a launcher started this process as one rank: torchrun, or one that sets RANK, WORLD_SIZE and
+    LOCAL_RANK. A Kubeflow PyTorchJob pod has RANK and WORLD_SIZE of its own (the pod's place among the job's pods,
+    not a process's): there `keel train` is its machine's launcher."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def worker_env(nproc: int, run: RunDir) -> dict[str, str]:
@@ -53,9 +57,21 @@ def worker_env(nproc: int, run: RunDir) -> dict[str, str]:
     return env
 
 
-def torchrun_command(run_dir: Path, nproc: int, resume: bool, max_restarts: int) -> list[str]:
-    """The torchrun command line that runs the workers of `run_dir`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+def torchrun_command(
+    run_dir: Path, nproc: int, resume: bool, max_restarts: int, nodes: Nodes, join_timeout_s: float
+) -> list[str]:
+    """The torchrun command line that runs this machine's workers of `run_dir`.
+
+    On several machines the agents meet in a c10d rendezvous at the endpoint (hosted by the agent on that host),
+    under an id derived from the run dir, and coordinate every restart through it.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nodes.multi:
+        cmd += [f"--nnodes={nodes.nnodes}", "--rdzv-backend=c10d"]
+        cmd += [f"--rdzv-endpoint={nodes.endpoint}", f"--rdzv-id={rdzv_id(run_dir)}"]
+        cmd += [f"--rdzv-conf=join_timeout={int(join_timeout_s)}"]
+    else:
+        cmd.append("--standalone")
     cmd += [f"--max-restarts={max_restarts}", "-m", WORKER_MODULE, str(run_dir)]
     return [*cmd, "--resume"] if resume else cmd
 
@@ -78,13 +94,13 @@ def _die_with_launcher() -> None:
 class Workers:
     """A running torchrun with its workers: forwards signals to them, records their failures, waits."""
 
-    def __init__(self, run_dir: Path, nproc: int, resume: bool, max_restarts: int):
-        self.run, self.nproc = RunDir(run_dir), nproc
+    def __init__(self, run_dir: Path, nproc: int, resume: bool, max_restarts: int, nodes: Nodes, join_timeout_s: float):
+        self.run, self.nproc, self.nodes = RunDir(run_dir), nproc, nodes
         self.events = EventLog(self.run.events)
-        cmd = torchrun_command(run_dir, nproc, resume, max_restarts)
+        cmd = torchrun_command(run_dir, nproc, resume, max_restarts, nodes, join_timeout_s)
         with filesystem_errors("write the launcher log", LaunchError):
             self.run.worker_error.unlink(missing_ok=True)  # an earlier attempt's, which this one must not report
-            self._log: IO[str] = open(self.run.launcher_log, "a", encoding="utf-8")
+            self._log: IO[str] = open(self.run.launcher_log(nodes.node_rank), "a", encoding="utf-8")
         linux = sys.platform.startswith("linux")
         self.process = subprocess.Popen(
             cmd,
@@ -105,10 +121,23 @@ class Workers:
             self._log.flush()
             found = FAILURE.search(line)
             if found:
-                self._record_failure(int(found.group(1)), int(found.group(2)))
+                self._record_failure(int(found.group(1)), int(found.group(2)), int(found.group(3)))
 
-    def _record_failure(self, code: int, local_rank: int) -> None:
-        rank = local_rank  # one node: global rank = local rank
+    def _global_rank(self, local_rank: int, pid: int) -> int:
+        """The failed worker's global rank: the rank whose progress file holds its pid on this host.
+
+        The c10d rendezvous orders the agents by their address and pid, not by --node-rank, so node_rank * nproc
+        + local_rank is only the guess for a worker that died before it wrote its progress file.
+        """
+        host = socket.gethostname().encode()[:32].decode(errors="replace")
+        for rank in range(self.nodes.nnodes * self.nproc):
+            record = read_progress(self.run.rank_progress(rank))
+            if record and record["pid"] == pid and record["host"] == host:
+                return rank
+        return self.nodes.node_rank * self.nproc + local_rank
+
+    def _record_failure(self, code: int, local_rank: int, pid: int) -> None:
+        rank = self._global_rank(local_rank, pid)
         progress = read_progress(self.run.rank_progress(rank)) or {}
         failure = {
             "rank": rank,

@@ -13,40 +13,73 @@ from keel.config import Config
 from keel.config_toml import load_config
 from keel.distributed.env import all_agree, init_distributed, shutdown
 from keel.errors import KeelError, LaunchError
+from keel.launch.rendezvous import Nodes, resolve_nodes
 from keel.launch.torchrun import Workers, under_launcher, worker_error
 from keel.observe.events import EventLog
 from keel.observe.heartbeat import mark_state, read_status
 from keel.observe.logs import setup_logging
 from keel.resilience.goodput import process_started_at
 from keel.rundir import RunDir
-from keel.train.preflight import reopen_run, start_run
+from keel.train.preflight import join_run, reopen_run, reopened, resolve, start_run
 from keel.train.worker import run_worker
 
 log = logging.getLogger("keel")
+NodeFlags = tuple[int | None, int | None, str | None]  # --nnodes, --node-rank, --rdzv-endpoint as given
 
 
-def prepare_run(config: Path | None, overrides: list[str], resume: Path | None) -> tuple[Config, bool]:
-    """Resolve the config and create (or reopen) the run dir; returns it and whether the run continues."""
+def prepare_run(
+    config: Path | None, overrides: list[str], resume: Path | None, node_rank: int = 0
+) -> tuple[Config, bool]:
+    """Resolve the config and create (or reopen) the run dir; returns it and whether the run continues.
+
+    Every node checks the config; node 0 alone writes the run dir, which the other nodes wait for (they cannot
+    tell whether the run continues: their workers learn it from node 0's).
+    """
     if resume is not None:
         if config is not None:
             raise KeelError("give either CONFIG or --resume RUN_DIR, not both (a run dir holds its own config)")
+        if node_rank:
+            return join_run(reopened(resume, overrides)), False
         return reopen_run(resume, overrides), True
     if config is None:
         raise KeelError("keel train needs a CONFIG file (e.g. configs/demo.toml) or --resume RUN_DIR")
+    if node_rank:
+        return join_run(resolve(load_config(config, overrides))), False
     return start_run(load_config(config, overrides))
 
 
-def train(config: Path | None, overrides: list[str], resume: Path | None, nproc: int | None) -> int:
+def node_flags(config: Path | None, overrides: list[str], resume: Path | None, flags: NodeFlags) -> Nodes:
+    """This machine's place: the flags, else Slurm's srun, else the config file's parallel.nnodes (not a resume's)."""
+    nnodes, node_rank, endpoint = flags
+    if nnodes is None and config is not None and resume is None and "SLURM_JOB_ID" not in os.environ:
+        nnodes = load_config(config, overrides).parallel.nnodes
+    return resolve_nodes(nnodes, node_rank, endpoint)
+
+
+def train(
+    config: Path | None,
+    overrides: list[str],
+    resume: Path | None,
+    nproc: int | None,
+    flags: NodeFlags = (None, None, None),
+) -> int:
     """Run `keel train`; returns the exit code (0 finished, 128 + N preempted by signal N, 130 interrupted)."""
     # The goodput ledger counts start-up from the moment the command began.
     os.environ.setdefault("KEEL_LAUNCH_TIME", str(process_started_at()))
     if nproc is not None:
         overrides = [*overrides, f"parallel.nproc={nproc}"]
     if under_launcher():
+        if any(flag is not None for flag in flags):
+            raise LaunchError(
+                "--nnodes/--node-rank/--rdzv-endpoint: this keel train already runs under a launcher that placed it "
+                "(torchrun); give them to the launcher, or run keel train without one"
+            )
         return _train_under_launcher(config, overrides, resume)
-    cfg, continuing = prepare_run(config, overrides, resume)
-    if cfg.parallel.nproc > 1:
-        return supervise(cfg, continuing)
+    nodes = node_flags(config, overrides, resume, flags)
+    overrides = [*overrides, f"parallel.nnodes={nodes.nnodes}"]
+    cfg, continuing = prepare_run(config, overrides, resume, nodes.node_rank)
+    if cfg.parallel.world_size > 1:
+        return supervise(cfg, continuing, nodes)
     env = init_distributed(cfg.train.device, cfg.distributed.timeout_s)
     run_worker(cfg.run_dir, env, continuing)
     return exit_code(read_status(cfg.run_dir))
@@ -63,17 +96,20 @@ def exit_code(status: dict) -> int:
     return 0
 
 
-def supervise(cfg: Config, continuing: bool) -> int:
+def supervise(cfg: Config, continuing: bool, nodes: Nodes) -> int:
     """Run the workers under torchrun, forwarding signals to them, until they finish, stop, or cannot go on.
 
     When torchrun has used up its restarts but the run committed a newer checkpoint meanwhile, it is launched
-    again: only a run that fails without progress (a crash loop) stops by itself.
+    again: only a run that fails without progress (a crash loop) stops by itself. On several machines every
+    node's `keel train` does this for its own workers, and the agents restart together through the rendezvous.
     """
     run, resilience = RunDir(cfg.run_dir), cfg.resilience
     caught: list[int] = []
     while True:
         newest, launched = (committed_steps(run.checkpoints) or [0])[-1], time.time()
-        workers = Workers(run.root, cfg.parallel.nproc, continuing, resilience.max_restarts)
+        workers = Workers(
+            run.root, cfg.parallel.nproc, continuing, resilience.max_restarts, nodes, cfg.distributed.join_timeout_s
+        )
 
         def forward(signum: int, frame: object, workers: Workers = workers) -> None:
             if signum == signal.SIGINT and signal.SIGINT in caught:
@@ -106,7 +142,7 @@ def supervise(cfg: Config, continuing: bool) -> int:
             log.warning(f"torchrun used up its {resilience.max_restarts} restarts; the run progressed, so again")
             continuing = True
             continue
-        raise _failed(run, code, failures, resilience.max_restarts)
+        raise _failed(run, code, failures, resilience.max_restarts, run.launcher_log(nodes.node_rank))
 
 
 def _crash_loop(failures: list[dict], max_restarts: int) -> bool:
@@ -115,7 +151,7 @@ def _crash_loop(failures: list[dict], max_restarts: int) -> bool:
     return len(last) == max_restarts and len({f["step"] for f in last}) == 1
 
 
-def _failed(run: RunDir, code: int, failures: list[dict], max_restarts: int) -> LaunchError:
+def _failed(run: RunDir, code: int, failures: list[dict], max_restarts: int, launcher_log: Path) -> LaunchError:
     """The one line for a run that stops failing: a crash loop names its step and the rank's log."""
     error = f"training failed (exit code {code})"
     if failures:
@@ -125,9 +161,9 @@ def _failed(run: RunDir, code: int, failures: list[dict], max_restarts: int) -> 
             error = f"crash loop: {where}, {max_restarts} times in a row"
         else:
             error = f"training failed: {where}"
-        error += f"; see {last['log']} and {run.launcher_log}"
+        error += f"; see {last['log']} and {launcher_log}"
     else:
-        error += f"; see {run.launcher_log} and {run.logs}/rank*.log"
+        error += f"; see {launcher_log} and {run.logs}/rank*.log"
     if read_status(run.root).get("state") not in ("crashed", "stopped"):
         mark_state(run.root, "crashed", error=error)
     return LaunchError(error)
@@ -136,7 +172,10 @@ def _failed(run: RunDir, code: int, failures: list[dict], max_restarts: int) -> 
 def _train_under_launcher(config: Path | None, overrides: list[str], resume: Path | None) -> int:
     """Every rank runs this under an external torchrun: rank 0 prepares the run dir, then all train."""
     env = init_distributed("auto")
-    overrides = [*overrides, f"parallel.nproc={env.world_size}"]
+    # Per machine, as torchrun says (LOCAL_WORLD_SIZE); the world as nodes of that many, where it splits so.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    nodes, nproc = (env.world_size // local, local) if env.world_size % local == 0 else (1, env.world_size)
+    overrides = [*overrides, f"parallel.nproc={nproc}", f"parallel.nnodes={nodes}"]
     cfg, error, continuing = None, None, False
     if env.is_main:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from torch import nn
 
 from keel.errors import ConfigError
 from keel.models.llama_hf import HF
-from keel.models.spec import ModelSpec
+from keel.models.llama_parallel import tensor_parallel
+from keel.models.spec import ModelSpec, fill_shard
 
 
 class LlamaArgs(BaseModel):
@@ -175,11 +177,14 @@ class Llama(nn.Module):
         # Non-persistent: recomputed, never checkpointed, so state dicts hold parameters only.
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim // 2), persistent=False)
-        self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and the rotary tables (also after building on the meta device)."""
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter and the rotary tables, after building on the meta device and sharding.
+
+        Each parameter is drawn whole from its own generator, seeded by `seed` and its name, and each rank keeps
+        its shard of it: the weights are the same however the model is sharded, on one process or many.
+        """
         if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
             # to_empty() gives each module its own copy of a shared meta parameter: tie them again.
             self.output.weight = self.tok_embeddings.weight
@@ -190,10 +195,13 @@ class Llama(nn.Module):
         # Residual-branch outputs are scaled down so the stream's variance does not grow with depth.
         out_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
+            name = name.replace("_checkpoint_wrapped_module.", "")
             if p.ndim == 1:
-                nn.init.ones_(p)
+                fill_shard(p, torch.ones(p.shape))
             else:
-                nn.init.normal_(p, 0.0, out_std if name.endswith(("wo.weight", "w2.weight")) else std)
+                scale = out_std if name.endswith(("wo.weight", "w2.weight")) else std
+                generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                fill_shard(p, torch.empty(p.shape).normal_(0.0, scale, generator=generator))
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, documents: torch.Tensor | None = None
@@ -240,15 +248,15 @@ def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
 
 
 def build(args: LlamaArgs) -> Llama:
-    """A Llama with freshly initialised weights on the current default device."""
+    """A Llama on the current default device, its weights initialised from torch's seed (on meta: not initialised)."""
     device = torch.get_default_device()
-    # Construct on meta (no memory, and no RNG draws by nn.Linear's own init), then allocate and initialise once:
-    # the weights depend only on the seed, the same as when a caller builds on meta and materialises later.
+    # Construct on meta (no memory, and no RNG draws by nn.Linear's own init), then allocate and initialise once,
+    # as training does after sharding: the weights depend only on the seed.
     with torch.device("meta"):
         model = Llama(args)
     if device.type != "meta":
         model.to_empty(device=device)
-        model.init_weights()
+        model.init_weights(torch.initial_seed())
     return model
 
 
@@ -259,5 +267,7 @@ SPEC = ModelSpec(
     num_params=num_params,
     flops_per_token=flops_per_token,
     shard_units=lambda model: list(model.layers),
+    init_weights=lambda model, seed: model.init_weights(seed),
+    tensor_parallel=tensor_parallel,
     hf=HF,
 )

@@ -7,14 +7,20 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from keel.data.loader import Batch
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over all tokens, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))
+    """Mean cross-entropy over all tokens, computed in fp32 whatever the logits' dtype.
+
+    Logits split over the vocabulary (tensor parallel, a DTensor) need torch's loss_parallel context around this
+    and the backward; the loss comes back as a plain tensor holding the whole value on every rank.
+    """
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1))
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:

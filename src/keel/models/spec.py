@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 StateDict = dict[str, torch.Tensor]
 
@@ -31,8 +32,20 @@ class ModelSpec:
 
     name: str
     args_cls: type[BaseModel]  # the [model] keys (besides `name`), each with a one-line description
-    build: Callable[[Any], nn.Module]  # args -> model with initialised weights (current RNG and default device)
+    build: Callable[[Any], nn.Module]  # args -> model with initialised weights (torch's seed, default device)
     num_params: Callable[[Any], int]  # closed-form parameter count
     flops_per_token: Callable[[Any, int], float]  # (args, seq_len) -> training FLOPs per token, forward + backward
     shard_units: Callable[[nn.Module], list[nn.Module]]  # submodules FSDP wraps one by one (the blocks)
+    # (model materialised after a meta build and sharding, seed) -> weights, the same however it is sharded
+    init_weights: Callable[[nn.Module, int], None]
+    # (model on the meta device, the tensor-parallel DeviceMesh) -> its weights split over that mesh, in place
+    tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
+
+
+def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the whole tensor `full` into a parameter (a DTensor's shard, or all of it)."""
+    if isinstance(param, DTensor):
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param = param.to_local()
+    param.copy_(full)

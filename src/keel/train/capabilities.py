@@ -76,7 +76,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             tokens_seen=lambda: t.state.tokens_seen,
         ),
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.model, t.val_data, cfg, env, t.autocast, t.timer, t.metrics.record),
+        Validation(t.model, t.val_data, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,

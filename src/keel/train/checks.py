@@ -15,6 +15,7 @@ from keel.data.dataset import TokenDataset
 from keel.data.loader import num_samples
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.data.mixture import MixtureOrder
+from keel.distributed.mesh import resolve_layout
 from keel.errors import ConfigError, DataError, LaunchError
 from keel.io import check_writable_dir, filesystem_errors, sha256_file
 from keel.models import model_args
@@ -69,9 +70,30 @@ def mixture_hashes(mixture: dict[str, float], recorded: dict[str, str], tokenize
     return hashes
 
 
+def check_layout(cfg: Config, args: BaseModel) -> None:
+    """The mesh fits the process count, and the model splits over its tensor-parallel dimension."""
+    layout = resolve_layout(cfg.parallel, cfg.parallel.world_size)
+    tp = layout.tp
+    if tp == 1:
+        return
+    for key in ("n_heads", "kv_heads"):
+        heads = getattr(args, key, None)
+        if heads is not None and heads % tp:
+            name = "n_kv_heads" if key == "kv_heads" else key
+            raise ConfigError(
+                f"parallel.tp: {tp} does not divide model.{name} ({heads}); each tensor-parallel rank takes whole "
+                f"heads: choose a tp that divides it"
+            )
+    if getattr(args, "tie_embeddings", False):
+        raise ConfigError(
+            "parallel.tp: tied embeddings are not split by tensor parallel; set model.tie_embeddings=false"
+        )
+
+
 def check_data(cfg: Config) -> None:
     """The splits the workers read hold at least one sample each; the batch and the mixture weights split."""
-    split_batch(cfg.train.global_batch_size, cfg.parallel.nproc, cfg.train.micro_batch_size)
+    dp = resolve_layout(cfg.parallel, cfg.parallel.world_size).dp
+    split_batch(cfg.train.global_batch_size, dp, cfg.train.micro_batch_size)
     train = [TokenDataset(d, "train") for d in cfg.data.mixture] or [TokenDataset(cfg.data.dataset, "train")]
     for dataset in train:
         num_samples(dataset, cfg.train.seq_len)

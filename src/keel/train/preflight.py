@@ -7,6 +7,7 @@ version starts cleanly; a worker that still fails has found something no check c
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from keel.config import Config
@@ -22,6 +23,7 @@ from keel.train.checks import (
     check_environment,
     check_file_hash,
     check_init_from_hf,
+    check_layout,
     check_same_model,
     check_tokenizer,
     mixture_hashes,
@@ -59,17 +61,18 @@ def resolve(cfg: Config) -> Config:
         raw["checkpoint"]["init_from_hf"] = str(Path(cfg.checkpoint.init_from_hf).resolve())
     resolved = build_config(raw)
     try:
-        parse_faults(resolved.resilience.inject, resolved.parallel.nproc)
+        parse_faults(resolved.resilience.inject, resolved.parallel.world_size)
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
+    check_layout(resolved, args)
     check_data(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
     return resolved
 
 
-# Keys that may differ between invocations of one run: where it stops, and how many processes it uses.
-PER_INVOCATION = {("train", "stop_after"), ("parallel", "nproc")}
+# Keys that may differ between invocations of one run: where it stops, and how many processes and machines it uses.
+PER_INVOCATION = {("train", "stop_after"), ("parallel", "nproc"), ("parallel", "nnodes")}
 
 
 def start_run(cfg: Config) -> tuple[Config, bool]:
@@ -108,14 +111,15 @@ def check_same_run(saved: Config, cfg: Config) -> None:
                 )
 
 
-def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
-    """Load a run dir's resolved config for a resume, with `--set` overrides applied, checked and recorded."""
+def reopened(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """A run dir's resolved config for a resume, with `--set` overrides applied and checked (nothing written)."""
     run = RunDir(run_dir)
     if not run.is_run():
         raise ConfigError(f"--resume {run.root}: no {run.config.name} there, so it is not a Keel run dir")
     table = read_toml(run.config)
-    # train.stop_after belongs to the invocation that set it: a resume runs on unless it is given again.
+    # train.stop_after and the machine count belong to the invocation that set them: a resume runs on without.
     table.get("train", {}).pop("stop_after", None)
+    table.get("parallel", {}).pop("nnodes", None)
     table = apply_overrides(table, [*overrides, f"run.dir={str(run.root.resolve())!r}"])
     cfg = build_config(table, str(run.config))
     check_same_model(load_config(run.config), cfg)
@@ -123,6 +127,36 @@ def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
     # Generation and export decode with the run's copy of the tokenizer: it must still be the dataset's.
     tokenizer_sha256 = load_manifest(cfg.data.dataset).tokenizer.sha256
     check_file_hash(run.tokenizer, tokenizer_sha256, f"copy the tokenizer.json of {cfg.data.dataset} back into the run")
-    with filesystem_errors("update the run's config"):
-        save_config(cfg, run.config)
     return cfg
+
+
+def reopen_run(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """Load a run dir's resolved config for a resume, with `--set` overrides applied, checked and recorded."""
+    cfg = reopened(run_dir, overrides)
+    with filesystem_errors("update the run's config"):
+        save_config(cfg, RunDir(run_dir).config)
+    return cfg
+
+
+def join_run(cfg: Config) -> Config:
+    """On a node other than node 0: wait until node 0's run dir holds this very run (a resolved, checked `cfg`).
+
+    Node 0 alone creates or updates the run dir, on storage every node shares; a mismatch may be node 0 still
+    writing this invocation's config, so it is only an error once `distributed.join_timeout_s` has passed.
+    """
+    run, timeout = RunDir(cfg.run_dir), cfg.distributed.join_timeout_s
+    deadline = time.monotonic() + timeout
+    while True:
+        problem = ConfigError(
+            f"run dir {run.root}: node 0 has not created it within distributed.join_timeout_s ({timeout:g} s); "
+            "start node 0 too, and keep the run dir on storage every node shares"
+        )
+        if run.is_run():
+            try:
+                check_same_run(load_config(run.config), cfg)
+                return cfg
+            except ConfigError as e:
+                problem = e
+        if time.monotonic() >= deadline:
+            raise problem
+        time.sleep(0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,8 @@ from keel.data.loader import BatchLoader
 from keel.data.mixture import open_mixture
 from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv
-from keel.distributed.parallel import clip_grads, grad_norm, gradient_sync, norm_value, parallelize
+from keel.distributed.mesh import make_mesh
+from keel.distributed.parallel import clip_grads, grad_norm, gradient_sync, loss_context, norm_value, parallelize
 from keel.models import model_args
 from keel.models.loss import batch_loss
 from keel.observe.events import EventLog
@@ -50,12 +52,13 @@ class Trainer:
         run = RunDir(cfg.run_dir)
         spec, args = model_args(cfg.model_section())
         torch.manual_seed(cfg.run.seed)
-        with torch.device(env.device):
+        self.mesh = make_mesh(cfg.parallel, env)
+        with torch.device("meta"):  # no rank ever holds the whole model: it is sharded before it is allocated
             model = spec.build(args)
+        self.model = parallelize(model, spec, cfg, env, self.mesh)
         if cfg.checkpoint.init_from_hf and not committed_steps(run.checkpoints):
             # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
-            load_hf_weights(model, spec, args, cfg.checkpoint.init_from_hf)
-        self.model = parallelize(model, spec.shard_units, cfg, env)
+            load_hf_weights(self.model, spec, args, cfg.checkpoint.init_from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.dtype = compute_dtype(cfg, env.device)
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
@@ -77,7 +80,7 @@ class Trainer:
         self.callbacks = build_callbacks(self)
 
     def _build_loader(self) -> BatchLoader | PrefetchLoader:
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         # A mixture trains on its datasets by weight; validation stays on data.dataset.
         train_data, weights = (
             open_mixture(cfg.data.mixture, "train")
@@ -89,9 +92,9 @@ class Trainer:
             weights=weights,
             seq_len=cfg.train.seq_len,
             global_batch_size=cfg.train.global_batch_size,
-            micro_batch_size=cfg.train.micro_batch_size or cfg.train.global_batch_size // env.world_size,
-            rank=env.rank,
-            world_size=env.world_size,
+            micro_batch_size=cfg.train.micro_batch_size or cfg.train.global_batch_size // self.mesh.dp_size,
+            rank=self.mesh.dp_rank,
+            world_size=self.mesh.dp_size,
             seed=cfg.run.seed,
             document_positions=cfg.data.document_positions,
             document_mask=cfg.data.document_mask,
@@ -104,6 +107,12 @@ class Trainer:
         """bf16 autocast when the compute dtype is bf16; nothing otherwise."""
         enabled = self.dtype == torch.bfloat16
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Around a forward pass and its loss without backward (validation): autocast and the parallelism's own."""
+        with loss_context(self.mesh), self.autocast():
+            yield
 
     def call(self, hook: str, *args: Any) -> list[Any]:
         """Call `hook` on every callback, in order, and return their answers (every callback is called)."""
@@ -149,7 +158,7 @@ class Trainer:
         data_wait = time.perf_counter() - started
         loss_sum = torch.zeros((), device=self.env.device)
         for i, batch in enumerate(micro_batches):
-            with gradient_sync(self.model, enabled=i == len(micro_batches) - 1):
+            with gradient_sync(self.model, enabled=i == len(micro_batches) - 1), loss_context(self.mesh):
                 with self.timer.phase("forward"), self.autocast():
                     loss = batch_loss(self.model, batch, self.env.device)
                 with self.timer.phase("backward"):

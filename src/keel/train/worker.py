@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from keel.config_toml import load_config
-from keel.distributed.env import DistEnv, init_distributed, shutdown
+from keel.distributed.env import DistEnv, all_gather_floats, init_distributed, shutdown
 from keel.errors import KeelError
 from keel.io import atomic_write_text
 from keel.observe.heartbeat import mark_failed
@@ -29,7 +29,10 @@ def run_worker(run_dir: Path, env: DistEnv, resume: bool) -> str:
     cfg = load_config(RunDir(run_dir).config)
     install_handlers(cfg.resilience.preempt_signals)  # first: a signal during start-up must not kill the rank
     setup_logging(run_dir, env.rank)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # On several machines only node 0 knows whether the run continues, and an agent restarting its workers because
+    # another node's failed does not count that as a restart: every rank restores if any rank must.
+    rows = all_gather_floats([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), resume])
+    attempt, resume = int(max(row[0] for row in rows)), any(row[1] for row in rows)
     try:
         trainer = Trainer(cfg, env)
         if attempt:

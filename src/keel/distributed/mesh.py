@@ -1,0 +1,77 @@
+"""The device mesh: how the processes split into data-parallel replicas and shards and tensor-parallel groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from keel.config import ParallelConfig
+from keel.distributed.env import DistEnv
+from keel.errors import ConfigError
+
+DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved mesh sizes; their product is the world size."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: every one reads its own slice of each global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    def describe(self) -> str:
+        """`dp_replicate 2 x dp_shard 2 x tp 2`, for logs and errors."""
+        return " x ".join(f"{name} {getattr(self, name)}" for name in DIMS)
+
+
+def resolve_layout(cfg: ParallelConfig, world: int) -> Layout:
+    """The mesh sizes of `[parallel]` for `world` processes (-1 takes the rest); a ConfigError if they do not fit."""
+    sizes = {name: getattr(cfg, name) for name in DIMS}
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size > 0 else 1
+    rest = [name for name, size in sizes.items() if size == -1]
+    if rest:
+        if world % fixed:
+            raise ConfigError(
+                f"parallel.{rest[0]}: the other mesh dimensions ({fixed} processes) do not divide the {world} "
+                "processes; change parallel.tp / dp_replicate / dp_shard or --nproc"
+            )
+        sizes[rest[0]] = world // fixed
+    layout = Layout(**sizes)
+    if layout.dp * layout.tp != world:
+        raise ConfigError(
+            f"parallel: the mesh {layout.describe()} is {layout.dp * layout.tp} processes, not the {world} launched; "
+            "make their product the process count (or set one of dp_replicate / dp_shard to -1)"
+        )
+    return layout
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """This process's place in the mesh: the layout, torch's DeviceMesh (None alone), its data-parallel rank."""
+
+    layout: Layout
+    device_mesh: DeviceMesh | None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+def make_mesh(cfg: ParallelConfig, env: DistEnv) -> Mesh:
+    """The mesh `[parallel]` describes over the processes of `env` (one process: a trivial mesh)."""
+    layout = resolve_layout(cfg, env.world_size)
+    if not env.distributed:
+        return Mesh(layout, None)
+    device_mesh = init_device_mesh(
+        env.device.type, (layout.dp_replicate, layout.dp_shard, layout.tp), mesh_dim_names=DIMS
+    )
+    replica, shard, _ = device_mesh.get_coordinate()
+    # Ranks of one tensor-parallel group read the same samples: the data-parallel rank counts replicas and shards.
+    return Mesh(layout, device_mesh, replica * layout.dp_shard + shard, layout.dp)
