@@ -57,6 +57,7 @@ def erase_documents(
 def _erase(
     root: Path, manifest: Manifest, spans: list[DocSpan], whole_files: bool, retrain: bool, log: Callable[[str], None]
 ) -> Erased:
+    """erase_documents after its checks: everything is decided before the first write, then written, commit last."""
     tok = load_tokenizer(resolve_inside(root, manifest.tokenizer.file))
     data = {split: TokenDataset(root, split) for split in manifest.splits}
     ids = [data[d.split].read(d.start, d.end - d.start) for d in spans]
@@ -89,7 +90,7 @@ def _erase(
     manifest.removals.append(removal)
     write_manifest(root, manifest)  # the commit point: before it the old version is intact and still named
     _delete(root, old)
-    remaining = [shown for shown, t in zip(vocabulary, entries, strict=True) if new.token_to_id(t) is not None]
+    remaining = [text for text, t in zip(vocabulary, entries, strict=True) if new.token_to_id(t) is not None]
     return Erased(removal, vocabulary, None, remaining, unmatched)
 
 
