@@ -140,7 +140,7 @@ def assess(
 ) -> Verdict:
     """The scan's work on a document: tombstones, normalize, the quality filters, the dedup keys; PII for the sample."""
     if tombstones and content_hash(text) in tombstones:
-        return Verdict(TOMBSTONE, 0, len(text.encode()), None, None, None, None)
+        return Verdict(TOMBSTONE, 0, len(text.encode()), None, None, None)
     normalized_bytes = 0
     if s.normalize != "none":
         new = unicodedata.normalize(s.normalize, text)
