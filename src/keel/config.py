@@ -252,6 +252,14 @@ class ObserveConfig(Section):
     straggler_margin: float = Field(
         0.2, gt=0, description="A rank this much slower than the median (0.2 = 20%) is reported as a straggler."
     )
+    audit_every: int = Field(
+        0,
+        ge=0,
+        description="Run the bias audit probe on the live model every this many steps and at the end (0 = off).",
+    )
+    audit_templates: str = Field(
+        "", description="Bias audit template file for observe.audit_every; empty means the templates Keel ships."
+    )
     wandb: bool = Field(False, description="Log rank 0's metrics to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str = Field("keel", description="The Weights & Biases project runs are logged to.")
     price_per_device_hour: float = Field(

@@ -28,3 +28,16 @@ def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Te
     batch = batch.to(device)
     logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
     return next_token_loss(logits, batch.targets)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B, S] in fp32, a plain tensor (vocabulary-split logits: inside loss_parallel)."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(0, 1), reduction="none")
+    return (loss.full_tensor() if isinstance(loss, DTensor) else loss).view_as(targets)
+
+
+def token_losses(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Per-token next-token cross-entropy [B, S] of one batch, for losses grouped by where each token came from."""
+    batch = batch.to(device)
+    logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+    return token_cross_entropy(logits, batch.targets)

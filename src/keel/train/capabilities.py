@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from keel.callback import Callback, LoopControl, StepOutcome
 from keel.checkpoint.schedule import CheckpointSchedule
+from keel.eval.audit import Audit
 from keel.eval.validation import Validation
 from keel.observe.card import CardWriter
 from keel.observe.energy import EnergyMeter
@@ -83,7 +84,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         ),
         energy,
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.model, t.val_data, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
+        Validation(t.model, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
+        Audit(cfg, t.model, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,

@@ -62,7 +62,6 @@ class Trainer:
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.loader = self._build_loader()
-        self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
         self.events = EventLog(run.events, main=env.is_main)
         self.metrics = Metrics(build_sinks(cfg, run.root, env))
