@@ -24,10 +24,13 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """The model's next-token loss on one batch, moved to `device`; positions and documents go to it when present."""
+    """The model's next-token loss on one batch, moved to `device`; positions and documents go to it when present.
+
+    The model computes the loss itself from the targets (through its forward, so FSDP and DDP see the call), which
+    lets it fuse the output projection with the loss instead of returning logits.
+    """
     batch = batch.to(device)
-    logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
-    return next_token_loss(logits, batch.targets)
+    return model(batch.inputs, positions=batch.positions, documents=batch.documents, targets=batch.targets)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,13 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
         RunLifecycle(
-            run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
+            run.root,
+            env,
+            t.events,
+            t.metrics,
+            t.control,
+            progress=lambda: (t.state.step, t.state.tokens_seen),
+            precision=t.precision.name,
         ),
         CardWriter(run, env),
     ]
