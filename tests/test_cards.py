@@ -79,6 +79,8 @@ def test_energy_is_recorded_per_logged_step_summed_over_ranks_and_continued_acro
     records = [r for r in read_metrics(run) if "energy_kwh" in r]
     sources = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "power_source"]
     assert len(sources) == 4  # 2 ranks x 2 attempts
+    kinds = [e["event"] for e in read_jsonl(run / "events.jsonl") if e["event"] in ("start", "power_source")]
+    assert kinds == ["start", "power_source", "power_source"] * 2  # each attempt's sources follow its start
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     if rapl_zones():  # a machine whose counters are readable: measured, nothing estimated
         assert not any(s["estimate"] for s in sources)
