@@ -329,7 +329,10 @@ def test_data_card_is_a_datasheet_drawn_from_the_manifest_and_the_shards(license
     assert removed.returncode == 0, removed.stdout + removed.stderr
     out = tmp_path / "elsewhere.md"
     assert run_keel("data", "card", str(dataset), "--out", str(out), cwd=tmp_path).returncode == 0
-    assert re.search(r"^\| \d{4}-\d\d-\d\dT[\d:]+Z \| 1 \| ", out.read_text(), re.M)
+    assert re.search(
+        r"^\| \d{4}-\d\d-\d\dT[\d:]+Z \| 1 \| de0.txt \| train/[^|]+ \| 1 \| \d+ \|$", out.read_text(), re.M
+    )
+    assert "Tombstones: 1 removed documents" in out.read_text()
     assert_one_line_error(run_keel("data", "card", str(tmp_path / "none"), cwd=tmp_path), "does not exist")
 
 
