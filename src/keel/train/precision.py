@@ -19,7 +19,7 @@ from keel.distributed.env import all_gather_floats
 # (on a 2-core EPYC with avx512_bf16, a matmul speed-up of 1.7-2.4x gave the whole step ~1.4x).
 BF16_MARGIN = 1.3
 PROBE_SIZE = 512  # the matmul the probe times: about the size of a small model's projections
-PROBE_TRIES = 3
+PROBE_TRIES = 5  # interleaved; the best of each is the least disturbed by other load
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,15 @@ def cpu_matmul_flops() -> tuple[float, float]:
     tries (the least disturbed by other load); measured once per process."""
     a32, b32 = torch.randn(PROBE_SIZE, PROBE_SIZE), torch.randn(PROBE_SIZE, PROBE_SIZE)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
-    small = torch.ones(64, 64)
-    torch.mm(small, small), torch.mm(small.bfloat16(), small.bfloat16())  # kernel selection, outside the timing
+    # Outside the timing: the first matmul of a shape and dtype selects (oneDNN: builds) its kernel, which took
+    # ~10x a bf16 run on a Zen 4 when only a smaller shape had been warmed up.
+    torch.mm(a32, b32), torch.mm(a16, b16)
     fp32, bf16 = [], []
     for _ in range(PROBE_TRIES):
         fp32.append(_matmul_seconds(a32, b32))
         bf16.append(_matmul_seconds(a16, b16))
-        if min(bf16) > 4 * min(fp32):
-            break  # no bf16 kernels: more tries would only cost seconds
+        if min(bf16) > 20 * min(fp32):
+            break  # no bf16 kernels (~100x slower): more tries would only cost seconds
     flops = 2 * PROBE_SIZE**3
     return flops / min(fp32), flops / min(bf16)
 
