@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keel.callback import Callback
+from keel.callback import Callback, StepOutcome
 from keel.distributed.env import DistEnv
 from keel.observe.events import EventLog
 from keel.observe.heartbeat import mark_state
@@ -90,6 +90,11 @@ class HangWatchdog(Callback):
         self.progress.step = step
         self.timer.mark("step start")
         self.progress.write(self.timer.current, self.timer.since)  # exact, for a rank killed before the next tick
+
+    def after_step(self, outcome: StepOutcome) -> None:
+        # The watchdog's hook runs first: the callbacks after it exchange the step's values (loss, energy,
+        # timings, the stop flag), so a rank stuck here waits for a peer; validation and saves mark their own.
+        self.timer.mark("collective")
 
     def on_exit(self, state: str) -> None:
         self._stop.set()
