@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
 
 import torch
-from torch import nn
 
 from keel.callback import Callback, StepOutcome
 from keel.config import Config
 from keel.data.dataset import TokenDataset
 from keel.data.loader import Batch, eval_batches
-from keel.distributed.env import DistEnv, all_reduce_mean
+from keel.distributed.env import all_reduce_mean
 from keel.distributed.mesh import Mesh
-from keel.models.loss import batch_loss
 from keel.observe.step_timer import StepTimer
-
-
-@torch.no_grad()
-def validation_loss(
-    model: nn.Module, batches: Iterable[Batch], device: torch.device, autocast: Callable[[], AbstractContextManager]
-) -> torch.Tensor:
-    """Mean loss of `model` over this rank's validation batches (the caller averages over ranks)."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for batch in batches:
-        with autocast():
-            total += batch_loss(model, batch, device)
-        count += 1
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 class Validation(Callback):
@@ -39,17 +20,15 @@ class Validation(Callback):
 
     def __init__(
         self,
-        model: nn.Module,
+        evaluate: Callable[[Iterable[Batch]], torch.Tensor],
         dataset: TokenDataset,
         cfg: Config,
-        env: DistEnv,
         mesh: Mesh,
-        forward_context: Callable[[], AbstractContextManager],
         timer: StepTimer,
         record: Callable[[int, dict[str, float]], None],
     ):
-        self.model, self.dataset, self.cfg, self.env, self.mesh = model, dataset, cfg, env, mesh
-        self.forward_context = forward_context
+        # evaluate: this rank's mean loss over batches, forward only, however the model is parallelised.
+        self.evaluate_batches, self.dataset, self.cfg, self.mesh = evaluate, dataset, cfg, mesh
         self.every, self.timer, self.record = cfg.train.eval_every, timer, record
 
     def on_train_start(self, step: int) -> None:
@@ -74,4 +53,4 @@ class Validation(Callback):
             document_positions=data.document_positions,
             document_mask=data.document_mask,
         )
-        return float(all_reduce_mean(validation_loss(self.model, batches, self.env.device, self.forward_context)))
+        return float(all_reduce_mean(self.evaluate_batches(batches)))

@@ -13,7 +13,7 @@ from torch import nn
 from keel.errors import ConfigError
 from keel.models.llama_hf import HF
 from keel.models.llama_parallel import tensor_parallel
-from keel.models.spec import ModelSpec, fill_shard
+from keel.models.spec import ModelSpec, PipelineSplit, fill_shard
 
 
 class LlamaArgs(BaseModel):
@@ -161,17 +161,21 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Token embedding, a stack of blocks, a final norm and the output projection to logits."""
+    """Token embedding, a stack of blocks, a final norm and the output projection to logits.
+
+    The blocks are keyed by their index, so a pipeline stage (the model with the other blocks deleted, the
+    embedding only on the first stage, the norm and output only on the last) keeps every parameter's name.
+    """
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
         if args.vocab_size == 0:
             raise ConfigError("model.vocab_size is 0; set it, or let `keel train` take it from the dataset")
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: recomputed, never checkpointed, so state dicts hold parameters only.
@@ -206,7 +210,11 @@ class Llama(nn.Module):
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor | None = None, documents: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T]; optional position ids and document ids [B, T] of packed data."""
+        """Logits [B, T, vocab] for token ids [B, T]; optional position ids and document ids [B, T] of packed data.
+
+        A pipeline stage without the embedding takes hidden states [B, T, dim] instead of token ids, and one
+        without the output returns them.
+        """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ConfigError(f"model.max_seq_len: {self.args.max_seq_len} is shorter than a {T}-token sequence")
@@ -216,10 +224,10 @@ class Llama(nn.Module):
             # Each token's own row of the tables: positions restart at every document of a packed sequence.
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
         mask = None if documents is None else document_mask(documents)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
-        return self.output(self.norm(h))
+        return h if self.output is None else self.output(self.norm(h))
 
 
 def num_params(args: LlamaArgs) -> int:
@@ -266,8 +274,9 @@ SPEC = ModelSpec(
     build=build,
     num_params=num_params,
     flops_per_token=flops_per_token,
-    shard_units=lambda model: list(model.layers),
+    shard_units=lambda model: list(model.layers.values()),
     init_weights=lambda model, seed: model.init_weights(seed),
     tensor_parallel=tensor_parallel,
     hf=HF,
+    pipeline=PipelineSplit("layers", first=("tok_embeddings",), last=("norm", "output")),
 )
