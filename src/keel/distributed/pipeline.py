@@ -56,15 +56,16 @@ def merged(parts: list[nn.Module]) -> nn.Module:
     gradient norms; it never runs); a single stage is itself."""
     if len(parts) == 1:
         return parts[0]
-    view = nn.Module()
+    children: dict[str, nn.Module] = {}
     for part in parts:
         for name, child in part.named_children():
-            if isinstance(child, nn.ModuleDict):
-                if name not in view._modules:
-                    view.add_module(name, nn.ModuleDict())
-                view.get_submodule(name).update(child)
+            if isinstance(child, nn.ModuleDict):  # the blocks: each stage holds some of them
+                children.setdefault(name, nn.ModuleDict()).update(child)
             else:
-                view.add_module(name, child)
+                children[name] = child
+    view = nn.Module()
+    for name, child in children.items():
+        view.add_module(name, child)
     return view
 
 
