@@ -33,7 +33,10 @@ LAYOUTS = {
 def step_time(root: Path, dataset: Path, name: str, settings: list[str], steps: int, index: int) -> float:
     run = root / f"run{index}"
     overrides = [*run_overrides(dataset, run, steps), "observe.log_every=1", *settings]
-    args = [sys.executable, "-m", "keel", "train", "--nproc", "2", *(a for o in overrides for a in ("--set", o))]
+    config = root / "bench.toml"
+    config.touch()  # every key comes from the overrides
+    flags = [a for o in overrides for a in ("--set", o)]
+    args = [sys.executable, "-m", "keel", "train", str(config), "--nproc", "2", *flags]
     result = subprocess.run(args, cwd=root, capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{name}: keel train failed: {result.stderr.strip()}")
