@@ -177,6 +177,17 @@ def data_inspect(
     print("\n".join(inspect_lines(dataset)))
 
 
+@data_app.command("card")
+def data_card(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: DATASET/data_card.md).")] = None,
+) -> None:
+    """Write the dataset's data card: sources and licenses, stages, PII, dedup, removals, lengths, languages."""
+    from keel.data.card import write_data_card
+
+    print(f"wrote {write_data_card(dataset, out)}")
+
+
 @data_app.command("verify")
 def data_verify(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
@@ -304,8 +315,22 @@ def export(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to plot.")]) -> None:
-    """Write RUN_DIR/report.html: loss, learning rate, throughput, MFU, step time and memory, incidents marked."""
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Record a card.* key (or observe.price_per_device_hour, grid_gco2_per_kwh) first."),
+    ] = None,
+) -> None:
+    """Write RUN_DIR/model_card.md: model, training, hardware, energy, cost, evaluation, data, intended use."""
+    from keel.observe.card import write_model_card
+
+    print(f"wrote {write_model_card(run_dir, overrides or [])}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to report on.")]) -> None:
+    """Write RUN_DIR/report.html, the run's front page: summary, plots, incident timeline, evaluation, audit."""
     from keel.observe.report import write_report
 
     print(f"wrote {write_report(run_dir)}")

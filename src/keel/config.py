@@ -159,6 +159,12 @@ class TrainConfig(Section):
         None, gt=0, description="Stop this invocation after this step, as a preemption would; resume continues."
     )
 
+    def precision_on(self, device_type: str) -> Literal["fp32", "bf16"]:
+        """The precision a run uses on a device type ("cuda", "cpu"): `precision`, auto resolved."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
 
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate of AdamW.")
@@ -268,6 +274,12 @@ class ObserveConfig(Section):
     )
     wandb: bool = Field(False, description="Log rank 0's metrics to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str = Field("keel", description="The Weights & Biases project runs are logged to.")
+    price_per_device_hour: float = Field(
+        2.0, ge=0, description="USD per device-hour (a GPU, or a CPU process) for the card's cost; set your own price."
+    )
+    grid_gco2_per_kwh: float = Field(
+        480.0, ge=0, description="Grid carbon intensity (gCO2e/kWh) for the card's CO2e; 480 is about the world mean."
+    )
 
     @field_validator("profile_steps")
     @classmethod
@@ -334,6 +346,14 @@ class ResilienceConfig(Section):
         return names
 
 
+class CardConfig(Section):
+    """What the model card states that no run can measure: written by the user."""
+
+    license: str = Field("unknown", description="The trained model's license tag for its card (e.g. apache-2.0).")
+    intended_use: str = Field("", description="What the model is for, and for whom; the card says so verbatim.")
+    limitations: str = Field("", description="Known limitations, risks and out-of-scope uses, for the card.")
+
+
 class ModelConfig(BaseModel):
     """The [model] section: `name` picks the registry entry, the other keys are that model's arguments."""
 
@@ -353,6 +373,7 @@ class Config(Section):
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    card: CardConfig = Field(default_factory=CardConfig)
 
     @model_validator(mode="before")
     @classmethod

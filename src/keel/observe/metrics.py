@@ -34,6 +34,10 @@ UNITS: dict[str, str] = {
     "straggler_slowdown": "ratio",
     "stragglers": "ranks",
     "goodput_ratio": "fraction",
+    "power_w": "W",
+    "energy_kwh": "kWh",
+    "energy_estimated_kwh": "kWh",
+    "device_hours": "h",
 }
 
 # Families of metrics named `<family>/<member>`, whose members are known only at run time (parameter groups).

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from keel.config import Config
+from keel.config import CardConfig, Config
 from keel.config_toml import apply_overrides, build_config, load_config, read_toml, save_config
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.errors import ConfigError, DataError
@@ -71,8 +71,16 @@ def resolve(cfg: Config) -> Config:
     return resolved
 
 
-# Keys that may differ between invocations of one run: where it stops, and how many processes and machines it uses.
-PER_INVOCATION = {("train", "stop_after"), ("parallel", "nproc"), ("parallel", "nnodes")}
+# Keys that may differ between invocations of one run: where it stops, how many processes and machines it uses,
+# and what its model card states (prices, carbon intensity, intended use), none of which shapes training.
+PER_INVOCATION = {
+    ("train", "stop_after"),
+    ("parallel", "nproc"),
+    ("parallel", "nnodes"),
+    ("observe", "price_per_device_hour"),
+    ("observe", "grid_gco2_per_kwh"),
+    *(("card", key) for key in CardConfig.model_fields),
+}
 
 
 def start_run(cfg: Config) -> tuple[Config, bool]:

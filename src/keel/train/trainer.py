@@ -38,9 +38,7 @@ log = logging.getLogger("keel")
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The dtype matmuls run in: `train.precision`, where auto means bf16 on CUDA and fp32 on CPU."""
-    if cfg.train.precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return torch.bfloat16 if cfg.train.precision_on(device.type) == "bf16" else torch.float32
 
 
 class Trainer:
