@@ -55,6 +55,14 @@ def synthetic_corpus(directory: Path, documents: int = 300, seed: int = 0) -> Pa
     return directory
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_launch_time() -> Iterator[None]:
+    """An in-process `keel train` stamps its launch time into os.environ (for the goodput ledger); a later test's
+    `keel train` processes would inherit it and count the whole session as their start-up."""
+    yield
+    os.environ.pop("KEEL_LAUNCH_TIME", None)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """A prepared dataset of the synthetic corpus (vocab 512), shared by the whole session."""
