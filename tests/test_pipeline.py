@@ -127,6 +127,7 @@ def test_layout_puts_the_pipeline_outermost_and_fills_in_the_rest():
         (["parallel.pp=2", "parallel.pp_microbatches=1"], "1f1b needs at least one micro-batch per pipeline rank"),
         (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], "parallel.pp_stages_per_rank: 1f1b runs one stage"),
         (["parallel.pp=2", "model.tie_embeddings=true"], "parallel.pp: tied embeddings would live on both"),
+        (["parallel.pp=2", "observe.audit_every=5"], "observe.audit_every: the bias audit scores batches"),
         (["parallel.pp=3"], "parallel.dp_shard: the other mesh dimensions (3 processes) do not divide the 4"),
     ],
 )

@@ -314,6 +314,51 @@ def export(
     print(f"exported {run_dir} to {export_hf(run_dir, out, step=step, fmt=fmt)}")
 
 
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="Global batches of validation data (default: train.eval_batches).", min=1)
+    ] = None,
+    harness: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lm-evaluation-harness tasks: Keel's own (keel_python_syntax), task YAML files, "
+            "or lm-eval task names; run on the Hugging Face export."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Most examples per harness task.", min=1)] = None,
+) -> None:
+    """Validation loss and perplexity per source and mixture dataset (and harness tasks); writes RUN_DIR/eval.json."""
+    from keel.eval.evaluate import eval_lines, evaluate_run
+    from keel.rundir import RunDir
+
+    tasks = [t.strip() for t in harness.split(",") if t.strip()] if harness is not None else None
+    if tasks == []:
+        raise KeelError("--harness: no task named; e.g. --harness keel_python_syntax")
+    record = evaluate_run(run_dir, step, batches, tasks, limit)
+    print("\n".join([*eval_lines(record), f"wrote {RunDir(run_dir).eval_results}"]))
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="Template file (default: the templates Keel ships; format in its README).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the templates.", min=100)] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Bias audit: log-likelihood gap per demographic axis with bootstrap intervals; writes RUN_DIR/audit.json."""
+    from keel.eval.audit import audit_lines, audit_run
+    from keel.rundir import RunDir
+
+    record = audit_run(run_dir, step, str(templates) if templates else None, bootstrap, seed)
+    print("\n".join([*audit_lines(record), f"wrote {RunDir(run_dir).audit_results}"]))
+
+
 @app.command()
 def card(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],

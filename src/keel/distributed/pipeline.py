@@ -21,7 +21,7 @@ from keel.config import ParallelConfig
 from keel.data.loader import Batch
 from keel.distributed.mesh import Mesh
 from keel.distributed.step import Context, Phase, StepRunner, loss_context
-from keel.models.loss import next_token_loss
+from keel.models.loss import token_cross_entropy
 from keel.models.spec import PipelineSplit
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -101,12 +101,16 @@ class PipelineStep(StepRunner):
             loss_fn=self._loss,
             scale_grads=False,
         )
-        self._divisor = 1
+        self._train, self._divisor = True, 1
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(logits, targets) / self._divisor
+    def _loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._train:  # the last stage's forward took the targets and returned its mean loss
+            return output / self._divisor
+        return token_cross_entropy(output, targets)  # logits -> per-token losses
 
-    def _run(self, batch: Batch, train: bool, divisor: int) -> torch.Tensor:
+    def _run(self, batch: Batch, train: bool, divisor: int = 1) -> list[torch.Tensor]:
+        """Run the schedule on one batch; on the rank of the last stage, each micro-batch's loss / divisor (train)
+        or per-token losses (evaluation)."""
         batch = batch.to(self.device)
         B, T = batch.inputs.shape
         # Every stage takes the positions for its rotary tables: past the first, the hidden states it receives may
@@ -115,13 +119,25 @@ class PipelineStep(StepRunner):
         kwargs = {"positions": positions.expand(B, T)}
         if batch.documents is not None:
             kwargs["documents"] = batch.documents
+        if train and self.last:
+            # The last stage fuses its output projection with the loss (no logits); this rank's other stages
+            # (interleaved) have no output projection and pass the targets by.
+            kwargs["targets"] = batch.targets
         args = (batch.inputs,) if self.first else ()
         target = batch.targets if self.last else None
-        losses: list[torch.Tensor] = []  # each micro-batch's loss / divisor
-        self._divisor = divisor
+        losses: list[torch.Tensor] = []
+        self._train, self._divisor = train, divisor
         with loss_context(self.mesh), self.autocast():
             run = self.schedule.step if train else self.schedule.eval
             run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        return losses
+
+    def forward_backward(self, batch: Batch, accumulate: int, sync: bool, phase: Phase) -> torch.Tensor:
+        # Forwards and backwards interleave: the whole schedule counts as forward time. Each schedule step reduces
+        # its stages' gradients over data parallel, so `sync` has nothing left to choose.
+        divisor = self.microbatches * accumulate
+        with phase("forward"):
+            losses = self._run(batch, train=True, divisor=divisor)
         if self.last:
             loss = torch.stack(losses).detach().sum() * (divisor / self.microbatches)  # their mean
         else:
@@ -129,11 +145,11 @@ class PipelineStep(StepRunner):
         dist.broadcast(loss, group=self.pp_group, group_src=self.last_rank)
         return loss
 
-    def forward_backward(self, batch: Batch, accumulate: int, sync: bool, phase: Phase) -> torch.Tensor:
-        # Forwards and backwards interleave: the whole schedule counts as forward time. Each schedule step reduces
-        # its stages' gradients over data parallel, so `sync` has nothing left to choose.
-        with phase("forward"):
-            return self._run(batch, train=True, divisor=self.microbatches * accumulate)
-
-    def batch_loss(self, batch: Batch) -> torch.Tensor:
-        return self._run(batch, train=False, divisor=self.microbatches)
+    def _token_losses(self, batch: Batch) -> torch.Tensor:
+        losses = self._run(batch, train=False)
+        if self.last:
+            per_token = torch.cat(losses)
+        else:
+            per_token = torch.empty(batch.targets.shape, dtype=torch.float32, device=self.device)
+        dist.broadcast(per_token, group=self.pp_group, group_src=self.last_rank)
+        return per_token

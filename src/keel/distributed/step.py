@@ -8,7 +8,7 @@ picks the runner: the whole model on every rank (DDP, FSDP, tensor parallel), or
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from keel.data.loader import Batch
 from keel.distributed.grads import clip_grads, grad_norm, grad_norms_by_group
 from keel.distributed.mesh import Mesh
-from keel.models.loss import batch_loss
+from keel.models.loss import batch_loss, token_losses
 
 Context = Callable[[], contextlib.AbstractContextManager]
 Phase = Callable[[str], contextlib.AbstractContextManager]  # the step timer's phase("forward"), ...
@@ -66,23 +66,27 @@ class StepRunner:
         over data parallel when `sync`; return the loss, detached, the same on every rank."""
         raise NotImplementedError
 
-    def batch_loss(self, batch: Batch) -> torch.Tensor:
-        """The loss of one batch, forward only, the same on every rank."""
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Around a forward pass of the whole model and its loss: autocast, and loss parallel under tensor parallel."""
+        with loss_context(self.mesh), self.autocast():
+            yield
+
+    def _token_losses(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch]) -> torch.Tensor:
-        """Mean loss over this rank's batches, without gradients (the caller averages over ranks)."""
+    def token_losses(self, batch: Batch) -> torch.Tensor:
+        """Per-token losses [B, S] of one batch, forward only, in evaluation mode, the same on every rank of a
+        pipeline (validation, per source)."""
         modes = [part.training for part in self.parts]
         for part in self.parts:
             part.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        for batch in batches:
-            total += self.batch_loss(batch)
-            count += 1
-        for part, mode in zip(self.parts, modes, strict=True):
-            part.train(mode)
-        return total / max(count, 1)
+        try:
+            return self._token_losses(batch)
+        finally:
+            for part, mode in zip(self.parts, modes, strict=True):
+                part.train(mode)
 
     def grad_norm(self) -> torch.Tensor:
         """The global gradient norm over every rank and stage (a DTensor under FSDP; see grads.norm_value)."""
@@ -108,6 +112,6 @@ class LocalStep(StepRunner):
                 (loss / accumulate).backward()
         return loss.detach()
 
-    def batch_loss(self, batch: Batch) -> torch.Tensor:
-        with loss_context(self.mesh), self.autocast():
-            return batch_loss(self.model, batch, self.device)
+    def _token_losses(self, batch: Batch) -> torch.Tensor:
+        with self.forward_context():
+            return token_losses(self.model, batch, self.device)

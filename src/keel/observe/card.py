@@ -161,7 +161,7 @@ def _training_section(f: RunFacts) -> list[str]:
             f"AdamW, lr {o.lr:g} (warm-up {o.warmup_steps} steps, cosine to {o.min_lr_ratio:g} x), betas "
             f"({o.beta1:g}, {o.beta2:g}), eps {o.eps:g}, weight decay {o.weight_decay:g}, grad clip {t.grad_clip:g}",
         ],
-        ["precision", f"{t.precision_on(f.device_type)} on {f.device_type}" + (", torch.compile" if t.compile else "")],
+        ["precision", f"{f.precision} on {f.device_type}" + (", torch.compile" if t.compile else "")],
         [
             "parallel layout",
             f"{f.world_size} processes ({layout.describe()}: {dims}), "

@@ -42,6 +42,7 @@ class RunFacts:
     power_sources: list[dict[str, Any]]  # each rank's newest `power_source` event
     world_size: int
     device_type: str  # where the newest attempt trained: "cpu", "cuda"
+    precision: str  # what the newest attempt trained in (its start event; train.precision for older runs)
     ledger: RunLedger | None
     evaluation: EvalFile | None
     audit: AuditFile | None
@@ -115,6 +116,8 @@ def gather(run_dir: Path, step: int | None = None) -> RunFacts:
         power_sources=[sources[rank] for rank in sorted(sources)],
         world_size=world_size,
         device_type=str(starts[-1].get("device", "cpu") if starts else "cpu").split(":")[0],
+        # auto is resolved at start-up (on CPU by measuring), so only the run knows what it chose.
+        precision=str(starts[-1].get("precision", cfg.train.precision) if starts else cfg.train.precision),
         ledger=ledger,
         evaluation=read_results(run.eval_results, EvalFile),
         audit=read_results(run.audit_results, AuditFile),

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from keel.callback import Callback, LoopControl, StepOutcome
 from keel.checkpoint.schedule import CheckpointSchedule
+from keel.eval.audit import Audit
 from keel.eval.validation import Validation
 from keel.observe.card import CardWriter
 from keel.observe.energy import EnergyMeter
@@ -83,7 +84,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         ),
         energy,
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.runner.evaluate, t.val_data, cfg, t.mesh, t.timer, t.metrics.record),
+        Validation(t.runner.token_losses, cfg, env.device, t.mesh, t.timer, t.metrics.record),
+        Audit(cfg, t.model, env, t.mesh, t.runner.forward_context, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,
@@ -97,7 +99,13 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
         RunLifecycle(
-            run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
+            run.root,
+            env,
+            t.events,
+            t.metrics,
+            t.control,
+            progress=lambda: (t.state.step, t.state.tokens_seen),
+            precision=t.precision.name,
         ),
         CardWriter(run, env),
     ]

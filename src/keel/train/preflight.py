@@ -19,6 +19,7 @@ from keel.models import model_args
 from keel.resilience.inject import parse_faults
 from keel.rundir import RunDir
 from keel.train.checks import (
+    check_audit,
     check_data,
     check_environment,
     check_file_hash,
@@ -59,6 +60,8 @@ def resolve(cfg: Config) -> Config:
     raw["run"]["dir"] = str(cfg.run_dir.resolve())
     if cfg.checkpoint.init_from_hf:
         raw["checkpoint"]["init_from_hf"] = str(Path(cfg.checkpoint.init_from_hf).resolve())
+    if cfg.observe.audit_templates:
+        raw["observe"]["audit_templates"] = str(Path(cfg.observe.audit_templates).resolve())
     resolved = build_config(raw)
     try:
         parse_faults(resolved.resilience.inject, resolved.parallel.world_size)
@@ -66,6 +69,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"resilience.inject: {e}") from None
     check_layout(resolved, spec, args)
     check_data(resolved)
+    check_audit(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
     return resolved
