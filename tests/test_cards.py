@@ -79,6 +79,8 @@ def test_energy_is_recorded_per_logged_step_summed_over_ranks_and_continued_acro
     records = [r for r in read_metrics(run) if "energy_kwh" in r]
     sources = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "power_source"]
     assert len(sources) == 4  # 2 ranks x 2 attempts
+    kinds = [e["event"] for e in read_jsonl(run / "events.jsonl") if e["event"] in ("start", "power_source")]
+    assert kinds == ["start", "power_source", "power_source"] * 2  # each attempt's sources follow its start
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     if rapl_zones():  # a machine whose counters are readable: measured, nothing estimated
         assert not any(s["estimate"] for s in sources)
@@ -327,7 +329,10 @@ def test_data_card_is_a_datasheet_drawn_from_the_manifest_and_the_shards(license
     assert removed.returncode == 0, removed.stdout + removed.stderr
     out = tmp_path / "elsewhere.md"
     assert run_keel("data", "card", str(dataset), "--out", str(out), cwd=tmp_path).returncode == 0
-    assert re.search(r"^\| \d{4}-\d\d-\d\dT[\d:]+Z \| 1 \| ", out.read_text(), re.M)
+    assert re.search(
+        r"^\| \d{4}-\d\d-\d\dT[\d:]+Z \| 1 \| de0.txt \| train/[^|]+ \| 1 \| \d+ \|$", out.read_text(), re.M
+    )
+    assert "Tombstones: 1 removed documents" in out.read_text()
     assert_one_line_error(run_keel("data", "card", str(tmp_path / "none"), cwd=tmp_path), "does not exist")
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import losses, read_metrics, run_keel, tiny_config
 from keel.data.dataset import TokenDataset
-from keel.data.loader import Batch, BatchLoader, document_ids, position_ids
+from keel.data.loader import Batch, BatchLoader, GlobalSampleOrder, document_ids, position_ids
 from keel.data.prefetch import PrefetchLoader
 
 
@@ -89,3 +90,11 @@ def test_training_with_workers_and_a_one_dataset_mixture_matches_inline_and_resu
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert losses(part) == losses(inline)
     assert all("data_wait_s" in r for r in read_metrics(part) if "loss" in r)
+
+
+def test_indices_of_inverts_the_sample_order_across_epochs():
+    order = GlobalSampleOrder(50, seed=3)
+    wanted = np.zeros(50, dtype=bool)
+    wanted[[0, 7, 49]] = True
+    expected = [g for g in range(170) if wanted[order.sample(g)]]  # three epochs and a part
+    assert order.indices_of(wanted, 170).tolist() == expected and len(expected) == 10

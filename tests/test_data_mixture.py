@@ -6,6 +6,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from keel.data.loader import BatchLoader
@@ -104,3 +105,13 @@ def test_mixture_of_datasets_with_different_tokenizers_is_an_error(two, tmp_path
 def test_all_zero_weights_are_a_config_error():
     with pytest.raises(ConfigError, match="data.mixture weights"):
         MixtureOrder([0, 0], seed=0)
+
+
+def test_global_indices_invert_locate_for_each_source():
+    order = MixtureOrder([3.0, 1.0, 0.5], seed=7, block=40)
+    where = [order.locate(g) for g in range(400)]
+    for k in range(3):
+        positions = [p for source, p in where if source == k]
+        expected = [g for g, (source, _) in enumerate(where) if source == k]
+        assert order.global_indices(k, np.array(positions)).tolist() == expected
+    assert MixtureOrder([1.0, 0.0], seed=0).global_indices(1, np.array([0, 1])).size == 0

@@ -213,18 +213,31 @@ def data_lineage(
     source: SourceOption,
     ordinal: OrdinalOption = None,
     seq_len: Annotated[int, typer.Option(help="train.seq_len, to list the sample ids.", min=1)] = 256,
+    run: Annotated[
+        list[Path] | None, typer.Option(help="A run dir: which of its steps and checkpoints saw it (repeatable).")
+    ] = None,
 ) -> None:
-    """List the shards and sample ids that hold a source file's documents (or one of them)."""
+    """List the shards and sample ids that hold a source file's documents, and which runs' steps read them."""
     from keel.data.lineage import find_documents, sample_ids, shards_of
     from keel.data.manifest import load_manifest
+    from keel.data.versions import document_versions
+    from keel.train.lineage import lineage_lines, run_lineage
 
+    # With runs, a removed document is still answered for from the versions before its removal.
+    versions = document_versions(dataset, source, ordinal) if run else []
+    runs = [run_lineage(dataset, versions, r) for r in run or []]  # every run is checked before anything is printed
     manifest = load_manifest(dataset)
-    for d in find_documents(dataset, source, ordinal):
+    spans = versions[0].spans if run else find_documents(dataset, source, ordinal)
+    for d in spans:
         ids = sample_ids(d, seq_len)
         print(
             f"{d.split} document {d.ordinal}: tokens [{d.start}, {d.end}), shards {', '.join(shards_of(manifest, d))}, "
             f"sample ids {ids.start}..{ids.stop - 1} at seq_len {seq_len}"
         )
+    if run and not spans:
+        print(f"{source}: removed from {dataset}; the runs are answered from the versions before the removal")
+    for r in runs:
+        print("\n".join(lineage_lines(r)))
 
 
 @data_app.command("remove")
@@ -232,13 +245,27 @@ def data_remove(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
     source: SourceOption,
     ordinal: OrdinalOption = None,
+    retrain_tokenizer: Annotated[
+        bool, typer.Option(help="Train the tokenizer again on the kept text and re-encode every shard.")
+    ] = False,
+    tombstones: Annotated[
+        Path | None, typer.Option(help="Also add the tombstones to this file (for prepare.tombstones).")
+    ] = None,
 ) -> None:
-    """Remove a source file's documents (or one of them): rewrite only the shards that hold them; record it."""
-    from keel.data.lineage import find_documents, remove_documents
+    """Remove a source file's documents (or one): shards, manifest, tombstones for later prepares, vocabulary."""
+    from keel.data.erase import erase_documents, erased_lines
+    from keel.data.lineage import find_documents
+    from keel.data.manifest import load_manifest
+    from keel.data.tombstones import add_to_file, check_tombstones_file
 
     spans = find_documents(dataset, source, ordinal)
-    changed = remove_documents(dataset, spans)
-    print(f"removed {len(spans)} documents; rewrote {len(changed)} shards: {', '.join(changed)}")
+    if tombstones is not None:
+        check_tombstones_file(tombstones)  # before the removal: it cannot fail half done
+    erased = erase_documents(dataset, spans, whole_files=ordinal is None, retrain=retrain_tokenizer)
+    print("\n".join(erased_lines(erased, dataset, ordinal is None)))
+    if tombstones is not None:
+        held = add_to_file(tombstones, load_manifest(dataset).tombstones or [])
+        print(f"tombstones: {tombstones} holds {held}")
 
 
 @checkpoint_app.command("verify")

@@ -82,6 +82,10 @@ class PrepareConfig(Section):
     licenses: dict[str, str] = Field(
         default_factory=dict, description='License tag per source glob, e.g. {"web/*.jsonl" = "CC-BY-4.0"}.'
     )
+    tombstones: list[str] = Field(
+        default_factory=list,
+        description="Datasets (or tombstones files) whose removed documents prepare drops again, by content hash.",
+    )
     bad_input: Literal["error", "skip"] = Field(
         "error", description="On a malformed, truncated or unreadable record or file: stop, or skip it and count it."
     )

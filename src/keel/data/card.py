@@ -181,10 +181,29 @@ def data_card(dataset_dir: Path) -> str:
         lines += [f"- **flag**: {flag}" for flag in flags]
     else:
         lines.append("No source's license forbids commercial use or redistribution.")
-    lines += ["", "## Maintenance", ""]
-    removals = [[r.time, len(r.documents), ", ".join(r.shards)] for r in manifest.removals]
-    lines += table(["removal (UTC)", "documents", "shards rewritten"], removals) if removals else ["No removals."]
+    lines += ["", "## Maintenance", "", *_removals(manifest)]
     return "\n".join(lines) + "\n"
+
+
+def _removals(manifest: Manifest) -> list[str]:
+    """Each removal (`keel data remove`, or a merge's cross-part dedup): what it took out and what it left behind."""
+    rows = []
+    for r in manifest.removals:
+        whole = ", ".join(sorted({f.key for f in manifest.files if f.removed == r.time})) or "none"
+        rewritten = "every shard re-encoded, tokenizer retrained" if r.retokenized else ", ".join(r.shards)
+        recorded = [len(x) if x is not None else "-" for x in (r.tombstones, r.vocabulary)]  # merges record neither
+        rows.append([r.time, len(r.documents), whole, rewritten, *recorded])
+    header = ["removal (UTC)", "documents", "whole files", "shards rewritten", "tombstones", "vocabulary learned"]
+    lines = table(header, rows) if rows else ["No removals."]
+    if rows:
+        lines += ["", "Vocabulary learned: tokenizer entries learned only from the removed text."]
+    if manifest.tombstones:
+        lines += [
+            "",
+            f"Tombstones: {len(manifest.tombstones):,} removed documents (content hashes, removed here or given to "
+            "`prepare.tombstones`); a prepare given this dataset in `prepare.tombstones` drops them again.",
+        ]
+    return lines
 
 
 def write_data_card(dataset_dir: Path, out: Path | None = None) -> Path:

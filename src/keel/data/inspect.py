@@ -29,7 +29,15 @@ def inspect_lines(dataset_dir: Path) -> list[str]:
     for kind, n in sorted(m.skipped.items()):
         lines.append(f"skipped {kind}: {n:,}")
     for removal in m.removals:
-        lines.append(f"removal {removal.time}: {len(removal.documents)} documents, shards {removal.shards}")
+        line = f"removal {removal.time}: {len(removal.documents)} documents, shards {removal.shards}"
+        if removal.vocabulary is not None:
+            line += f", {len(removal.vocabulary)} vocabulary entries learned only from them"
+        lines.append(line + (", tokenizer retrained and every shard re-encoded" if removal.retokenized else ""))
+    for f in m.files:
+        if f.removed:
+            lines.append(f"file {f.key}: removed {f.removed}")
+    if m.tombstones:
+        lines.append(f"tombstones: {len(m.tombstones)} removed documents a prepare given this dataset drops again")
     return lines
 
 

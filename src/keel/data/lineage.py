@@ -28,6 +28,12 @@ class DocSpan:
 
 def document_spans(root: Path, manifest: Manifest, split: str) -> list[DocSpan]:
     """Every document of a split in stream order (reads only the small .idx and .docs files)."""
+    start, ends, origin = split_index(root, manifest, split)
+    return [DocSpan(split, int(o[0]), int(o[1]), int(s), int(e)) for o, s, e in zip(origin, start, ends, strict=True)]
+
+
+def split_index(root: Path, manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A split's documents as arrays: start and end in the split's token stream, and origin (file, ordinal)."""
     starts, origins, base = [], [], 0
     for shard in manifest.splits[split].shards:
         if shard.origins is None:
@@ -38,7 +44,7 @@ def document_spans(root: Path, manifest: Manifest, split: str) -> list[DocSpan]:
     start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
     origin = np.concatenate(origins) if origins else np.zeros((0, 2), np.int64)
     ends = np.append(start[1:], base)[: len(start)]  # a split emptied by removals has no documents
-    return [DocSpan(split, int(o[0]), int(o[1]), int(s), int(e)) for o, s, e in zip(origin, start, ends, strict=True)]
+    return start, ends, origin
 
 
 def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -> list[DocSpan]:
@@ -49,6 +55,9 @@ def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -
     files = {i for i, f in enumerate(manifest.files) if f.path == wanted or f.key == source}
     if not files:
         raise DataError(f"{root}: no source file {source!r} in the manifest; `keel data inspect` lists the sources")
+    gone = [manifest.files[i].removed for i in files if manifest.files[i].removed]
+    if len(gone) == len(files):
+        raise DataError(f"{root}: source file {source!r} was removed ({gone[0]}); no shard holds its documents")
     with filesystem_errors("read the dataset's lineage", DataError):
         found = [
             d
@@ -61,7 +70,7 @@ def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -
     if ordinal is None:
         raise DataError(
             f"{root}: source file {source!r} has no documents left in the dataset "
-            "(quality filters, dedup or `keel data remove` dropped them all)"
+            "(quality filters, dedup, tombstones or `keel data remove` dropped them all)"
         )
     keys = {manifest.files[i].key for i in files}
     removed = [r.time for r in manifest.removals if any((k, ordinal) in r.documents for k in keys)]
@@ -70,7 +79,7 @@ def find_documents(dataset_dir: Path, source: str, ordinal: int | None = None) -
     raise DataError(
         f"{root}: no document {ordinal} of {source!r} in the dataset: the file has no such document "
         "(the ordinal is the JSON Lines line number, the Parquet row, 0 for a text file), "
-        "or it was empty or dropped by a quality filter or dedup"
+        "or it was empty or dropped by a quality filter, dedup or a tombstone (prepare.tombstones)"
     )
 
 
@@ -96,10 +105,20 @@ def remove_documents(dataset_dir: Path, spans: list[DocSpan]) -> list[str]:
     manifest = load_manifest(root)
     check_writable_dir(root, "dataset", DataError)
     with filesystem_errors("rewrite the dataset (its manifest still names the intact old shards)", DataError, root):
-        return _remove(root, manifest, spans)
+        return rewrite_without(root, manifest, spans, removal_record(manifest, spans))
 
 
-def _remove(root: Path, manifest: Manifest, spans: list[DocSpan]) -> list[str]:
+def removal_record(manifest: Manifest, spans: list[DocSpan]) -> Removal:
+    """The manifest's record of removing these documents, stamped now (its shards are filled in by the rewrite)."""
+    return Removal(
+        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        documents=[(manifest.files[d.file].key, d.ordinal) for d in spans],
+        shards=[],
+    )
+
+
+def rewrite_without(root: Path, manifest: Manifest, spans: list[DocSpan], removal: Removal) -> list[str]:
+    """Rewrite the shards holding these spans, append `removal` to the manifest and commit it; old files go last."""
     changed: list[str] = []
     for split, entry in manifest.splits.items():
         cut = [(d.start, d.end) for d in spans if d.split == split]
@@ -112,13 +131,8 @@ def _remove(root: Path, manifest: Manifest, spans: list[DocSpan]) -> list[str]:
                 entry.shards[i] = _rewrite(root, shard, lo, cut, manifest.token_dtype)
         entry.tokens = sum(s.tokens for s in entry.shards)
         entry.documents = sum(s.documents for s in entry.shards)
-    manifest.removals.append(
-        Removal(
-            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            documents=[(manifest.files[d.file].key, d.ordinal) for d in spans],
-            shards=changed,
-        )
-    )
+    removal.shards = changed
+    manifest.removals.append(removal)
     current = set(_all_files(manifest))
     write_manifest(root, manifest)  # the commit point: before it the old shards are intact and still named
     for path in _pending_old(root, changed, current):

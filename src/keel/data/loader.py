@@ -68,15 +68,26 @@ class GlobalSampleOrder:
         epoch, position = divmod(global_index, self.num_samples)
         return int(self._permutation(epoch)[position])
 
+    def indices_of(self, wanted: np.ndarray, limit: int) -> np.ndarray:
+        """Every index below `limit` whose sample id `wanted` (a bool per sample id) marks, ascending: the inverse."""
+        found = [np.zeros(0, dtype=np.int64)]
+        for epoch in range(-(-limit // self.num_samples)):
+            hits = np.flatnonzero(wanted[self._draw(epoch)]) + epoch * self.num_samples
+            found.append(hits[hits < limit])
+        return np.concatenate(found)
+
     def _permutation(self, epoch: int) -> np.ndarray:
         perm = self._epochs.get(epoch)
         if perm is None:
             # Two cached epochs suffice: a batch spans at most the end of one and the start of the next.
             if len(self._epochs) >= 2:
                 del self._epochs[min(self._epochs)]
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            perm = self._draw(epoch)
             self._epochs[epoch] = perm
         return perm
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
 
 def num_samples(dataset: TokenDataset, seq_len: int) -> int:

@@ -34,6 +34,7 @@ class TokenizerEntry(Entry):
     sha256: str
     vocab_size: int = Field(gt=0)
     eos_id: int = Field(ge=0)
+    given: bool | None = None  # True: prepare.tokenizer supplied it, so none of it was learned from this dataset
 
 
 class Shard(Entry):
@@ -72,6 +73,16 @@ class FileEntry(Entry):
     path: str
     key: str  # the path relative to its glob's fixed prefix: what the validation split hashes
     source: int = Field(ge=0)  # index into the include globs
+    removed: str | None = None  # when `keel data remove` removed the whole file (its documents are gone)
+
+
+class Tombstone(Entry):
+    """A removed document: a later prepare drops any document with this content hash (keel.data.stages.content_hash)."""
+
+    sha256: str
+    key: str  # the source file's key and the document's ordinal when it was removed
+    ordinal: int = Field(ge=0)
+    time: str
 
 
 class Removal(Entry):
@@ -80,6 +91,13 @@ class Removal(Entry):
     time: str
     documents: list[tuple[str, int]]  # (file key, ordinal)
     shards: list[str]
+    # Written by `keel data remove` (not by merge dedup), so lineage can still answer for runs on the version before:
+    manifest_before: str | None = None  # the dataset's manifest hash before this removal
+    spans: list[tuple[str, int, int]] | None = None  # each document's (split, start, end) in that version
+    split_tokens: dict[str, int] | None = None  # each split's tokens in that version
+    tombstones: list[str] | None = None  # each document's content hash
+    vocabulary: list[int] | None = None  # ids of the tokenizer's entries learned only from the removed text
+    retokenized: bool | None = None  # True: a new tokenizer was trained on the kept text and every shard re-encoded
 
 
 class PrepareSettings(Entry):
@@ -108,6 +126,9 @@ class Manifest(Entry):
     dedup_store: str | None = None  # a --shard part's dedup keys, for the merge
     merged_from: list[str] | None = None
     removals: list[Removal] = Field(default_factory=list)
+    # Removed here, or carried over by prepare.tombstones; None (not written) where there are none, so the manifests
+    # of datasets without removals stay byte for byte as they were.
+    tombstones: list[Tombstone] | None = None
 
     @property
     def token_dtype(self) -> type[np.unsignedinteger]:

@@ -145,6 +145,7 @@ def _merged(parts: list[Path], manifests: list[Manifest], staging: Path) -> Mani
         skipped=dict(sum((Counter(m.skipped) for m in manifests), Counter())),
         settings=manifests[0].settings,
         merged_from=[str(p) for p in parts],
+        tombstones=list({t.sha256: t for m in manifests for t in m.tombstones or []}.values()) or None,
     )
 
 

@@ -37,6 +37,18 @@ class MixtureOrder:
         k = int(sources[position])
         return k, b * self.quotas[k] + int(ranks[position])
 
+    def global_indices(self, k: int, positions: np.ndarray) -> np.ndarray:
+        """The global indices that read these positions of source k's stream: the inverse of locate."""
+        if not self.quotas[k]:
+            return np.zeros(0, dtype=np.int64)
+        blocks, ranks = np.divmod(np.asarray(positions, dtype=np.int64), self.quotas[k])
+        out = np.empty(len(blocks), dtype=np.int64)
+        for b in np.unique(blocks).tolist():  # only the blocks that hold one: at most one per position
+            sources, _ = self._layout(b)
+            here = blocks == b
+            out[here] = b * self.block + np.flatnonzero(sources == k)[ranks[here]]  # source k's slots, in rank order
+        return out
+
     def _layout(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != b:
             # One shuffle per block, seeded by (seed, block): any rank computes any block on its own.

@@ -61,6 +61,7 @@ class Job(NamedTuple):
     fast: bool = False  # tiktoken, checked at load to give the tokenizer's own ids
     drops: str | None = None  # write: the scan's list of dropped documents
     after: tuple[int, int] | None = None  # write, resuming: only documents after this (file, ordinal)
+    tombstones: frozenset = frozenset()  # scan: content hashes of removed documents, dropped as the stage `tombstone`
 
 
 _state: dict = {}
@@ -101,10 +102,11 @@ def _run(job: Job, span: Span) -> Result:
     hashes = [doc_hashes(span.source.key, ordinal) for ordinal, _ in docs]
     encoder: Encoder | None = _state["encoder"]
     if encoder is None:
-        hasher, s = _state["hasher"], job.settings
+        hasher, s, dead = _state["hasher"], job.settings, job.tombstones
+        wants = [split >= job.val_fraction and sample < job.sample_fraction for split, sample in hashes]
         done = [
-            Done(o, split, assess(text, s, hasher, split >= job.val_fraction and sample < job.sample_fraction), None)
-            for (o, text), (split, sample) in zip(docs, hashes, strict=True)
+            Done(o, split, assess(text, s, hasher, want, dead), None)
+            for (o, text), (split, _), want in zip(docs, hashes, wants, strict=True)
         ]
         return Result(span.file, done, bad, failed)
     cleaned = [clean(text, job.settings) for _, text in docs]

@@ -25,6 +25,7 @@ from keel.data.manifest import (
     PrepareSettings,
     SourceEntry,
     TokenizerEntry,
+    Tombstone,
     write_manifest,
 )
 from keel.data.pii_ner import require_ner
@@ -35,6 +36,7 @@ from keel.data.sources import Sources, expand_sources, read_documents
 from keel.data.spans import plan
 from keel.data.stages import Pipeline, StageSettings, in_order
 from keel.data.tokenizer import choose_encoder, eos_id, load_tokenizer, train_tokenizer
+from keel.data.tombstones import read_tombstones
 from keel.errors import ConfigError, DataError, KeelError
 from keel.io import check_writable_dir, filesystem_errors, fsync_path, sha256_file
 
@@ -57,6 +59,7 @@ def prepare_from_config(cfg: Config, log: Callable[[str], None], part: tuple[int
         bad_input=d.bad_input,
         part=part,
         workers=d.workers,
+        tombstones=d.tombstones,
         log=log,
     )
 
@@ -75,6 +78,7 @@ def prepare_dataset(
     bad_input: str = "error",
     part: tuple[int, int] | None = None,
     workers: int = 0,
+    tombstones: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Prepare a dataset dir from source globs and return its manifest; an interrupted run of the same resumes."""
@@ -97,10 +101,13 @@ def prepare_dataset(
     settings = PrepareSettings(
         val_fraction=val_fraction, text_field=text_field, shard_tokens=shard_tokens, bad_input=bad_input, stages=stages
     )
-    reading = Reading(text_field, stages, bad_input == "skip")
+    dead = read_tombstones(tombstones or [])
+    reading = Reading(text_field, stages, bad_input == "skip", frozenset(t.sha256 for t in dead))
     # Around the failure handling below, which keeps the staging dir to resume from after a full disk or a kill.
     with filesystem_errors("prepare the dataset", DataError, where=out_dir):
-        return _prepare(sources, out_dir, tokenizer, vocab_size, licenses or {}, part, workers, log, reading, settings)
+        return _prepare(
+            sources, out_dir, tokenizer, vocab_size, licenses or {}, part, workers, log, reading, settings, dead
+        )
 
 
 def _prepare(
@@ -114,6 +121,7 @@ def _prepare(
     log: Callable[[str], None],
     reading: Reading,
     settings: PrepareSettings,
+    dead: list[Tombstone],
 ) -> Manifest:
     """prepare_dataset after its argument checks: preflight the sources, then scan, train, tokenize, commit."""
     tok = None if tokenizer is None else load_tokenizer(tokenizer)
@@ -132,6 +140,7 @@ def _prepare(
             "tokenizer": vocab_size if tokenizer is None else sha256_file(Path(tokenizer)),
             "licenses": licenses,
             "part": part,
+            "tombstones": sorted(reading.tombstones),
             "includes": found.includes,
             "excludes": found.excludes,
             "files": [
@@ -157,6 +166,9 @@ def _prepare(
             result = Scan.from_json(dict(progress["scan"]))
             tok = load_tokenizer(staging / "tokenizer.json")
         manifest = _write(staging, found, result, reading, tok, settings, progress, pool, log)
+        manifest.tombstones = dead or None  # carried on, so a prepare from this dataset drops them too
+        if tokenizer is not None:
+            manifest.tokenizer.given = True  # nothing in it was learned here: a removal's vocabulary report says so
         if part is None or not (staging / STORE).exists():
             shutil.rmtree(staging / STORE, ignore_errors=True)  # the dedup keys outlive the run only for a merge
         else:
@@ -207,6 +219,10 @@ def _scan_and_tokenizer(
         f"found {result.documents} documents in {len(found.files)} files ({total_bytes / 1e6:.1f} MB), "
         f"{result.val} for validation ({time.perf_counter() - t0:.1f} s, {pool.workers} processes)"
     )
+    if result.tombstoned:
+        where = ", ".join(f"{found.files[f].key}:{o}" for f, o in result.tombstoned[:10])
+        more = f" and {len(result.tombstoned) - 10} more" if len(result.tombstoned) > 10 else ""
+        log(f"tombstone: dropped {len(result.tombstoned)} documents removed before (content hash): {where}{more}")
     if tok is None:
         t0 = time.perf_counter()
         tok = train_tokenizer(result.sample, vocab_size)
@@ -351,7 +367,12 @@ def check_output(out_dir: Path) -> None:
 def check_new(out_dir: Path) -> None:
     """Refuse an out_dir that already holds a dataset or anything else."""
     if (out_dir / MANIFEST).exists():
-        raise DataError(f"{out_dir} already holds a dataset; choose another data.dataset or delete it")
+        try:
+            held = len(read_tombstones([str(out_dir)]))
+        except KeelError:
+            held = 0  # an unreadable manifest: the refusal says enough
+        keep = f'(with prepare.tombstones = ["{out_dir}"]: it keeps its {held} removed documents out) ' if held else ""
+        raise DataError(f"{out_dir} already holds a dataset; choose another data.dataset {keep}or delete it")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir} exists and is not an empty directory; choose another data.dataset or delete it")
 

@@ -25,6 +25,7 @@ class Reading:
     text_field: str
     stages: StageSettings
     skip_bad: bool
+    tombstones: frozenset = frozenset()  # content hashes of documents removed before: the scan drops them
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Scan:
     stages: dict = field(default_factory=dict)
     first: dict = field(default_factory=dict)  # where each stage first counted (Pipeline.first), to order the stages
     skipped: dict = field(default_factory=dict)
+    tombstoned: list = field(default_factory=list)  # (file, ordinal) of each document a tombstone dropped
 
     def split_of(self, key: tuple[int, int], split_hash: float) -> str:
         """The document's split: by its hash, except that each split gets at least one document."""
@@ -79,7 +81,7 @@ def scan(
         result.per_source[source.source]["files"] += 1
         result.per_source[source.source]["bytes"] += os.path.getsize(source.path)
     skipped: Counter = Counter()
-    job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction)
+    job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction, tombstones=reading.tombstones)
     batch: list[Result] = []
     for r in readable(pool.map(job, plan(found.files, reading.text_field, task_size)), reading.skip_bad, skipped):
         batch.append(r)
@@ -88,6 +90,7 @@ def scan(
             batch = []
     _decide(batch, found, pipeline, drops, result)
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
+    result.tombstoned = pipeline.tombstoned
     if result.documents == 0:
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
         raise DataError(

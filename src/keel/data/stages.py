@@ -15,6 +15,12 @@ from keel.data.pii import scrub
 from keel.data.pii_phone import REGIONS
 
 _WORD = re.compile(r"\w+")
+TOMBSTONE = "tombstone"  # the stage that drops documents `keel data remove` removed before
+
+
+def content_hash(text: str) -> str:
+    """A document's tombstone key: SHA-256 of its NFKC form, so every prepare.normalize setting gives the same key."""
+    return hashlib.sha256(unicodedata.normalize("NFKC", text).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,7 @@ def quality_failure(text: str, s: StageSettings) -> str | None:
 class Verdict(NamedTuple):
     """The scan's stateless findings on one document (computed in a pool worker); dedup is decided later, in order."""
 
-    failure: str | None  # the quality filter that dropped it
+    failure: str | None  # the quality filter that dropped it, or TOMBSTONE
     normalized_bytes: int  # bytes of the original text if normalization changed it, else 0
     size: int  # bytes of the normalized text (what the filter and dedup statistics count)
     digest: bytes | None  # exact-dedup key
@@ -129,8 +135,12 @@ class Verdict(NamedTuple):
     sample: str | None  # the text as it will be tokenized (PII scrubbed), only for the tokenizer's training sample
 
 
-def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: bool = False) -> Verdict:
-    """The scan's work on a document: normalize, the quality filters on, the dedup keys; PII only for the sample."""
+def assess(
+    text: str, s: StageSettings, hasher: MinHasher | None, want_text: bool = False, tombstones: frozenset = frozenset()
+) -> Verdict:
+    """The scan's work on a document: tombstones, normalize, the quality filters, the dedup keys; PII for the sample."""
+    if tombstones and content_hash(text) in tombstones:
+        return Verdict(TOMBSTONE, 0, len(text.encode()), None, None, None)
     normalized_bytes = 0
     if s.normalize != "none":
         new = unicodedata.normalize(s.normalize, text)
@@ -170,6 +180,7 @@ class Pipeline:
     store: DedupStore | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     first: dict[str, list[int]] = field(default_factory=dict)  # (file, ordinal, rank) where each stage first counted
+    tombstoned: list[tuple[int, int]] = field(default_factory=list)  # (file, ordinal) of each document tombstones drop
 
     def accept(self, docs: list[tuple[int, int, Verdict]]) -> list[bool]:
         """Count (file, ordinal, verdict)s' scan outcomes; True for each that survives every stage, dedup included."""
@@ -177,7 +188,10 @@ class Pipeline:
         for k, (file, ordinal, v) in enumerate(docs):
             if v.normalized_bytes:
                 self.count("normalize", "changed", v.normalized_bytes, file, ordinal)
-            if v.failure is not None:
+            if v.failure == TOMBSTONE:
+                self.count(TOMBSTONE, "dropped", v.size, file, ordinal)
+                self.tombstoned.append((file, ordinal))
+            elif v.failure is not None:
                 self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
             else:
                 passed.append(k)

@@ -13,7 +13,7 @@ Only the loop is metered: the start-up of each attempt (its share of wall time i
 `startup`) is not. Totals are in every checkpoint, and an attempt starts from the largest total the run has
 recorded anywhere (checkpoint, metrics.jsonl, metrics.rolled_back.jsonl, `energy` events): energy is never
 given back, so work a restart or rollback threw away still counts. When the loop ends an `energy` event
-holds the final totals; each rank's source is in a `power_source` event.
+holds the final totals; each rank's source is in a `power_source` event, after its first step.
 """
 
 from __future__ import annotations
@@ -62,27 +62,19 @@ class EnergyMeter(Callback):
         self._window = [0.0, 0.0]  # joules and seconds since the last gather
         self._last: float | None = None  # when the source was last read; None before the loop starts
         self._step = 0
+        self._announced = False  # whether this attempt's `power_source` event is written
 
     def on_train_start(self, step: int) -> None:
         recorded = recorded_totals(self.run) if self.env.is_main else dict.fromkeys(TOTALS, 0.0)
         main = all_gather_floats([recorded[name] for name in TOTALS])[0]  # rank 0 reads, every rank agrees
         self.totals = {name: max(self.totals[name], value) for name, value in zip(TOTALS, main, strict=True)}
         self._carried, self._step = dict(self.totals), step
-        s = self.source
-        watts = s.watts if s.estimate else None
-        self.events.incident(
-            "power_source",
-            rank=self.env.rank,
-            host=socket.gethostname(),
-            device=s.device,
-            method=s.method,
-            estimate=s.estimate,
-            watts=watts,
-        )
-        s.start()
+        self.source.start()
         self._last = time.perf_counter()
 
     def after_step(self, outcome: StepOutcome) -> None:
+        if not self._announced:
+            self._announce()
         self._step = outcome.step
         due = outcome.step % self.every == 0 or outcome.step == self.total_steps
         if due or time.perf_counter() - self._last >= SAMPLE_S:
@@ -94,6 +86,21 @@ class EnergyMeter(Callback):
         self._read()
         values = self._gather()
         self.events("energy", step=self._step, **values, final=state)
+
+    def _announce(self) -> None:
+        # After the first step, not at the start: every rank's `power_source` then follows the attempt's `start`
+        # event (rank 0 writes it last of all the callbacks, and the step's collectives wait for rank 0).
+        s, self._announced = self.source, True
+        watts = s.watts if s.estimate else None
+        self.events.incident(
+            "power_source",
+            rank=self.env.rank,
+            host=socket.gethostname(),
+            device=s.device,
+            method=s.method,
+            estimate=s.estimate,
+            watts=watts,
+        )
 
     def state_dict(self) -> dict[str, float]:
         """The run's totals as of the last logged step."""
