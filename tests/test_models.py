@@ -147,7 +147,7 @@ def test_model_built_on_meta_and_materialised_equals_a_direct_build():
 def test_shard_units_are_the_transformer_blocks():
     spec, args = model_args({"dim": 32, "n_layers": 3, "n_heads": 2, "vocab_size": 30})
     model = spec.build(args)
-    assert spec.shard_units(model) == list(model.layers) and len(model.layers) == 3
+    assert spec.shard_units(model) == list(model.layers.values()) and len(model.layers) == 3
 
 
 def test_sequence_longer_than_max_seq_len_is_a_clear_error():

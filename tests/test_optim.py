@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import losses, read_metrics, run_keel, tiny_config
 from keel.config import OptimConfig
 from keel.config_toml import load_config
-from keel.distributed.parallel import clip_grads, grad_norm, norm_value
+from keel.distributed.grads import clip_grads, grad_norm, norm_value
 from keel.models import model_args
 from keel.rundir import RunDir
 from keel.train.optim import build_optimizer, lr_at

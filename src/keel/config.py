@@ -186,6 +186,16 @@ class ParallelConfig(Section):
     )
     dp_shard: int = Field(-1, description="Data-parallel shards (FSDP2) within a replica; -1 takes the processes left.")
     tp: int = Field(1, gt=0, description="Tensor parallel, with sequence parallel: heads and MLP split this many ways.")
+    pp: int = Field(1, gt=0, description="Pipeline parallel: the blocks split into stages over this many ranks.")
+    pp_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = Field(
+        "1f1b", description="Pipeline schedule: 1f1b, interleaved_1f1b (several stages per rank) or gpipe."
+    )
+    pp_microbatches: int | None = Field(
+        None, gt=0, description="Micro-batches a pipeline step splits each batch into; empty = the stage count."
+    )
+    pp_stages_per_rank: int | None = Field(
+        None, gt=0, description="Pipeline stages per rank; empty = 2 for interleaved_1f1b, else 1."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +221,16 @@ class ParallelConfig(Section):
     def world_size(self) -> int:
         """Processes in the whole run: nproc on each of nnodes machines."""
         return self.nnodes * self.nproc
+
+    @property
+    def pipeline_stages(self) -> int:
+        """Pipeline stages in all: pp times the stages each rank runs."""
+        return self.pp * (self.pp_stages_per_rank or (2 if self.pp_schedule == "interleaved_1f1b" else 1))
+
+    @property
+    def pipeline_microbatches(self) -> int:
+        """Micro-batches per pipeline step: parallel.pp_microbatches, or one per stage."""
+        return self.pp_microbatches or self.pipeline_stages
 
 
 class CheckpointConfig(Section):

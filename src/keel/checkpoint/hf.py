@@ -201,6 +201,7 @@ def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, director
     except KeyError as e:
         raise CheckpointError(f"checkpoint.init_from_hf: {directory} has no tensor {e.args[0]!r}") from None
     own = get_model_state_dict(model)  # full names and whole shapes, however the model is wrapped and sharded
+    state = {name: tensor for name, tensor in state.items() if name in own}  # a pipeline stage holds only its part
     for name, tensor in state.items():
         if name in own and tensor.shape != own[name].shape:
             raise CheckpointError(

@@ -1,4 +1,5 @@
-"""The device mesh: how the processes split into data-parallel replicas and shards and tensor-parallel groups."""
+"""The device mesh: how the processes split into pipeline stages, data-parallel replicas and shards, and
+tensor-parallel groups (outermost first)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from keel.config import ParallelConfig
 from keel.distributed.env import DistEnv, all_reduce_sum
 from keel.errors import ConfigError
 
-DIMS = ("dp_replicate", "dp_shard", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass(frozen=True)
@@ -21,15 +22,21 @@ class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    pp: int = 1
 
     @property
     def dp(self) -> int:
         """Data-parallel ranks: every one reads its own slice of each global batch."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def size(self) -> int:
+        """Processes the mesh spans."""
+        return self.pp * self.dp * self.tp
+
     def describe(self) -> str:
-        """`dp_replicate 2 x dp_shard 2 x tp 2`, for logs and errors."""
-        return " x ".join(f"{name} {getattr(self, name)}" for name in DIMS)
+        """`pp 2 x dp_replicate 2 x dp_shard 2 x tp 2` (pp only when pipelined), for logs and errors."""
+        return " x ".join(f"{name} {getattr(self, name)}" for name in DIMS if name != "pp" or self.pp > 1)
 
 
 def resolve_layout(cfg: ParallelConfig, world: int) -> Layout:
@@ -43,13 +50,13 @@ def resolve_layout(cfg: ParallelConfig, world: int) -> Layout:
         if world % fixed:
             raise ConfigError(
                 f"parallel.{rest[0]}: the other mesh dimensions ({fixed} processes) do not divide the {world} "
-                "processes; change parallel.tp / dp_replicate / dp_shard or --nproc"
+                "processes; change parallel.pp / tp / dp_replicate / dp_shard or --nproc"
             )
         sizes[rest[0]] = world // fixed
     layout = Layout(**sizes)
-    if layout.dp * layout.tp != world:
+    if layout.size != world:
         raise ConfigError(
-            f"parallel: the mesh {layout.describe()} is {layout.dp * layout.tp} processes, not the {world} launched; "
+            f"parallel: the mesh {layout.describe()} is {layout.size} processes, not the {world} launched; "
             "make their product the process count (or set one of dp_replicate / dp_shard to -1)"
         )
     return layout
@@ -70,11 +77,10 @@ def make_mesh(cfg: ParallelConfig, env: DistEnv) -> Mesh:
     layout = resolve_layout(cfg, env.world_size)
     if not env.distributed:
         return Mesh(layout, None)
-    device_mesh = init_device_mesh(
-        env.device.type, (layout.dp_replicate, layout.dp_shard, layout.tp), mesh_dim_names=DIMS
-    )
-    replica, shard, _ = device_mesh.get_coordinate()
-    # Ranks of one tensor-parallel group read the same samples: the data-parallel rank counts replicas and shards.
+    device_mesh = init_device_mesh(env.device.type, tuple(getattr(layout, name) for name in DIMS), mesh_dim_names=DIMS)
+    _, replica, shard, _ = device_mesh.get_coordinate()
+    # The ranks of one tensor-parallel group, and of one pipeline, read the same samples: the data-parallel rank
+    # counts replicas and shards.
     return Mesh(layout, device_mesh, replica * layout.dp_shard + shard, layout.dp)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from keel.eval.harness import Harness
 from keel.eval.sources import short_names
 from keel.eval.validation import eval_splits, perplexity, split_loss
 from keel.io import atomic_write_json, filesystem_errors
+from keel.models.loss import token_losses
 from keel.observe.events import EventLog
 from keel.rundir import RunDir, step_of
 
@@ -46,7 +46,7 @@ def evaluate_run(
     # The windows training validated on (the first eval_batches global batches), read micro batch by micro batch.
     micro = train.micro_batch_size or max(1, train.global_batch_size // cfg.parallel.nproc)
     splits = eval_splits(cfg)
-    losses = [split_loss(model, s, cfg, device, contextlib.nullcontext, None, micro) for s in splits]
+    losses = [split_loss(lambda b: token_losses(model, b, device), s, cfg, device, None, micro) for s in splits]
     main, sources = losses[0], splits[0].sources
     by_dir = {str(Path(s.dataset.dir).resolve()): r for s, r in zip(splits, losses, strict=True)}
     mixture = []

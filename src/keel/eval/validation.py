@@ -5,25 +5,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from keel.callback import Callback, StepOutcome
 from keel.config import Config
 from keel.data.dataset import TokenDataset
-from keel.data.loader import eval_sample_ids, num_samples, read_samples
-from keel.distributed.env import DistEnv
+from keel.data.loader import Batch, eval_sample_ids, num_samples, read_samples
 from keel.distributed.mesh import Mesh, all_reduce_dp_sum
 from keel.errors import DataError
 from keel.eval.sources import SourceMap, short_names, source_map
-from keel.models.loss import token_losses
 from keel.observe.step_timer import StepTimer
 
 log = logging.getLogger("keel")
+
+TokenLosses = Callable[[Batch], torch.Tensor]  # a batch -> its per-token losses [B, S], without gradients
 
 
 def perplexity(loss: float) -> float:
@@ -79,20 +77,20 @@ def eval_splits(cfg: Config) -> list[EvalSplit]:
 
 @torch.no_grad()
 def split_loss(
-    model: nn.Module,
+    token_losses: TokenLosses,
     split: EvalSplit,
     cfg: Config,
     device: torch.device,
-    forward_context: Callable[[], AbstractContextManager],
     mesh: Mesh | None = None,
     micro_batch: int | None = None,
 ) -> SplitLoss:
-    """The loss over `train.eval_batches` global batches of the split (this rank's slice, summed over ranks)."""
+    """The loss over `train.eval_batches` global batches of the split (this rank's slice, summed over ranks).
+
+    token_losses runs the model however it is parallelised (a pipeline included), in its evaluation mode.
+    """
     train, data = cfg.train, cfg.data
     n = len(split.sources.names) if split.sources else 0
     totals = torch.zeros(2, n + 1, dtype=torch.float64, device=device)  # [sum, count] x [sources..., overall]
-    was_training = model.training
-    model.eval()
     for ids in eval_sample_ids(
         split.dataset,
         seq_len=train.seq_len,
@@ -104,8 +102,7 @@ def split_loss(
         step = micro_batch or len(ids)
         for part in (ids[i : i + step] for i in range(0, len(ids), step)):
             batch = read_samples(split.dataset, part, train.seq_len, data.document_positions, data.document_mask)
-            with forward_context():
-                losses = token_losses(model, batch, device).double()
+            losses = token_losses(batch).double()
             totals[0, n] += losses.sum()
             totals[1, n] += losses.numel()
             if split.sources is not None:
@@ -113,7 +110,6 @@ def split_loss(
                 known = source >= 0
                 totals[0, :n] += torch.bincount(source[known], weights=losses[known], minlength=n)
                 totals[1, :n] += torch.bincount(source[known], minlength=n)
-    model.train(was_training)
     sums, counts = all_reduce_dp_sum(totals, mesh).tolist()
     return SplitLoss(sums[n], int(counts[n]), sums[:n], [int(c) for c in counts[:n]])
 
@@ -131,18 +127,17 @@ def loss_metrics(split: EvalSplit, result: SplitLoss) -> dict[str, float]:
 
 
 def validation_metrics(
-    model: nn.Module,
+    token_losses: TokenLosses,
     splits: list[EvalSplit],
     cfg: Config,
     device: torch.device,
-    forward_context: Callable[[], AbstractContextManager],
     mesh: Mesh | None = None,
     micro_batch: int | None = None,
 ) -> dict[str, float]:
     """Every validation metric: overall and per source on data.dataset, then per data.mixture dataset."""
     values: dict[str, float] = {}
     for split in splits:
-        values.update(loss_metrics(split, split_loss(model, split, cfg, device, forward_context, mesh, micro_batch)))
+        values.update(loss_metrics(split, split_loss(token_losses, split, cfg, device, mesh, micro_batch)))
     # data.dataset in the mixture is evaluated once, under both names.
     mixture = list(cfg.data.mixture)
     for directory, name in zip(mixture, short_names(mixture), strict=True):
@@ -157,16 +152,14 @@ class Validation(Callback):
 
     def __init__(
         self,
-        model: nn.Module,
+        token_losses: TokenLosses,
         cfg: Config,
-        env: DistEnv,
+        device: torch.device,
         mesh: Mesh,
-        forward_context: Callable[[], AbstractContextManager],
         timer: StepTimer,
         record: Callable[[int, dict[str, float]], None],
     ):
-        self.model, self.cfg, self.env, self.mesh = model, cfg, env, mesh
-        self.forward_context = forward_context
+        self.token_losses, self.cfg, self.device, self.mesh = token_losses, cfg, device, mesh
         self.every, self.timer, self.record = cfg.train.eval_every, timer, record
         self.splits = eval_splits(cfg) if self.every else []
 
@@ -181,5 +174,4 @@ class Validation(Callback):
 
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over `train.eval_batches` global batches of each split, over all ranks."""
-        device, context = self.env.device, self.forward_context
-        return validation_metrics(self.model, self.splits, self.cfg, device, context, self.mesh)
+        return validation_metrics(self.token_losses, self.splits, self.cfg, self.device, self.mesh)

@@ -16,7 +16,7 @@ from keel.models.chunked_loss import linear_cross_entropy
 from keel.models.llama_hf import HF
 from keel.models.llama_parallel import tensor_parallel
 from keel.models.loss import next_token_loss
-from keel.models.spec import ModelSpec, fill_shard
+from keel.models.spec import ModelSpec, PipelineSplit, fill_shard
 
 
 class LlamaArgs(BaseModel):
@@ -167,17 +167,21 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Token embedding, a stack of blocks, a final norm and the output projection to logits."""
+    """Token embedding, a stack of blocks, a final norm and the output projection to logits.
+
+    The blocks are keyed by their index, so a pipeline stage (the model with the other blocks deleted, the
+    embedding only on the first stage, the norm and output only on the last) keeps every parameter's name.
+    """
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
         if args.vocab_size == 0:
             raise ConfigError("model.vocab_size is 0; set it, or let `keel train` take it from the dataset")
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Non-persistent: recomputed, never checkpointed, so state dicts hold parameters only.
@@ -218,7 +222,9 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T], or with targets [B, T] the mean next-token loss (fp32).
 
-        positions and documents are the position ids and document ids [B, T] of packed data, when present.
+        positions and documents are the position ids and document ids [B, T] of packed data, when present. A
+        pipeline stage without the embedding takes hidden states [B, T, dim] instead of token ids, and one without
+        the output returns them (and ignores the targets).
         """
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
@@ -229,9 +235,11 @@ class Llama(nn.Module):
             # Each token's own row of the tables: positions restart at every document of a packed sequence.
             cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
         mask = None if documents is None else document_mask(documents)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)
+        for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
+        if self.output is None:
+            return h
         h = self.norm(h)
         if targets is None:
             return self.output(h)
@@ -285,8 +293,9 @@ SPEC = ModelSpec(
     build=build,
     num_params=num_params,
     flops_per_token=flops_per_token,
-    shard_units=lambda model: list(model.layers),
+    shard_units=lambda model: list(model.layers.values()),
     init_weights=lambda model, seed: model.init_weights(seed),
     tensor_parallel=tensor_parallel,
     hf=HF,
+    pipeline=PipelineSplit("layers", first=("tok_embeddings",), last=("norm", "output")),
 )

@@ -22,16 +22,14 @@ from torch.distributed.tensor.parallel import (
 
 def tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     """Shard the Llama's weights over the tensor-parallel mesh in place (on the meta device, before FSDP)."""
-    parallelize_module(
-        model,
-        mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-        },
-    )
-    for block in model.layers:
+    plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    }
+    # A pipeline stage lacks some of these; between stages the residual stream travels as its sequence shard.
+    parallelize_module(model, mesh, {name: style for name, style in plan.items() if getattr(model, name) is not None})
+    for block in model.layers.values():
         parallelize_module(
             block,
             mesh,

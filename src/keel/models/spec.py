@@ -27,6 +27,16 @@ class HFMapping:
 
 
 @dataclass(frozen=True)
+class PipelineSplit:
+    """Where pipeline parallel cuts a model: its blocks (a ModuleDict keyed by index, so names survive the cut),
+    and the submodules only the first or only the last stage keeps (the model's forward skips those it lacks)."""
+
+    blocks: str
+    first: tuple[str, ...] = ()
+    last: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything Keel needs to know about a model family, without the trainer knowing it."""
 
@@ -41,6 +51,7 @@ class ModelSpec:
     # (model on the meta device, the tensor-parallel DeviceMesh) -> its weights split over that mesh, in place
     tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
+    pipeline: PipelineSplit | None = None  # how pipeline parallel splits it; None: it does not
 
 
 def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -149,6 +149,10 @@ def _training_section(f: RunFacts) -> list[str]:
     t, o = c.train, c.optim
     layout = resolve_layout(c.parallel, f.world_size)
     micro = t.micro_batch_size or t.global_batch_size // layout.dp
+    dims = "DDP replicas x FSDP2 shards x tensor parallel"
+    if layout.pp > 1:
+        par = c.parallel
+        dims = f"pipeline stages ({par.pp_schedule}, {par.pipeline_microbatches} micro-batches each) x {dims}"
     rows = [
         ["steps", f"{f.step:,} of {t.steps:,} (run {f.state})"],
         ["tokens", f"{f.tokens:,} ({f.step:,} steps x {t.global_batch_size} sequences x {t.seq_len} tokens)"],
@@ -160,7 +164,7 @@ def _training_section(f: RunFacts) -> list[str]:
         ["precision", f"{f.precision} on {f.device_type}" + (", torch.compile" if t.compile else "")],
         [
             "parallel layout",
-            f"{f.world_size} processes ({layout.describe()}: DDP replicas x FSDP2 shards x tensor parallel), "
+            f"{f.world_size} processes ({layout.describe()}: {dims}), "
             f"{micro} sequences per micro batch, {t.global_batch_size // (micro * layout.dp)} micro batches per step, "
             f"activation checkpointing {t.activation_checkpointing}",
         ],

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from torch import nn
 
 from keel.callback import Callback, StepOutcome
 from keel.distributed.env import DistEnv, all_reduce_mean
-from keel.distributed.parallel import grad_norms_by_group
 from keel.observe.step_timer import StepTimer
 
 
@@ -24,7 +22,7 @@ class ProgressRecorder(Callback):
         *,
         every: int,
         env: DistEnv,
-        model: nn.Module,
+        group_norms: Callable[[], dict[str, float]],
         optimizer: torch.optim.Optimizer,
         timer: StepTimer,
         total_steps: int,
@@ -33,7 +31,7 @@ class ProgressRecorder(Callback):
         peak_flops: float | None,
         tokens_seen: Callable[[], int],
     ):
-        self.every, self.env, self.model, self.optimizer, self.timer = every, env, model, optimizer, timer
+        self.every, self.env, self.group_norms, self.optimizer, self.timer = every, env, group_norms, optimizer, timer
         self.total_steps, self.tokens_per_step, self.tokens_seen = total_steps, tokens_per_step, tokens_seen
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self._group_norms: dict[str, float] = {}
@@ -49,7 +47,7 @@ class ProgressRecorder(Callback):
 
     def before_optimizer_step(self, step: int, loss: torch.Tensor, grad_norm: float) -> bool:
         if self.due(step):  # before clipping, like the global norm
-            self._group_norms = grad_norms_by_group(self.model)
+            self._group_norms = self.group_norms()
         return True
 
     def after_step(self, outcome: StepOutcome) -> None:

@@ -2,7 +2,8 @@
 
   kill:rank=R:step=S[:times=N]      the rank SIGKILLs itself as step S begins (N times in all: a crash loop)
   nan:step=S[:rank=R]               the rank's forward pass of step S returns NaN (non-finite loss and gradients)
-  spike:step=S[:rank=R]             the rank's logits of step S are scaled up 100x (a finite loss spike)
+  spike:step=S[:rank=R]             the rank's logits of step S are scaled up 100x (a finite loss spike; under
+                                    pipeline parallel, the outputs of the rank's stages)
   hang:rank=R:step=S                the rank's loop stops dead as step S begins (its watchdog thread lives on)
   sigterm:step=S                    after step S, SIGTERM to the launcher (or to this process without one)
   corrupt_checkpoint:step=S         once the checkpoint of step S is committed, bytes of one of its files flip
@@ -89,15 +90,15 @@ class FaultInjector(Callback):
         self,
         faults: list[Fault],
         rank: int,
-        model: nn.Module,
+        modules: list[nn.Module],
         events: EventLog,
         checkpointer: Checkpointer,
         timer: StepTimer,
     ):
         fired = Counter(e.get("fault") for e in read_jsonl(events.path) if e.get("event") == "inject")
         self.faults = [f for f in faults if fired[f.index] < f.times or f.kind == "slow"]
-        self.rank, self.model, self.events, self.checkpointer, self.timer = rank, model, events, checkpointer, timer
-        self._hook: Any = None
+        self.rank, self.modules, self.events, self.checkpointer, self.timer = rank, modules, events, checkpointer, timer
+        self._hooks: list[Any] = []
 
     def _mine(self, kind: str, step: int) -> list[Fault]:
         return [f for f in self.faults if f.kind == kind and f.step == step and f.rank == self.rank]
@@ -114,7 +115,7 @@ class FaultInjector(Callback):
         for kind, scale in (("nan", float("nan")), ("spike", 100.0)):
             for fault in self._mine(kind, step):
                 self._fire(fault)
-                self._hook = self.model.register_forward_hook(lambda module, args, out, s=scale: out * s)
+                self._hooks += [m.register_forward_hook(lambda _m, _a, out, s=scale: out * s) for m in self.modules]
         for fault in self._mine("kill", step):
             self._fire(fault)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -123,9 +124,9 @@ class FaultInjector(Callback):
             threading.Event().wait()  # the main thread never returns; only the watchdog can end this rank
 
     def after_step(self, outcome: StepOutcome) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         for fault in self._mine("sigterm", outcome.step):
             launcher = int(os.environ.get("KEEL_LAUNCHER_PID", os.getpid()))
             self._fire(fault, pid=launcher)

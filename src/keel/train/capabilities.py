@@ -67,13 +67,13 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     faults = parse_faults(cfg.resilience.inject, env.world_size)
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
-        *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer, t.timer)] if faults else []),
+        *([FaultInjector(faults, env.rank, t.runner.parts, t.events, t.checkpointer, t.timer)] if faults else []),
         StepProfiler(cfg.observe.profile_steps, run.root, env.rank, env.device),
         guard,
         ProgressRecorder(
             every=cfg.observe.log_every,
             env=env,
-            model=t.model,
+            group_norms=t.runner.grad_norms_by_group,
             optimizer=t.optimizer,
             timer=t.timer,
             total_steps=cfg.train.steps,
@@ -84,8 +84,8 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         ),
         energy,
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.model, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
-        Audit(cfg, t.model, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
+        Validation(t.runner.token_losses, cfg, env.device, t.mesh, t.timer, t.metrics.record),
+        Audit(cfg, t.model, env, t.mesh, t.runner.forward_context, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,

@@ -71,9 +71,11 @@ def mixture_hashes(mixture: dict[str, float], recorded: dict[str, str], tokenize
     return hashes
 
 
-def check_layout(cfg: Config, args: BaseModel) -> None:
-    """The mesh fits the process count, and the model splits over its tensor-parallel dimension."""
+def check_layout(cfg: Config, spec: ModelSpec, args: BaseModel) -> None:
+    """The mesh fits the process count, and the model splits over its tensor-parallel and pipeline dimensions."""
     layout = resolve_layout(cfg.parallel, cfg.parallel.world_size)
+    if layout.pp > 1:
+        check_pipeline(cfg, spec, args, layout.dp)
     tp = layout.tp
     if tp == 1:
         return
@@ -88,6 +90,54 @@ def check_layout(cfg: Config, args: BaseModel) -> None:
     if getattr(args, "tie_embeddings", False):
         raise ConfigError(
             "parallel.tp: tied embeddings are not split by tensor parallel; set model.tie_embeddings=false"
+        )
+
+
+def check_pipeline(cfg: Config, spec: ModelSpec, args: BaseModel, dp: int) -> None:
+    """The model splits into the pipeline's stages, and each step's batch into its micro-batches."""
+    par = cfg.parallel
+    if spec.pipeline is None:
+        raise ConfigError(f"parallel.pp: a {spec.name!r} model does not split into pipeline stages; set parallel.pp=1")
+    if getattr(args, "tie_embeddings", False):
+        raise ConfigError(
+            "parallel.pp: tied embeddings would live on both the first and the last stage, whose gradients pipeline "
+            "parallel does not add up; set model.tie_embeddings=false"
+        )
+    if cfg.observe.audit_every:
+        raise ConfigError(
+            "observe.audit_every: the bias audit scores batches of sentences of any length and count, which do not "
+            "split into pipeline micro-batches; set observe.audit_every=0 and run `keel audit RUN_DIR` on the run"
+        )
+    if (par.pp_stages_per_rank or 1) > 1 and par.pp_schedule != "interleaved_1f1b":
+        raise ConfigError(
+            f"parallel.pp_stages_per_rank: {par.pp_schedule} runs one stage per rank; "
+            "set parallel.pp_schedule=interleaved_1f1b or leave pp_stages_per_rank empty"
+        )
+    with torch.device("meta"):
+        blocks = len(spec.shard_units(spec.build(args)))
+    stages = par.pipeline_stages
+    if stages > blocks:
+        raise ConfigError(
+            f"parallel.pp: {stages} pipeline stages (pp {par.pp} x {stages // par.pp} per rank) but the model has "
+            f"{blocks} blocks, and every stage needs one; lower parallel.pp (or pp_stages_per_rank) or add blocks"
+        )
+    micro = par.pipeline_microbatches
+    batch = cfg.train.micro_batch_size or split_batch(cfg.train.global_batch_size, dp)
+    if batch % micro:
+        raise ConfigError(
+            f"parallel.pp_microbatches: {micro} does not divide the {batch} sequences of each pipeline step "
+            "(train.micro_batch_size, or train.global_batch_size / data-parallel ranks); choose a divisor of it"
+        )
+    if par.pp_schedule == "1f1b" and micro < par.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches: 1f1b needs at least one micro-batch per pipeline rank ({par.pp}), not "
+            f"{micro}; raise it (or use parallel.pp_schedule=gpipe)"
+        )
+    rounds = max(1, micro // par.pp)
+    if par.pp_schedule == "interleaved_1f1b" and micro % rounds:
+        raise ConfigError(
+            f"parallel.pp_microbatches: interleaved_1f1b runs micro-batches in rounds of about pp ({par.pp}), "
+            f"and {micro} does not split into {rounds} rounds; choose a multiple of parallel.pp"
         )
 
 

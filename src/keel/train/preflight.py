@@ -67,7 +67,7 @@ def resolve(cfg: Config) -> Config:
         parse_faults(resolved.resilience.inject, resolved.parallel.world_size)
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
-    check_layout(resolved, args)
+    check_layout(resolved, spec, args)
     check_data(resolved)
     check_audit(resolved)
     check_init_from_hf(resolved, spec, args)

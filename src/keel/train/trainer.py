@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,10 +20,10 @@ from keel.data.loader import BatchLoader
 from keel.data.mixture import open_mixture
 from keel.data.prefetch import PrefetchLoader
 from keel.distributed.env import DistEnv
+from keel.distributed.grads import norm_value
 from keel.distributed.mesh import make_mesh
-from keel.distributed.parallel import clip_grads, grad_norm, gradient_sync, loss_context, norm_value, parallelize
+from keel.distributed.parallel import parallelize
 from keel.models import model_args
-from keel.models.loss import batch_loss
 from keel.observe.events import EventLog
 from keel.observe.metrics import Metrics
 from keel.observe.sinks import build_sinks
@@ -49,13 +48,15 @@ class Trainer:
         self.mesh = make_mesh(cfg.parallel, env)
         with torch.device("meta"):  # no rank ever holds the whole model: it is sharded before it is allocated
             model = spec.build(args)
-        self.model = parallelize(model, spec, cfg, env, self.mesh)
+        # The runner steps the model however it is parallelised; its model holds this rank's parameters.
+        self.runner = parallelize(model, spec, cfg, env, self.mesh, self.autocast)
+        self.model = self.runner.model
         if cfg.checkpoint.init_from_hf and not committed_steps(run.checkpoints):
             # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
             load_hf_weights(self.model, spec, args, cfg.checkpoint.init_from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.precision = resolve_precision(cfg, env.device)
-        self.dtype = self.precision.dtype
+        self.dtype = self.precision.dtype  # read by autocast() on every forward, so set before the first
         log.info(f"precision: {self.precision.reason}")
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
@@ -103,12 +104,6 @@ class Trainer:
         enabled = self.dtype == torch.bfloat16
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    @contextlib.contextmanager
-    def forward_context(self) -> Iterator[None]:
-        """Around a forward pass and its loss without backward (validation): autocast and the parallelism's own."""
-        with loss_context(self.mesh), self.autocast():
-            yield
-
     def call(self, hook: str, *args: Any) -> list[Any]:
         """Call `hook` on every callback, in order, and return their answers (every callback is called)."""
         return [getattr(callback, hook)(*args) for callback in self.callbacks]
@@ -152,20 +147,16 @@ class Trainer:
             micro_batches = self.loader.next_batch()
         data_wait = time.perf_counter() - started
         loss_sum = torch.zeros((), device=self.env.device)
+        count = len(micro_batches)
         for i, batch in enumerate(micro_batches):
-            with gradient_sync(self.model, enabled=i == len(micro_batches) - 1), loss_context(self.mesh):
-                with self.timer.phase("forward"), self.autocast():
-                    loss = batch_loss(self.model, batch, self.env.device)
-                with self.timer.phase("backward"):
-                    (loss / len(micro_batches)).backward()
-            loss_sum += loss.detach()
-        loss = loss_sum / len(micro_batches)
+            loss_sum += self.runner.forward_backward(batch, count, i == count - 1, self.timer.phase)
+        loss = loss_sum / count
         with self.timer.phase("optimizer"):
-            norm = grad_norm(self.model)
+            norm = self.runner.grad_norm()
             value = norm_value(norm)
             updated = all(self.call("before_optimizer_step", step, loss, value))
             if updated:
-                clip_grads(self.model, self.cfg.train.grad_clip, norm)
+                self.runner.clip(self.cfg.train.grad_clip, norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step
