@@ -12,6 +12,7 @@ from torch import nn
 
 from keel.errors import ConfigError
 from keel.models.llama_hf import HF
+from keel.models.llama_memory import llama_memory
 from keel.models.llama_parallel import tensor_parallel
 from keel.models.spec import ModelSpec, fill_shard
 
@@ -270,4 +271,5 @@ SPEC = ModelSpec(
     init_weights=lambda model, seed: model.init_weights(seed),
     tensor_parallel=tensor_parallel,
     hf=HF,
+    memory=llama_memory,
 )

@@ -27,6 +27,28 @@ class HFMapping:
 
 
 @dataclass(frozen=True)
+class MemoryShape:
+    """What a model holds on one rank, for `keel plan`: parameter counts, and bytes per token kept for backward.
+
+    Per-token figures are for one token of a rank's micro-batch under a precision (`fp32`, `autocast`: bf16
+    autocast over fp32 weights, `bf16`: bf16 weights as FSDP2's MixedPrecisionPolicy gives) and a tensor-parallel
+    degree; they count what autograd saves, as torch's saved-tensor hooks list it.
+    """
+
+    n_blocks: int
+    block_params: int  # one block's parameters (all ranks together)
+    outer_params: int  # the parameters outside the blocks: embedding, final norm, output projection
+    block: float  # one block without activation checkpointing: every tensor its backward needs
+    block_input: float  # one block's input: all that a fully checkpointed block keeps
+    matmuls: tuple[float, ...]  # one block's matmul outputs in forward order (op-level selective keeps them)
+    attention: float  # one block's attention output and statistics (op-level selective keeps them too)
+    head: float  # what the final norm and the output projection keep
+    vocab: int  # logits per token on this rank: the loss keeps fp32 tensors this wide
+    block_weight_casts: float = 0.0  # bytes of one block's weight copies autocast keeps from forward to backward
+    head_weight_casts: float = 0.0  # the same for the output projection
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything Keel needs to know about a model family, without the trainer knowing it."""
 
@@ -41,6 +63,8 @@ class ModelSpec:
     # (model on the meta device, the tensor-parallel DeviceMesh) -> its weights split over that mesh, in place
     tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
+    # (args, tensor-parallel degree, precision) -> what it holds in memory, for `keel plan`; None: not planned
+    memory: Callable[[Any, int, str], MemoryShape] | None = None
 
 
 def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:

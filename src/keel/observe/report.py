@@ -82,6 +82,34 @@ def _summary(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def plan_comparison(events: list[dict], records: list[dict]) -> list[tuple[str, str, str, str]]:
+    """The run's `keel plan` estimate (its last `plan` event) beside what it measured: (figure, planned, measured,
+    measured / planned); empty when the run recorded no plan."""
+    plans = [e for e in events if e.get("event") == "plan"]
+    train = [r for r in records if "step_time_s" in r]
+    if not plans or not train:
+        return []
+    plan = plans[-1]
+    rows = [("step time (s, median)", plan["step_time_s"], statistics.median(r["step_time_s"] for r in train))]
+    rows.append(("tokens/s (median)", plan["tokens_per_s"], statistics.median(r["tokens_per_s"] for r in train)))
+    cuda = [r["memory_cuda_peak_gb"] for r in records if "memory_cuda_peak_gb" in r]
+    rss = [r["memory_rss_peak_gb"] for r in records if "memory_rss_peak_gb" in r]
+    if cuda:  # torch's allocator counts tensors only: compare with the plan's tensors
+        tensors = plan["peak_memory_gb"] - plan["memory_framework_gb"] - plan["memory_allocator_gb"]
+        rows.append(("peak memory per rank, tensors (GB)", tensors, max(cuda)))
+    elif rss:
+        rows.append(("peak memory per rank, resident (GB)", plan["peak_memory_gb"], max(rss)))
+    if "mfu" in plan and any("mfu" in r for r in train):
+        rows.append(("MFU (median)", plan["mfu"], statistics.median(r["mfu"] for r in train if "mfu" in r)))
+    return [(name, f"{plan:.4g}", f"{measured:.4g}", f"{measured / plan:.2f}") for name, plan, measured in rows]
+
+
+def plans_source(events: list[dict]) -> str:
+    """Where the last plan's MFU came from, and its layout, in words."""
+    plan = [e for e in events if e.get("event") == "plan"][-1]
+    return f"{plan['layout']} on {plan['device']}; MFU {plan['mfu']:.1%} ({plan['mfu_source']})"
+
+
 def _goodput_plot(events: list[dict], t0: float) -> str | None:
     """The ledger over time (stacked, cumulative) and as it stands (one stacked bar)."""
     from keel.resilience.goodput import CATEGORIES, goodput_ratio
@@ -136,6 +164,13 @@ def write_report(run_dir: Path) -> Path:
     plots = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{png}"></figure>' for t, png in images if png
     )
+    compared = plan_comparison(events, records)
+    plan_table = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in compared)
+    if plan_table:
+        plan_table = (
+            f"<h2>Plan against the run</h2><p>{html.escape(plans_source(events))}</p><table><tr><th>figure</th>"
+            f"<th>planned</th><th>measured</th><th>measured / planned</th></tr>{plan_table}</table>"
+        )
     event_rows = "".join(
         f"<tr><td>{(e['time'] - t0) / 60:.1f}</td><td>{html.escape(e['event'])}</td>"
         f"<td>{html.escape(json.dumps({k: v for k, v in e.items() if k not in ('time', 'event')}))}</td></tr>"
@@ -147,6 +182,7 @@ def write_report(run_dir: Path) -> Path:
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
 <body><h1>Keel run {html.escape(run_dir.name)}</h1>
 <table>{rows}</table>
+{plan_table}
 <h2>Plots</h2>{plots}
 <h2>Incidents</h2><table><tr><th>minute</th><th>event</th><th>details</th></tr>{event_rows}</table>
 </body></html>

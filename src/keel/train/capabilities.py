@@ -12,12 +12,14 @@ from keel.observe.mfu import peak_flops
 from keel.observe.profiler import StepProfiler
 from keel.observe.progress import ProgressRecorder
 from keel.observe.straggler import StragglerWatch
+from keel.plan.event import PlanEvent
 from keel.resilience.goodput import GoodputLedger
 from keel.resilience.inject import FaultInjector, parse_faults
 from keel.resilience.loss_guard import LossGuard
 from keel.resilience.preemption import Preemption
 from keel.resilience.watchdog import HangWatchdog
 from keel.rundir import RunDir
+from keel.train.planning import worker_plan
 
 if TYPE_CHECKING:
     from keel.train.trainer import Trainer
@@ -58,6 +60,9 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     t.checkpointer.register("loss_guard", guard, optional=True)
     t.checkpointer.register("goodput", ledger, optional=True)
     faults = parse_faults(cfg.resilience.inject, env.world_size)
+    peak = peak_flops(env.device, t.dtype)
+    # The plan of this very run, from its own start-up memory and matmul ceiling, for `keel report` to compare with.
+    plan = worker_plan(cfg, env, t.started_rss, peak) if env.is_main else None
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
         *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer, t.timer)] if faults else []),
@@ -72,7 +77,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             total_steps=cfg.train.steps,
             tokens_per_step=t.tokens_per_step,
             flops_per_token=t.flops_per_token,
-            peak_flops=peak_flops(env.device, t.dtype),
+            peak_flops=peak,
             tokens_seen=lambda: t.state.tokens_seen,
         ),
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
@@ -89,6 +94,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             t.timer,
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
+        *([PlanEvent(plan, t.events)] if plan else []),
         RunLifecycle(
             run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
         ),

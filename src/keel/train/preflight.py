@@ -28,6 +28,7 @@ from keel.train.checks import (
     check_tokenizer,
     mixture_hashes,
 )
+from keel.train.planning import check_fits
 
 
 def resolve(cfg: Config) -> Config:
@@ -65,6 +66,7 @@ def resolve(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
     check_layout(resolved, args)
+    check_fits(resolved)
     check_data(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
