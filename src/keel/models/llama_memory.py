@@ -47,7 +47,7 @@ def llama_memory(args: object, tp: int, precision: str) -> MemoryShape:
         # wq, wk, wv and w1, w3 are split by column; wo and w2 give whole-width partial sums before reduce-scatter.
         matmuls=tuple(c * w for w in (D / t, K / t, K / t, D, H / t, H / t, D)),
         attention=c * D / t + 4 * args.n_heads / t,
-        head=head_split / t + head_whole,
+        head=(head_split + 4) / t + head_whole,  # with the final norm's reciprocal RMS
         vocab=args.vocab_size // t,
         block_weight_casts=2 * matmul_params / t if casts else 0.0,
         head_weight_casts=2 * output / t if casts else 0.0,

@@ -8,6 +8,7 @@ measured when the plan is made. The expected MFU comes from measured Keel runs o
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, replace
 
 import psutil
@@ -16,6 +17,11 @@ import torch
 from keel.observe.mfu import A100, H100_SXM, H200_SXM, Accelerator, dtype_peak
 
 MIB = 2**20
+# glibc's malloc keeps freed blocks below its mmap threshold (which rises with use, up to 32 MiB) in its heap, and the
+# heap does not shrink past the blocks still live: after a few steps a CPU training process's resident memory settles
+# about a third above its tensors' peak. Measured 0.29 to 0.41 over six Llama shapes, one and two processes
+# (bench/plan_accuracy.py; docs/plan.md).
+GLIBC_HEAP_SHARE = 0.33
 WATTS_PER_CPU_THREAD = 3.0  # a server CPU's rated power per hardware thread: its TDP over its threads, 1.9 to 3.8 W
 
 
@@ -100,22 +106,12 @@ def cpu_device(processes: int, framework: float, flops: float) -> Device:
     matmul FLOP/s of one process with its share of the cores (both measured by the caller).
     """
     share = 1 / processes
-    threads = os.cpu_count() or 1
-    memory = psutil.virtual_memory().total
-    # One machine: processes exchange tensors through gloo over loopback, about a memory copy's speed.
+    watts = WATTS_PER_CPU_THREAD * (os.cpu_count() or 1) * share
+    memory = psutil.virtual_memory().total * share
+    heap = GLIBC_HEAP_SHARE if platform.libc_ver()[0] == "glibc" else 0.0
+    # One machine: processes exchange tensors through gloo over loopback, at about a memory copy's speed.
     link = 2e9
-    return Device(
-        "cpu",
-        "CPU",
-        memory * share,
-        flops * share,
-        flops * share,
-        WATTS_PER_CPU_THREAD * threads * share,
-        framework,
-        link,
-        link,
-        CPU_MEASURED,
-    )
+    return Device("cpu", "CPU", memory, flops, flops, watts, framework, link, link, CPU_MEASURED, heap)
 
 
 def cuda_device() -> Device | None:
