@@ -274,14 +274,18 @@ def fixes(cfg: Config, model: Planned, device: Device, plan: Plan, allowed: Allo
         )
         found.append(f"{dims}, {describe(s).split(', ', 1)[1]} ({other.memory.total / GB:.1f} GB)")
     nodes = cfg.parallel.nnodes
-    while nodes < MAX_NODES:  # more machines, the model sharded over all of them
+    while nodes < MAX_NODES:  # more machines, the model sharded over all of them, no gradient accumulation
         nodes *= 2
-        trial = _with(cfg, parallel={"nnodes": nodes, "dp_shard": -1, "dp_replicate": 1})
+        trial = _with(
+            cfg, parallel={"nnodes": nodes, "dp_shard": -1, "dp_replicate": 1}, train={"micro_batch_size": None}
+        )
         try:
-            if _plan(trial, model, device).fits:
-                found.append(f"--nnodes {nodes} ({nodes * cfg.parallel.nproc} devices, {_gb(trial, model, device)})")
-                break
+            more = _plan(trial, model, device)
         except ConfigError:  # the batch does not split over that many ranks
+            break
+        if more.fits:
+            where = f"{more.setup.world} devices, micro-batch {more.setup.micro_batch}"
+            found.append(f"--nnodes {nodes} ({where}, {more.memory.total / GB:.1f} GB)")
             break
     return found
 
@@ -303,10 +307,12 @@ def _gb(cfg: Config, model: Planned, device: Device) -> str:
 def refusal(cfg: Config, model: Planned, device: Device, plan: Plan, allowed: Allowed) -> str:
     """The one line refusing a layout that does not fit, with what would."""
     options = fixes(cfg, model, device, plan, allowed)
+    batch = cfg.train.global_batch_size
     fix = (
         f"it fits with {', or '.join(options)}"
         if options
-        else f"no layout of this batch fits on up to {MAX_NODES} machines"
+        else "no checkpointing, micro-batch or layout makes it fit, nor more machines while "
+        f"train.global_batch_size ({batch}) splits over them: raise it, or train a smaller model"
     )
     return (
         f"parallel: {describe(plan.setup)} needs {plan.memory.total / GB:.1f} GB per rank "
