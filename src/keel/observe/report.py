@@ -107,7 +107,7 @@ def plan_comparison(events: list[dict], records: list[dict]) -> list[tuple[str, 
 def plans_source(events: list[dict]) -> str:
     """Where the last plan's MFU came from, and its layout, in words."""
     plan = [e for e in events if e.get("event") == "plan"][-1]
-    return f"{plan['layout']} on {plan['device']}; MFU {plan['mfu']:.1%} ({plan['mfu_source']})"
+    return f"{plan['layout']} on {plan['device']}; MFU in compute {plan['mfu_compute']:.1%} ({plan['mfu_source']})"
 
 
 def _goodput_plot(events: list[dict], t0: float) -> str | None:

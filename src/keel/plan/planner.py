@@ -58,6 +58,7 @@ class Plan:
     memory: Memory
     speed: Speed
     tokens_per_step: int
+    flops_per_token: float
     steps: int
     price: float  # per device-hour
 
@@ -70,6 +71,12 @@ class Plan:
     def tokens_per_s(self) -> float:
         """Tokens trained per second, all devices together."""
         return self.tokens_per_step / self.speed.step_s
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs utilisation over the whole step, communication and pipeline bubble included."""
+        peak = self.device.peak(self.setup.precision) * self.setup.world
+        return self.flops_per_token * self.tokens_per_s / peak
 
     @property
     def train_s(self) -> float:
@@ -102,7 +109,8 @@ class Plan:
             "capacity_gb": self.device.memory / GB,
             "step_time_s": self.speed.step_s,
             "tokens_per_s": self.tokens_per_s,
-            "mfu": self.speed.mfu,
+            "mfu": self.mfu,
+            "mfu_compute": self.speed.mfu,
             "mfu_source": self.device.expected.source,
             "train_hours": self.train_s / 3600,
             "device_hours": self.device_hours,
@@ -182,7 +190,7 @@ def make_plan(cfg: Config, model: Planned, device: Device, setup: Setup, price: 
     flops = model.spec.flops_per_token(model.args, cfg.train.seq_len)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     speed = step_speed(flops, tokens, shape, setup, device, cfg.parallel.nproc, pipeline_bubble(cfg, setup))
-    return Plan(setup, device, memory, speed, tokens, cfg.train.steps, price)
+    return Plan(setup, device, memory, speed, tokens, flops, cfg.train.steps, price)
 
 
 def config_setup(cfg: Config, device: Device) -> Setup:

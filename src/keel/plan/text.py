@@ -34,7 +34,7 @@ def plan_lines(plan: Plan, model: Planned, nnodes: int, nproc: int) -> list[str]
         f"step time     {speed.step_s:.3f} s: compute {speed.compute_s:.3f}, tensor parallel "
         f"{speed.tensor_parallel_s:.3f}, data parallel {speed.data_parallel_s:.3f}, pipeline bubble "
         f"{speed.bubble_s:.3f}",
-        f"MFU           {speed.mfu:.1%} expected ({device.expected.source})",
+        f"MFU           {plan.mfu:.1%} over the step; {speed.mfu:.1%} expected in compute ({device.expected.source})",
         f"throughput    {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens_per_s * 86400 / 1e9:,.3f} B tokens/day",
         f"train.steps   {plan.steps:,} steps of {plan.tokens_per_step:,} tokens: {_duration(plan.train_s)}, "
         f"{plan.device_hours:,.1f} device-hours",
@@ -70,6 +70,6 @@ def search_table(plans: list[Plan]) -> list[str]:
         s = p.setup
         rows.append(
             f"{s.pp:>3} {s.dp_replicate:>6} {s.dp_shard:>8} {s.tp:>3}  {s.checkpointing:13} {s.micro_batch:>5}"
-            f" {p.memory.total / GB:>8.2f} {p.speed.step_s:>8.3f} {p.tokens_per_s:>12,.0f} {p.speed.mfu:>6.1%}"
+            f" {p.memory.total / GB:>8.2f} {p.speed.step_s:>8.3f} {p.tokens_per_s:>12,.0f} {p.mfu:>6.1%}"
         )
     return rows
