@@ -84,8 +84,8 @@ def main() -> None:
             planned_gb = statistics.median(r["plan"]["peak_memory_gb"] for r in runs)
             measured_gb = statistics.median(r["rss_gb"] for r in runs)
             plan = runs[0]["plan"]
-            tensors = plan["peak_memory_gb"] - plan["memory_framework_gb"] - plan["memory_allocator_gb"]
-            heap = (measured_gb - plan["memory_framework_gb"] - tensors) / tensors
+            tensors = plan["peak_memory_gb"] - plan["breakdown_framework_gb"] - plan["breakdown_allocator_gb"]
+            heap = (measured_gb - plan["breakdown_framework_gb"] - tensors) / tensors
             print(
                 f"{name:34} {planned_s:9.3f} {measured_s:9.3f} {measured_s / planned_s:6.2f} {planned_gb:9.3f}"
                 f" {measured_gb:9.3f} {measured_gb / planned_gb:6.2f} {heap:.2f}"

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/train_throughput.py [--steps 30] [--precision bf16] [--repeats 3]
 
-Prints the median tokens/s of each and their ratio (Keel / plain); MFU against the measured matmul ceiling.
+Prints the median tokens/s of each and their ratio (Keel / plain), MFU against the measured matmul ceiling, and
+the same per second of the process's CPU time (less distorted by other jobs on a shared machine).
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import MODEL, run_overrides, stdlib_dataset
+from common import MODEL, Clock, run_overrides, stdlib_dataset
 
 from keel.config_toml import load_config
 from keel.data.manifest import load_manifest
@@ -26,18 +26,18 @@ from keel.train.preflight import start_run
 from keel.train.trainer import Trainer
 
 
-def keel_tokens_per_s(root: Path, dataset: Path, steps: int, precision: str, index: int) -> float:
+def keel_tokens_per_s(root: Path, dataset: Path, steps: int, precision: str, index: int) -> tuple[float, float]:
     overrides = run_overrides(dataset, root / f"run{index}", steps, precision)
     cfg, _ = start_run(load_config(None, overrides))
     trainer = Trainer(cfg, init_distributed("cpu"))
     trainer.train_step(1)  # warm-up, as the plain loop gets
-    start = time.perf_counter()
+    clock = Clock()
     for step in range(2, steps + 1):
         trainer.train_step(step)
-    return (steps - 1) * 8 * 256 / (time.perf_counter() - start)
+    return clock.rates((steps - 1) * 8 * 256)
 
 
-def plain_tokens_per_s(vocab: int, steps: int, precision: str) -> float:
+def plain_tokens_per_s(vocab: int, steps: int, precision: str) -> tuple[float, float]:
     spec, args = model_args({**MODEL, "vocab_size": vocab})
     torch.manual_seed(0)
     model = spec.build(args)
@@ -54,10 +54,10 @@ def plain_tokens_per_s(vocab: int, steps: int, precision: str) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(steps - 1):
         step()
-    return (steps - 1) * 8 * 256 / (time.perf_counter() - start)
+    return clock.rates((steps - 1) * 8 * 256)
 
 
 def main() -> None:
@@ -77,11 +77,13 @@ def main() -> None:
     spec, args = model_args({**MODEL, "vocab_size": vocab})
     flops = spec.flops_per_token(args, 256)
     ceiling = measured_matmul_flops(torch.bfloat16 if opts.precision == "bf16" else torch.float32)
-    k, p = statistics.median(keel), statistics.median(plain)
+    k, p = statistics.median(r[0] for r in keel), statistics.median(r[0] for r in plain)
     print(f"model d256 L4 vocab {vocab}, batch 8x256, {opts.precision}, {torch.get_num_threads()} threads")
     print(f"plain PyTorch loop: {p:,.0f} tokens/s (median of {opts.repeats}), MFU {flops * p / ceiling:.1%}")
     print(f"Keel trainer:       {k:,.0f} tokens/s (median of {opts.repeats}), MFU {flops * k / ceiling:.1%}")
     print(f"ratio Keel / plain: {k / p:.3f}   (matmul ceiling {ceiling / 1e9:.1f} GFLOP/s)")
+    k, p = statistics.median(r[1] for r in keel), statistics.median(r[1] for r in plain)
+    print(f"per CPU-second: plain {p:,.0f}, Keel {k:,.0f} tokens; ratio Keel / plain {k / p:.3f}")
 
 
 if __name__ == "__main__":

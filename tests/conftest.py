@@ -160,3 +160,51 @@ def read_only(directory: Path) -> Iterator[Path]:
         yield directory
     finally:
         subprocess.run(["umount", str(directory)], check=True)
+
+
+AUDIT_TEMPLATES = ROOT / "tests" / "data" / "audit_small.txt"
+
+
+def _words_corpus(directory: Path, alphabet: str, files: int, seed: int) -> str:
+    """Files of short documents whose words use only `alphabet`: every token tells which corpus it came from."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True)
+    for i in range(files):
+        words = ("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))) for _ in range(rng.randint(8, 30)))
+        (directory / f"{i:03d}.txt").write_text(" ".join(words), encoding="utf-8")
+    return str(directory / "*.txt")
+
+
+@pytest.fixture(scope="session")
+def two_sources(tmp_path_factory) -> tuple[Path, Path]:
+    """A dataset of two sources (letters/*.txt, digits/*.txt: words of letters, of digits) and a second dataset."""
+    from keel.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("sources")
+    both, extra, corpus = root / "both", root / "extra", root / "corpus"
+    letters = _words_corpus(corpus / "letters", "abcdefgh", 60, 0)
+    globs = [letters, _words_corpus(corpus / "digits", "0123456789", 60, 1)]
+    prepare_dataset(globs, both, vocab_size=320, val_fraction=0.2, log=quiet)
+    extra_glob = _words_corpus(corpus / "extra", "abcd0123", 40, 2)
+    prepare_dataset([extra_glob], extra, tokenizer=str(both / "tokenizer.json"), val_fraction=0.2, log=quiet)
+    return both, extra
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, two_sources) -> Path:
+    """A tiny run of two FSDP ranks on the mixture of both datasets, validated and audited (the small templates)
+    every 2 steps, with checkpoints at steps 2 and 4: shared by the evaluation and the audit tests."""
+    both, extra = two_sources
+    tmp = tmp_path_factory.mktemp("evalrun")
+    config = tiny_config(
+        tmp / "c.toml",
+        both,
+        train={"steps": 4, "eval_every": 2},
+        data={"mixture": {str(both): 1.0, str(extra): 1.0}},
+        checkpoint={"every": 2},
+        parallel={"nproc": 2},
+        observe={"audit_every": 2, "audit_templates": str(AUDIT_TEMPLATES)},
+    )
+    result = run_keel("train", str(config), cwd=tmp, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return tmp / "runs" / "tiny"

@@ -31,7 +31,7 @@ def saved(precision: str) -> None:
         local = t._local_tensor if isinstance(t, DTensor) else t
         local = getattr(local, "elem", local)  # a collective's result still in flight wraps its tensor
         storage = local.untyped_storage()
-        if storage.data_ptr() not in weights:
+        if storage.data_ptr() not in weights and not local.is_complex():  # the plan leaves the rotary tables out
             seen.setdefault(storage.data_ptr(), (storage.nbytes(), where[0]))
         return t
 
@@ -45,9 +45,8 @@ def saved(precision: str) -> None:
     totals: dict[str, float] = {}
     for nbytes, name in seen.values():
         totals[name] = totals.get(name, 0) + nbytes
-    shape = spec.memory(args, 2, precision)
-    tables = 2 * SEQ * args.head_dim // 2 * 4  # the rotary tables, whole on every rank and shared by all tokens
-    block = (totals["block0"] - shape.block_weight_casts - tables) / (BATCH * SEQ)
+    shape = spec.memory(args, 2, precision, "cpu", BATCH * SEQ)
+    block = (totals["block0"] - shape.block_weight_casts) / (BATCH * SEQ)
     head = (totals["head"] - shape.head_weight_casts) / (BATCH * SEQ)
     if dist.get_rank() == 0:
         print(f"saved {precision} block {block} {shape.block}")

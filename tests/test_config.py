@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_keel
-from keel.config import ROOT_SECTIONS
+from keel.config import ROOT_SECTIONS, describe_keys
 from keel.config_toml import apply_overrides, dump_toml, load_config, save_config
 from keel.errors import ConfigError
 
@@ -24,7 +24,7 @@ def test_presets_load_and_round_trip_through_toml(preset, tmp_path):
 def test_config_has_every_section_and_required_key():
     cfg = load_config(None)
     sections = {"run", "model", "data", "prepare", "train", "optim", "parallel", "checkpoint", "observe"}
-    assert set(ROOT_SECTIONS) == sections | {"distributed", "resilience"}
+    assert set(ROOT_SECTIONS) == sections | {"distributed", "resilience", "card"}
     for key in ("run.name", "run.dir", "train.steps", "train.global_batch_size", "checkpoint.every", "parallel.tp"):
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name)
@@ -103,3 +103,10 @@ def test_a_run_dirs_config_from_before_prepare_existed_still_loads(tmp_path):
     cfg = load_config(config)
     assert cfg.prepare.sources == ["x/*.txt"] and cfg.prepare.vocab_size == 300
     assert cfg.data.dataset == "/d" and cfg.data.manifest_sha256 == "ab12"
+
+
+def test_every_config_key_has_a_one_line_doc():
+    rows = describe_keys()
+    card = {"card.license", "card.intended_use", "card.limitations"}
+    assert card | {"observe.price_per_device_hour", "observe.grid_gco2_per_kwh"} <= {key for key, _, _ in rows}
+    assert [key for key, _, doc in rows if not doc or "\n" in doc] == []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from keel.data.dataset import TokenDataset
-from keel.data.loader import BatchLoader, GlobalSampleOrder, eval_batches, read_samples
+from keel.data.loader import BatchLoader, GlobalSampleOrder, eval_sample_ids, read_samples
 from keel.data.manifest import Manifest, load_manifest, manifest_sha256, write_manifest
 from keel.data.prepare import prepare_dataset
 from keel.data.tokenizer import EOS_TOKEN, encoding_pieces, eos_id, load_tokenizer
@@ -208,16 +208,14 @@ def test_resume_continues_exactly_also_on_another_world_size(prepared: tuple[Pat
             assert torch.equal(_global(after)[0], want[0])
 
 
-def test_eval_batches_are_fixed_and_sliced(prepared: tuple[Path, Manifest, list[str]]) -> None:
+def test_eval_samples_are_fixed_and_sliced(prepared: tuple[Path, Manifest, list[str]]) -> None:
     ds = TokenDataset(prepared[0], "val")
     count = (ds.num_tokens - 1) // 16
     num_batches = count // 4 + 2  # enough to wrap around the small split
 
     def run(world: int) -> list[torch.Tensor]:
-        per_rank = [
-            list(eval_batches(ds, seq_len=16, batch_size=4, num_batches=num_batches, rank=r, world_size=world))
-            for r in range(world)
-        ]
+        sizes = {"seq_len": 16, "batch_size": 4, "num_batches": num_batches, "world_size": world}
+        per_rank = [[read_samples(ds, ids, 16) for ids in eval_sample_ids(ds, **sizes, rank=r)] for r in range(world)]
         return [torch.cat([per_rank[r][b][0] for r in range(world)]) for b in range(num_batches)]
 
     single = run(1)

@@ -143,8 +143,7 @@ def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     hasher, store = MinHasher(0.8), DedupStore(tmp_path / "d", exact=False, near_threshold=0.8)
 
     def keys(file: int, ordinal: int, text: str) -> Keys:
-        signature = hasher.signature(text)
-        return Keys(file, ordinal, None, signature, hasher.band_hashes(signature))
+        return Keys(file, ordinal, None, hasher.band_hashes(hasher.signature(text)))
 
     assert store.check([keys(0, i, d) for i, d in enumerate(docs)]) == [None] * 40
     assert store.check([keys(1, 0, near_copy(docs[7]))]) == ["dedup_near"]

@@ -8,8 +8,10 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +20,6 @@ import zstandard
 import keel.data.minhash
 import keel.data.prepare
 import keel.data.sources
-import keel.data.spans
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
 from keel.data.dedup_store import DedupStore, Keys
@@ -217,8 +218,6 @@ def test_character_counts_fast_path_agrees_with_the_definition():
 def test_minhash_signature_is_the_same_as_the_plain_formula():
     import zlib
 
-    import numpy as np
-
     hasher = MinHasher(0.8)
 
     def plain(text: str) -> bytes:
@@ -297,22 +296,36 @@ def test_word_count_fast_path_agrees_with_the_regex():
         assert _word_count(text) == len(re.findall(r"\w+", text)), repr(text)
 
 
-def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path):
+def test_spans_of_every_size_read_exactly_the_records_of_the_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.sources.READ_BYTES", 64)  # a cut file's lines before the cut come out
     lines = [json.dumps({"text": f"doc {i} " + "x" * (i % 13)}) for i in range(60)]
     lines[5], lines[9], lines[20] = "", "   ", '{"text": "bad'
     data = "\n".join(lines).replace("doc 3 ", "doc\r3 ").encode()  # no final newline, a CR inside a line
     (tmp_path / "a.jsonl").write_bytes(data)
     pq.write_table(pa.table({"text": [f"row {i}" for i in range(23)]}), tmp_path / "b.parquet", row_group_size=5)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(data))
+    half = data.index(b"doc 30")
+    zstd = zstandard.ZstdCompressor()
+    (tmp_path / "d.jsonl.zst").write_bytes(zstd.compress(data[:half]) + zstd.compress(data[half:])[:-9])  # cut
     files = expand_sources([str(tmp_path / "*")]).files
-    for path, kinds in ((files[0], {"lines"}), (files[1], {"rows"})):
-        whole = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for r in read_records(path.path, "text")]
+    for path, kinds in ((files[0], {"lines"}), (files[1], {"rows"}), (files[2], {"data"}), (files[3], {"data"})):
+        whole = list(_records_and_end(read_records(path.path, "text")))
         for size in (1, 7, 100, 10_000):
             spans = list(plan([path], "text", size))
             assert {s.kind for s in spans} == kinds and (size == 10_000 or len(spans) > 1)
-            got = [(r.kind, str(r)) if isinstance(r, BadRecord) else r for s in spans for r in read_span(s, "text")]
-            assert got == whole
+            assert [r for s in spans for r in _records_and_end(read_span(s, "text"))] == whole
+    assert whole[-1][0] == "truncated_file" and len(whole) > 25  # the cut .zst: its first frame's lines, then that
     bad = [str(r) for s in plan([files[0]], "text", 50) for r in read_span(s, "text") if isinstance(r, BadRecord)]
     assert [b.split(": ")[0] for b in bad] == [f"{files[0].path}:4", f"{files[0].path}:21"]  # numbered in the file
+
+
+def _records_and_end(records: Iterator) -> Iterator:
+    """Records as they come, bad ones as (kind, message), and the file-level problem that ends them, if any."""
+    try:
+        for r in records:
+            yield (r.kind, str(r)) if isinstance(r, BadRecord) else r
+    except BadRecord as e:
+        yield e.kind, str(e)
 
 
 def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch):
@@ -323,35 +336,37 @@ def test_with_a_pool_the_main_process_parses_no_json_lines(tmp_path, monkeypatch
     (raw / "0.jsonl").write_text(json.dumps({"text": "first " * 50_000}) + "\n")  # all the encoder check reads
     for f in range(1, 4):
         (raw / f"{f}.jsonl").write_text("".join(json.dumps({"text": _document(rng)}) + "\n" for _ in range(200)))
+    for f, compress in ((4, gzip.compress), (5, zstandard.ZstdCompressor().compress)):  # the main process decompresses
+        lines = "".join(json.dumps({"text": _document(rng)}) + "\n" for _ in range(200)).encode()
+        (raw / f"{f}.jsonl.{'gz' if f == 4 else 'zst'}").write_bytes(compress(lines))
     monkeypatch.setattr("keel.data.pool.TASK_CHARS", 20_000)
     parsed = []
-    for module in (keel.data.sources, keel.data.spans):
-        original = module.jsonl_record
-        monkeypatch.setattr(module, "jsonl_record", lambda *a, _o=original: parsed.append(1) or _o(*a))
+    original = keel.data.sources.jsonl_record
+    monkeypatch.setattr(keel.data.sources, "jsonl_record", lambda *a: parsed.append(1) or original(*a))
     m = prepare_dataset(
-        [str(raw / "*.jsonl")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
+        [str(raw / "*.jsonl*")], tmp_path / "ds", tokenizer=str(tok), stages=ALL_ON, workers=2, log=quiet
     )
-    assert m.splits["train"].documents + m.splits["val"].documents > 300
+    files = {int(f) for e in m.splits.values() for s in e.shards for f in np.load(tmp_path / "ds" / s.origins)[:, 0]}
+    assert files >= {1, 2, 3, 4, 5}  # the compressed ones among them (the first is filtered out)
     assert len(parsed) == 1  # the encoder check's sample; every other line was parsed in a worker
 
 
-def _one_at_a_time(docs: list[Keys], hasher: MinHasher, exact: bool, near: bool) -> list[str | None]:
-    """The rules of the sqlite store this replaced: each document against every earlier one, in order."""
+def _one_at_a_time(docs: list[Keys], signatures: list[bytes], hasher: MinHasher, exact: bool, near: bool) -> list:
+    """The rules one document at a time: an earlier document's digest, an earlier kept one's band (LSH agreement)."""
     digests: set = set()
-    first: dict = {}  # (band, band's values) -> signature of the first kept document with it
+    held: set = set()  # (band, the band's values) of the kept documents
     out: list[str | None] = []
     step = 4 * hasher.rows
-    for d in docs:
+    for d, signature in zip(docs, signatures, strict=True):
         if exact and d.digest in digests:
             out.append("dedup_exact")
             continue
         digests.add(d.digest)
-        keys = [(b, d.signature[b * step : (b + 1) * step]) for b in range(hasher.bands)] if near else []
-        if any(k in first and hasher.similar(first[k], d.signature) for k in keys):
+        keys = {(b, signature[b * step : (b + 1) * step]) for b in range(hasher.bands)} if near else set()
+        if keys & held:
             out.append("dedup_near")
             continue
-        for k in keys:
-            first.setdefault(k, d.signature)
+        held |= keys
         out.append(None)
     return out
 
@@ -363,23 +378,31 @@ def test_the_batched_dedup_store_decides_as_one_document_at_a_time(tmp_path):
     for _ in range(150):  # exact copies, near copies and copies of near copies, near and far from the original
         base = rng.choice(texts)
         texts.insert(rng.randrange(len(texts) + 1), rng.choice([base, near_copy(base), base.replace("a", "b", 2)]))
-    docs = []
-    for i, text in enumerate(texts):
-        sig = hasher.signature(text)
-        docs.append(Keys(0, i, hashlib.blake2b(text.encode(), digest_size=16).digest(), sig, hasher.band_hashes(sig)))
+    signatures = [hasher.signature(text) for text in texts]
+    digests = [hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts]
+    docs = [  # files change every 40 documents and ordinals cross 2**32: the origins log keeps both
+        Keys(i // 40, i + (i // 25) * 2**31, digests[i], hasher.band_hashes(s)) for i, s in enumerate(signatures)
+    ]
     for exact, near in ((True, True), (True, False), (False, True)):
-        expected = _one_at_a_time(docs, hasher, exact, near)
+        expected = _one_at_a_time(docs, signatures, hasher, exact, near)
         assert (not near or expected.count("dedup_near") > 20) and (not exact or expected.count("dedup_exact") > 20)
         for size in (1, 7, 64, len(docs)):
             store = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0)
             got = [stage for lo in range(0, len(docs), size) for stage in store.check(docs[lo : lo + size])]
             store.close()
             assert got == expected, (exact, near, size)
+            assert sorted(p.name for p in store.path.iterdir() if "-" in p.name) == []  # the tables are gone
             reopened = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0, readonly=True)
-            kept = [k for batch in reopened.kept_documents(batch=50) for k in batch]
+            batches = list(reopened.kept_batches(batch=50))
             want = [d for d, stage in zip(docs, expected, strict=True) if stage is None]
-            strip = {"digest": None} if not exact else {"signature": None, "bands": None} if not near else {}
-            assert kept == [d._replace(**strip) for d in want]
+            assert np.concatenate([b.rows for b in batches]).tolist() == list(range(len(want)))
+            assert [(f, o) for b in batches for f, o in zip(b.files.tolist(), b.ordinals.tolist(), strict=True)] == [
+                (d.file, d.ordinal) for d in want
+            ]
+            if exact:
+                assert b"".join(b.digests.tobytes() for b in batches) == b"".join(d.digest for d in want)
+            if near:
+                assert b"".join(b.bands.tobytes() for b in batches) == b"".join(d.bands for d in want)
             reopened.close()
 
 
@@ -431,11 +454,9 @@ def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp
     assert fingerprint(tmp_path / "out", tmp_path) == fingerprint(tmp_path / "whole", tmp_path)
 
 
-def test_the_hash_tables_keep_every_entry_through_doublings_flushes_and_a_reopen(tmp_path, monkeypatch):
-    import numpy as np
-
+def test_the_hash_tables_keep_every_entry_through_doublings_and_flushes(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.hashtable.FIRST_SLOTS", 64)
-    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 256)
+    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 64)  # a batch fills more than half of it
     monkeypatch.setattr("keel.data.hashtable._CHUNK", 100)
     band = np.dtype([("k", "<u8"), ("v", "<u4")])
     table, stored = ShardedTable(tmp_path, "t", band), {}
@@ -457,9 +478,9 @@ def test_the_hash_tables_keep_every_entry_through_doublings_flushes_and_a_reopen
         new &= found["k"] == 0
         table.insert(entries[new])
         stored.update({int(e["k"]): int(e["v"]) for e in entries[new]})
-    table.close()
-    assert max(table.slots) > 64 and sum(table.counts) == len(stored)
-    reopened = ShardedTable(tmp_path, "t", band, table.state(), readonly=True)
+    assert max(table.slots) > 64 and sum(table.counts) + sum(table._pending_counts) == len(stored)
     entries = np.zeros(len(stored), band)
     entries["k"] = list(stored)
-    assert reopened.find(entries)["v"].tolist() == list(stored.values())
+    assert table.find(entries)["v"].tolist() == list(stored.values())
+    table.delete()
+    assert not list(tmp_path.iterdir())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_one_line_error, losses, read_metrics, run_keel, tiny_config
+from conftest import AUDIT_TEMPLATES, assert_one_line_error, losses, read_metrics, run_keel, tiny_config
 from keel.config import ParallelConfig
 from keel.distributed.mesh import Layout, resolve_layout
 from keel.errors import ConfigError
@@ -13,7 +13,16 @@ from keel.models import model_args
 
 
 def train(tmp_path, dataset, name, nproc, *extra, **parallel):
-    cfg = tiny_config(tmp_path / f"{name}.toml", dataset, run={"name": name}, parallel={"nproc": nproc, **parallel})
+    # Validated and audited (the small templates) before the first step and after the last.
+    observe = {"audit_every": 5, "audit_templates": str(AUDIT_TEMPLATES)}
+    cfg = tiny_config(
+        tmp_path / f"{name}.toml",
+        dataset,
+        run={"name": name},
+        parallel={"nproc": nproc, **parallel},
+        train={"eval_every": 5},
+        observe=observe,
+    )
     result = run_keel("train", str(cfg), *extra, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     return tmp_path / "runs" / name
@@ -36,6 +45,22 @@ def test_layouts_train_exactly_as_one_process(tmp_path, dataset, single, nproc, 
     groups = {k: v for k, v in read_metrics(run)[0].items() if k.startswith("grad_norm")}
     reference = {k: v for k, v in read_metrics(single)[0].items() if k.startswith("grad_norm")}
     assert groups == pytest.approx(reference, rel=1e-4)
+
+    # Validation per source and the audit's gaps: each data-parallel slice counted once, tensor-parallel ranks alike.
+    def evaluations(run_dir):
+        by_step: dict[int, dict[str, float]] = {}
+        for r in read_metrics(run_dir):
+            values = {k: v for k, v in r.items() if k.startswith(("val_", "audit_gap/"))}
+            if values:
+                by_step.setdefault(r["step"], {}).update(values)
+        return by_step
+
+    expected = evaluations(single)
+    assert expected.keys() == {0, 5} and {"val_loss/*.txt", "val_ppl/*.jsonl", "audit_gap/pets"} <= expected[5].keys()
+    got = evaluations(run)
+    assert got.keys() == expected.keys()
+    for step, want in expected.items():
+        assert got[step] == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
 def test_a_checkpoint_crosses_layouts_tp_then_fsdp_then_one_process(tmp_path, dataset, single):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 
 import pytest
 import torch
 
 from conftest import read_metrics, run_keel, tiny_config
-from keel.observe.step_timer import PHASES, StepTimer
+from keel.observe.step_timer import MAX_PENDING, PHASES, StepTimer
 
 
 def test_phases_of_a_real_run_add_up_to_its_step_time(tmp_path, dataset):
@@ -39,6 +40,56 @@ def test_timer_reports_mean_seconds_per_step_and_resets():
     with pytest.raises(ValueError, match="unknown step phase"):
         with timer.phase("lunch"):
             pass
+
+
+class HostEvent:
+    """torch.cuda.Event's interface on the host clock (no GPU here), logging every wait and read into `log`."""
+
+    def __init__(self, log: list[str]):
+        self.log, self.at = log, None
+
+    def record(self) -> None:
+        self.at = time.perf_counter()
+
+    def query(self) -> bool:
+        return self.at is not None
+
+    def synchronize(self) -> None:
+        self.log.append("synchronize")
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        self.log.append("read")
+        return (end.at - self.at) * 1000  # milliseconds, as CUDA's
+
+
+def test_gpu_phases_are_read_from_events_only_when_taken_and_with_one_wait():
+    log: list[str] = []
+    timer = StepTimer(torch.device("cpu"), event=lambda: HostEvent(log))
+    for _ in range(3):
+        with timer.phase("data_wait"):
+            time.sleep(0.01)
+        for phase in ("forward", "backward", "optimizer"):
+            with timer.phase(phase):
+                time.sleep(0.01)
+    assert log == [] and timer.totals["forward"] == 0  # nothing read, nothing waited for, between logged steps
+    assert timer.totals["data_wait"] >= 0.03  # host phases are wall time at once (the goodput ledger reads them)
+    means = timer.take(steps=3)
+    assert log == ["synchronize"] + ["read"] * 9  # one wait for the newest event, then every pair
+    assert all(means[f"{p}_s"] >= 0.01 for p in ("data_wait", "forward", "backward", "optimizer"))
+    assert timer.totals["forward"] >= 0.03
+    log.clear()
+    assert timer.take(steps=1)["forward_s"] == 0 and log == []
+
+
+def test_events_beyond_the_bound_are_read_without_waiting():
+    log: list[str] = []
+    timer = StepTimer(torch.device("cpu"), event=lambda: HostEvent(log))
+    for _ in range(MAX_PENDING + 10):
+        with timer.phase("forward"):
+            pass
+    assert "synchronize" not in log and log.count("read") > 0  # done events were read as they piled up
+    timer.take(steps=1)
+    assert log.count("read") == MAX_PENDING + 10 and log.count("synchronize") == 1
 
 
 def test_configured_step_range_writes_a_profiler_trace_per_rank(tmp_path, dataset):

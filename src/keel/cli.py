@@ -177,6 +177,17 @@ def data_inspect(
     print("\n".join(inspect_lines(dataset)))
 
 
+@data_app.command("card")
+def data_card(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write it (default: DATASET/data_card.md).")] = None,
+) -> None:
+    """Write the dataset's data card: sources and licenses, stages, PII, dedup, removals, lengths, languages."""
+    from keel.data.card import write_data_card
+
+    print(f"wrote {write_data_card(dataset, out)}")
+
+
 @data_app.command("verify")
 def data_verify(
     dataset: Annotated[Path, typer.Argument(help="Prepared dataset directory.")],
@@ -303,9 +314,68 @@ def export(
     print(f"exported {run_dir} to {export_hf(run_dir, out, step=step, fmt=fmt)}")
 
 
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    batches: Annotated[
+        int | None, typer.Option(help="Global batches of validation data (default: train.eval_batches).", min=1)
+    ] = None,
+    harness: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated lm-evaluation-harness tasks: Keel's own (keel_python_syntax), task YAML files, "
+            "or lm-eval task names; run on the Hugging Face export."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Most examples per harness task.", min=1)] = None,
+) -> None:
+    """Validation loss and perplexity per source and mixture dataset (and harness tasks); writes RUN_DIR/eval.json."""
+    from keel.eval.evaluate import eval_lines, evaluate_run
+    from keel.rundir import RunDir
+
+    tasks = [t.strip() for t in harness.split(",") if t.strip()] if harness is not None else None
+    if tasks == []:
+        raise KeelError("--harness: no task named; e.g. --harness keel_python_syntax")
+    record = evaluate_run(run_dir, step, batches, tasks, limit)
+    print("\n".join([*eval_lines(record), f"wrote {RunDir(run_dir).eval_results}"]))
+
+
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to plot.")]) -> None:
-    """Write RUN_DIR/report.html: loss, learning rate, throughput, MFU, step time and memory, incidents marked."""
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    step: Annotated[int | None, typer.Option(help="Checkpoint step (default: newest).")] = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="Template file (default: the templates Keel ships; format in its README).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the templates.", min=100)] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Bias audit: log-likelihood gap per demographic axis with bootstrap intervals; writes RUN_DIR/audit.json."""
+    from keel.eval.audit import audit_lines, audit_run
+    from keel.rundir import RunDir
+
+    record = audit_run(run_dir, step, str(templates) if templates else None, bootstrap, seed)
+    print("\n".join([*audit_lines(record), f"wrote {RunDir(run_dir).audit_results}"]))
+
+
+@app.command()
+def card(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with a committed checkpoint.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Record a card.* key (or observe.price_per_device_hour, grid_gco2_per_kwh) first."),
+    ] = None,
+) -> None:
+    """Write RUN_DIR/model_card.md: model, training, hardware, energy, cost, evaluation, data, intended use."""
+    from keel.observe.card import write_model_card
+
+    print(f"wrote {write_model_card(run_dir, overrides or [])}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to report on.")]) -> None:
+    """Write RUN_DIR/report.html, the run's front page: summary, plots, incident timeline, evaluation, audit."""
     from keel.observe.report import write_report
 
     print(f"wrote {write_report(run_dir)}")
@@ -322,7 +392,7 @@ def plan(
     ] = None,
     price_per_device_hour: Annotated[
         float | None,
-        typer.Option(help="USD per device-hour (default: observe.price_per_device_hour, else 2.0).", min=0),
+        typer.Option(help="USD per device-hour for the cost (default: observe.price_per_device_hour).", min=0),
     ] = None,
     search_layouts: Annotated[
         bool, typer.Option("--search", help="Also list the fastest layouts of these devices that fit.")

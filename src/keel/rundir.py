@@ -108,6 +108,21 @@ class RunDir:
         """The self-contained HTML report."""
         return self.root / "report.html"
 
+    @property
+    def model_card(self) -> Path:
+        """The model card, written when a run ends and by `keel card`; exported as the model's README.md."""
+        return self.root / "model_card.md"
+
+    @property
+    def eval_results(self) -> Path:
+        """The last `keel eval`: validation loss and perplexity per source and mixture dataset, harness scores."""
+        return self.root / "eval.json"
+
+    @property
+    def audit_results(self) -> Path:
+        """The last `keel audit`: the bias probe's log-likelihood gap per axis with confidence intervals."""
+        return self.root / "audit.json"
+
     def is_run(self) -> bool:
         """True once a run has passed preflight here (its config.toml exists)."""
         return self.config.is_file()

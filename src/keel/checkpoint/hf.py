@@ -21,11 +21,13 @@ from keel.errors import CheckpointError, ConfigError, KeelError
 from keel.io import check_writable_dir, filesystem_errors, first_line
 from keel.models import model_args
 from keel.models.spec import HFMapping, ModelSpec
+from keel.observe.card import model_card
 from keel.rundir import RunDir
 
 FORMATS = ("hf",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"  # where the Hub and huggingface_hub.ModelCard look for a model card
 _MISSING = object()
 
 
@@ -48,6 +50,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
     check_writable_dir(out, "--out", ConfigError)
     path = checkpoint_path(run_dir, step)
     model, cfg = load_model(run_dir, step)
+    card = model_card(run_dir, step)  # before anything is written: a card that cannot be made stops the export
     spec, args = model_args(cfg.model_section())
     mapping = _mapping(spec)
     state = mapping.to_hf(args, {k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -75,6 +78,7 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, fmt: str = "hf"
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
             shutil.copyfile(run.tokenizer, tmp / "tokenizer.json")
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
             # Files 0644 and the directory 0755, as a model download's: safetensors creates its file 0600.
             for file in tmp.iterdir():
                 file.chmod(0o644)

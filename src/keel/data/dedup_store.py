@@ -1,10 +1,11 @@
-"""Exact and near-duplicate state on disk, checked a batch of documents at a time; RAM stays bounded.
+"""Exact and near-duplicate state of a scan, checked a batch of documents at a time in document order; RAM bounded.
 
-A directory: hash tables (keel.data.hashtable) of content digests and of LSH band keys (64-bit hashes computed
-in the pool workers, each naming the kept document that first had it), and three logs in kept-document order:
-(file, ordinal), the digest, the MinHash signature (each stored once). Decisions are the same as one document
-at a time in document order: a document is an exact duplicate if an earlier one had its digest, a near
-duplicate if the first kept document with one of its band keys has a signature similar enough.
+Near duplicates are found by LSH agreement, as datatrove does: a document is a near duplicate if one of its band keys
+(64-bit hashes of its MinHash bands, computed in the pool workers) is a band key of an earlier kept document. No
+signature is kept to verify the candidate. What stays on disk (the store) is logs in kept-document order, what a merge
+joins on: origins (file, ordinal), content digests, band keys, and the digests of the documents near dedup dropped.
+While the scan runs, hash tables (keel.data.hashtable) of the digests and band keys seen so far answer the lookups;
+the scan rebuilds them from nothing, and closing the store deletes them.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from keel.io import atomic_write_json, fsync_path
 STORE = "dedup"
 META = "store.json"
 EXACT = np.dtype([("k", "<u8"), ("k2", "<u8")])  # the 128-bit digest
-BAND = np.dtype([("k", "<u8"), ("v", "<u4")])  # band key -> kept-document number (its signature's row)
+BAND = np.dtype([("k", "<u8")])
 MAX_KEPT = 2**32 - 1
 SYNC_BYTES = 64 << 20  # the logs are written out every this many bytes
+FORMAT = 2  # 1 (no "format" in store.json): hash tables and every kept signature; 2: the logs a merge joins
 
 
 class Keys(NamedTuple):
@@ -37,8 +39,25 @@ class Keys(NamedTuple):
     file: int
     ordinal: int
     digest: bytes | None  # 16 bytes
-    signature: bytes | None  # uint32 per permutation
     bands: bytes | None  # uint64 per band
+
+
+class Kept(NamedTuple):
+    """A batch of kept documents, as arrays: their rows (kept-document numbers), origins and keys."""
+
+    rows: np.ndarray  # int64
+    files: np.ndarray  # int64
+    ordinals: np.ndarray  # int64
+    digests: np.ndarray | None  # EXACT
+    bands: np.ndarray | None  # uint64, one row of band keys per document
+
+
+class _Logs(NamedTuple):
+    origins: BinaryIO  # uint32 per kept document: its ordinal's low 32 bits
+    runs: BinaryIO  # int64 (first row, file, ordinal >> 32) whenever the file or the ordinal's high bits change
+    digests: BinaryIO | None  # 16 bytes per kept document
+    bands: BinaryIO | None  # uint64 per band per kept document
+    near: BinaryIO | None  # 16 bytes per document dropped as a near duplicate (exact and near on): merges look them up
 
 
 class DedupStore:
@@ -46,7 +65,7 @@ class DedupStore:
 
     def __init__(self, path: Path, exact: bool, near_threshold: float, readonly: bool = False):
         self.path, self.exact, self.readonly = Path(path), exact, readonly
-        self.hasher = MinHasher(near_threshold) if near_threshold else None
+        self.bands = MinHasher(near_threshold).bands if near_threshold else 0
         if readonly:
             try:
                 meta = json.loads((self.path / META).read_text())
@@ -54,16 +73,25 @@ class DedupStore:
                 raise DataError(
                     f"{self.path} is missing: the dedup keys of this dataset are gone; prepare it again"
                 ) from None
+            if meta.get("format") != FORMAT:
+                raise DataError(f"{self.path}: dedup keys of an older Keel; prepare this part again to merge it")
         else:
             shutil.rmtree(self.path, ignore_errors=True)  # what a crashed scan left is not trusted
             self.path.mkdir(parents=True)
             meta = {"kept": 0}
-        self.kept = meta["kept"]
-        self._synced = 0
-        self._digests = ShardedTable(self.path, "exact", EXACT, meta.get("exact"), readonly) if exact else None
-        self._bands = ShardedTable(self.path, "band", BAND, meta.get("band"), readonly) if self.hasher else None
+        self.kept, self._synced, self._run = meta["kept"], 0, (-1, -1)
         mode = "rb" if readonly else "ab+"
-        self._logs = {n: open(self.path / f"{n}.log", mode) for n in ("origins", "digests", "signatures")}
+        self._logs = _Logs(
+            *(open(self.path / f"{n}.log", mode) for n in ("origins", "runs")),
+            *(open(self.path / f"{n}.log", mode) if on else None for n, on in self._parts()),
+        )
+        writable = not readonly
+        self._digests = ShardedTable(self.path, "exact", EXACT) if exact and writable else None
+        self._band_keys = ShardedTable(self.path, "band", BAND) if self.bands and writable else None
+
+    def _parts(self) -> list[tuple[str, bool]]:
+        """The optional logs and whether this store keeps them."""
+        return [("digests", self.exact), ("bands", bool(self.bands)), ("near", self.exact and bool(self.bands))]
 
     def check(self, docs: list[Keys]) -> list[str | None]:
         """The dedup stage dropping each document ("dedup_exact" / "dedup_near") or None, as if one at a time."""
@@ -71,169 +99,125 @@ class DedupStore:
         out: list[str | None] = [None] * n
         if n == 0:
             return out
-        new_digest = np.zeros(n, bool)
-        digests = _digests(docs) if self._digests is not None else None
-        if digests is not None:
-            stored = self._digests.find(digests)["k"] != 0
+        alive, digests = np.ones(n, bool), None
+        if self._digests is not None:
+            digests = _digests(docs)
+            new = np.zeros(n, bool)
             _, first = np.unique(digests.view(np.dtype((np.void, 16))), return_index=True)
-            new_digest[first] = True
-            new_digest &= ~stored  # an earlier document (stored, or earlier in the batch) had the digest
-            for i in np.flatnonzero(~new_digest):
+            new[first] = True
+            new &= self._digests.find(digests)["k"] == 0  # an earlier document (stored, or in the batch) had it
+            for i in np.flatnonzero(~new):
                 out[i] = "dedup_exact"
-            self._digests.insert(digests[new_digest])
-        alive = [i for i in range(n) if out[i] is None]
-        kept = alive if self._bands is None else self._near(docs, alive, out)
-        self._append(docs, kept)
+            self._digests.insert(digests[new])
+            alive = new
+        kept = np.flatnonzero(alive)
+        if self._band_keys is not None and len(kept):
+            near = self._near(docs, kept)
+            for i in kept[near]:
+                out[i] = "dedup_near"
+            if digests is not None and self._logs.near is not None:
+                self._logs.near.write(digests[kept[near]].tobytes())
+            kept = kept[~near]
+        self._append(docs, kept, digests)
         return out
 
-    def _near(self, docs: list[Keys], alive: list[int], out: list[str | None]) -> list[int]:
-        """Decide near duplicates among the alive documents in order; insert the kept ones' new band keys."""
-        assert self._bands is not None and self.hasher is not None
-        if not alive:
-            return []
-        keys = np.frombuffer(b"".join(docs[i].bands or b"" for i in alive), np.uint64).reshape(len(alive), -1)
+    def _near(self, docs: list[Keys], alive: np.ndarray) -> np.ndarray:
+        """Which alive documents share a band key with an earlier kept one; the kept ones' keys are added."""
+        assert self._band_keys is not None
+        keys = np.frombuffer(b"".join(docs[i].bands or b"" for i in alive), "<u8").reshape(len(alive), self.bands)
         keys = np.where(keys == 0, np.uint64(1), keys)  # 0 marks an empty slot
         entries = np.zeros(keys.size, BAND)
         entries["k"] = keys.ravel()
-        found = self._bands.find(entries).reshape(keys.shape)
-        stored = found["k"] != 0
-        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        shared = (counts[inverse] > 1).reshape(keys.shape)  # the key recurs in this batch
-        quick = ~(stored | shared).any(axis=1)  # nothing to compare with: kept, and its keys are all new
-        first_kept: dict[int, int] = {}  # a key shared in the batch -> the first kept document that has it
-        kept: list[int] = []
-        for j, i in enumerate(alive):
-            if not quick[j]:
-                if self._near_hit(docs, i, keys[j], found[j], stored[j], shared[j], first_kept):
-                    out[i] = "dedup_near"
-                    continue
-                for b in np.flatnonzero(shared[j] & ~stored[j]):
-                    first_kept.setdefault(int(keys[j, b]), i)
-            kept.append(i)
-        kept_set = set(kept)
-        is_kept = np.array([i in kept_set for i in alive], bool)
-        new = ~stored & is_kept[:, None]
-        # A key recurring in the batch goes in once, for its first kept document (row-major order is doc order).
-        recurring = np.flatnonzero((new & shared).ravel())
-        _, first = np.unique(keys.ravel()[recurring], return_index=True)
-        new &= ~shared
-        new.ravel()[recurring[first]] = True
-        add = np.zeros(int(new.sum()), BAND)
-        add["k"] = keys[new]
-        add["v"] = (self.kept + np.cumsum(is_kept) - 1)[:, None].repeat(keys.shape[1], axis=1)[new]
-        self._bands.insert(add)
-        return kept
-
-    def _near_hit(
-        self,
-        docs: list[Keys],
-        i: int,
-        keys: np.ndarray,
-        found: np.ndarray,
-        stored: np.ndarray,
-        shared: np.ndarray,
-        first_kept: dict[int, int],
-    ) -> bool:
-        """True if the first kept document with one of the document's band keys has a similar signature."""
-        assert self.hasher is not None
-        signature = docs[i].signature or b""
-        for b in range(len(keys)):
-            if stored[b]:
-                other = self.signature(int(found["v"][b]))
-            elif shared[b] and int(keys[b]) in first_kept:
-                other = docs[first_kept[int(keys[b])]].signature or b""
+        near = (self._band_keys.find(entries)["k"] != 0).reshape(keys.shape).any(axis=1)
+        unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(keys.shape)
+        taken = np.zeros(len(unique), bool)  # the key is a band key of a kept document earlier in the batch
+        # Only documents with a key that recurs in the batch depend on the decisions before them: those go in order.
+        for j in np.flatnonzero(~near & (counts[inverse] > 1).any(axis=1)).tolist():
+            if taken[inverse[j]].any():
+                near[j] = True
             else:
-                continue
-            if self.hasher.similar(other, signature):
-                return True
-        return False
+                taken[inverse[j]] = True
+        new = np.unique(keys[~near])  # distinct: a key two kept documents shared would have dropped the second
+        add = np.zeros(len(new), BAND)
+        add["k"] = new
+        self._band_keys.insert(add)
+        return near
 
-    def signature(self, row: int) -> bytes:
-        """The signature of the row-th kept document."""
-        f = self._logs["signatures"]
-        f.flush()
-        size = self.hasher.signature_bytes if self.hasher else 0
-        f.seek(row * size)
-        return f.read(size)
-
-    def _append(self, docs: list[Keys], kept: list[int]) -> None:
+    def _append(self, docs: list[Keys], kept: np.ndarray, digests: np.ndarray | None) -> None:
         if self.kept + len(kept) > MAX_KEPT:
             raise DataError(f"{self.path}: more than {MAX_KEPT} kept documents in one store; prepare in --shard parts")
+        files = np.fromiter((docs[i].file for i in kept.tolist()), np.int64, len(kept))
+        ordinals = np.fromiter((docs[i].ordinal for i in kept.tolist()), np.int64, len(kept))
+        high = ordinals >> 32
+        before_f, before_h = np.empty_like(files), np.empty_like(high)
+        before_f[:1], before_h[:1] = self._run
+        before_f[1:], before_h[1:] = files[:-1], high[:-1]
+        change = np.flatnonzero((files != before_f) | (high != before_h))
+        if len(kept):
+            self._run = (int(files[-1]), int(high[-1]))
+        runs = np.stack([self.kept + change, files[change], high[change]], axis=1)
+        self._logs.runs.write(runs.astype(np.int64).tobytes())
+        self._logs.origins.write(ordinals.astype(np.uint32).tobytes())
+        if self._logs.digests is not None and digests is not None:
+            self._logs.digests.write(digests[kept].tobytes())
+        if self._logs.bands is not None:
+            self._logs.bands.write(b"".join(docs[i].bands or b"" for i in kept.tolist()))
         self.kept += len(kept)
-        self._logs["origins"].write(np.array([(docs[i].file, docs[i].ordinal) for i in kept], np.int64).tobytes())
-        if self._digests is not None:
-            self._logs["digests"].write(b"".join(docs[i].digest or b"" for i in kept))
-        if self._bands is not None:
-            self._logs["signatures"].write(b"".join(docs[i].signature or b"" for i in kept))
-        written = self.kept * (16 + 16 * self.exact + (self.hasher.signature_bytes if self.hasher else 0))
+        written = self.kept * (4 + 16 * self.exact + 8 * self.bands)
         if written // SYNC_BYTES != self._synced:
             # Written out now, the logs' pages stay cached but clean: the kernel's background writeback is not
             # set off by them, and so does not keep writing back (and write-protecting) the tables' pages.
             self._synced = written // SYNC_BYTES
-            for f in self._logs.values():
-                f.flush()
-                os.fdatasync(f.fileno())
+            for f in self._logs:
+                if f is not None:
+                    f.flush()
+                    os.fdatasync(f.fileno())
 
-    def exact_duplicates(self, docs: list[Keys]) -> list[bool]:
-        """Which of these documents (of another store) have a digest this store holds; the store is unchanged."""
-        if self._digests is None or not docs:
-            return [False] * len(docs)
-        return (self._digests.find(_digests(docs))["k"] != 0).tolist()
-
-    def near_duplicates(self, docs: list[Keys]) -> list[bool]:
-        """Which of these documents (of another store) are similar to a kept one here sharing a band key."""
-        if self._bands is None or self.hasher is None or not docs:
-            return [False] * len(docs)
-        keys = np.frombuffer(b"".join(d.bands or b"" for d in docs), np.uint64)
-        entries = np.zeros(len(keys), BAND)
-        entries["k"] = np.where(keys == 0, np.uint64(1), keys)
-        found = self._bands.find(entries).reshape(len(docs), -1)
-        return [
-            any(self.hasher.similar(self.signature(int(r)), d.signature or b"") for r in row["v"][row["k"] != 0])
-            for d, row in zip(docs, found, strict=True)
-        ]
-
-    def kept_documents(self, batch: int = 1 << 16) -> Iterator[list[Keys]]:
-        """The kept documents' keys (band keys recomputed from the signatures), in order, a batch at a time."""
-        size = self.hasher.signature_bytes if self.hasher else 0
+    def kept_batches(self, batch: int = 1 << 16) -> Iterator[Kept]:
+        """The kept documents' origins and keys, in order, a batch at a time."""
+        runs = np.frombuffer(_read(self._logs.runs, 0, -1), np.int64).reshape(-1, 3)
         for lo in range(0, self.kept, batch):
-            n = min(batch, self.kept - lo)
-            origins = _read(self._logs["origins"], lo * 16, n * 16)
-            digests = _read(self._logs["digests"], lo * 16, n * 16) if self.exact else b""
-            signatures = _read(self._logs["signatures"], lo * size, n * size) if self.hasher else b""
-            pairs = np.frombuffer(origins, np.int64).reshape(-1, 2).tolist()
-            yield [
-                Keys(
-                    f,
-                    o,
-                    digests[16 * k : 16 * k + 16] if self.exact else None,
-                    signatures[size * k : size * (k + 1)] if self.hasher else None,
-                    self.hasher.band_hashes(signatures[size * k : size * (k + 1)]) if self.hasher else None,
-                )
-                for k, (f, o) in enumerate(pairs)
-            ]
+            rows = np.arange(lo, min(lo + batch, self.kept))
+            run = runs[np.searchsorted(runs[:, 0], rows, side="right") - 1]
+            low = np.frombuffer(_read(self._logs.origins, 4 * lo, 4 * len(rows)), np.uint32)
+            yield Kept(
+                rows,
+                run[:, 1].copy(),
+                (run[:, 2] << 32) | low.astype(np.int64),
+                np.frombuffer(_read(self._logs.digests, 16 * lo, 16 * len(rows)), EXACT) if self.exact else None,
+                self._bands_of(lo, len(rows)) if self.bands else None,
+            )
+
+    def _bands_of(self, lo: int, n: int) -> np.ndarray:
+        assert self._logs.bands is not None
+        size = 8 * self.bands
+        return np.frombuffer(_read(self._logs.bands, size * lo, size * n), "<u8").reshape(n, self.bands)
+
+    def near_digests(self, batch: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The digests of the documents dropped as near duplicates (an exact copy of one is a duplicate too)."""
+        if self._logs.near is None:
+            return
+        for lo in range(0, os.fstat(self._logs.near.fileno()).st_size, 16 * batch):
+            yield np.frombuffer(_read(self._logs.near, lo, 16 * batch), EXACT)
 
     def bytes_on_disk(self) -> int:
-        """The store's size on disk (tables and logs)."""
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        """The disk space the store takes now (logs, and while it is open for a scan, the tables)."""
+        return sum(p.stat().st_blocks * 512 for p in self.path.iterdir() if p.is_file())
 
     def close(self) -> None:
-        """Write everything back, fsync it, and record the tables' state: a journal naming the store can trust it."""
-        for f in self._logs.values():
-            if not self.readonly:
-                f.flush()
-                fsync_path(Path(f.name))
-            f.close()
-        for table in (self._digests, self._bands):
+        """Write the logs back and fsync them, delete the tables, and record the count: a journal can trust it."""
+        for f in self._logs:
+            if f is not None:
+                if not self.readonly:
+                    f.flush()
+                    fsync_path(Path(f.name))
+                f.close()
+        for table in (self._digests, self._band_keys):
             if table is not None:
-                table.close()
+                table.delete()
         if not self.readonly:
-            meta: dict = {"kept": self.kept}
-            if self._digests is not None:
-                meta["exact"] = self._digests.state()
-            if self._bands is not None:
-                meta["band"] = self._bands.state()
-            atomic_write_json(self.path / META, meta)
+            atomic_write_json(self.path / META, {"format": FORMAT, "kept": self.kept})
 
 
 def _digests(docs: list[Keys]) -> np.ndarray:
@@ -244,6 +228,8 @@ def _digests(docs: list[Keys]) -> np.ndarray:
     return entries
 
 
-def _read(f: BinaryIO, offset: int, n: int) -> bytes:
+def _read(f: BinaryIO | None, offset: int, n: int) -> bytes:
+    assert f is not None
+    f.flush()
     f.seek(offset)
     return f.read(n)

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from keel.io import fsync_path
-
 SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
 FIRST_SLOTS = 1 << 12
 MAX_LOAD = 0.6  # on average: shard s doubles at 0.45 + 0.3 s / 15, so the shards' doublings come one at a time
@@ -28,21 +26,17 @@ _CHUNK = 1 << 20  # slots per step when a shard doubles
 class ShardedTable:
     """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**SHARD_BITS files."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype, state: dict | None = None, readonly: bool = False):
-        self.directory, self.name, self.dtype, self.readonly = Path(directory), name, np.dtype(dtype), readonly
+    def __init__(self, directory: Path, name: str, dtype: np.dtype):
+        self.directory, self.name, self.dtype = Path(directory), name, np.dtype(dtype)
         shards = 1 << SHARD_BITS
-        self.slots: list[int] = list(state["slots"]) if state else [FIRST_SLOTS] * shards
-        self.counts: list[int] = list(state["counts"]) if state else [0] * shards
+        self.slots: list[int] = [FIRST_SLOTS] * shards
+        self.counts: list[int] = [0] * shards
         self._maps: list[np.memmap | None] = [None] * shards
         self._arrays: list[np.ndarray | None] = [None] * shards  # the same memory without memmap's per-call cost
         # Random single writes into file pages make the kernel's writeback fight the inserts (a page being written
         # back is write-protected and faults again); written together, in slot order, each page is dirtied once.
         self._pending = [np.zeros(0, self.dtype)] * shards
         self._pending_counts = [0] * shards
-
-    def state(self) -> dict:
-        """What reopening the table needs (slots and entries per shard)."""
-        return {"slots": self.slots, "counts": self.counts}
 
     def find(self, entries: np.ndarray) -> np.ndarray:
         """The stored entry equal to each entry on every key field ("k", and "k2" if the dtype has it), or zeros."""
@@ -61,7 +55,8 @@ class ShardedTable:
             if self._pending_counts[shard] + len(index) > PENDING_SLOTS // 2:
                 self._flush(shard)
             if not len(self._pending[shard]):
-                self._pending[shard] = np.zeros(max(PENDING_SLOTS, 2 * len(index)), self.dtype)
+                # A power of two: probing wraps around with a mask.
+                self._pending[shard] = np.zeros(max(PENDING_SLOTS, 1 << (2 * len(index)).bit_length()), self.dtype)
             _place(self._pending[shard], entries[index])
             self._pending_counts[shard] += len(index)
 
@@ -77,16 +72,13 @@ class ShardedTable:
         self.counts[shard] += len(entries)
         self._pending[shard], self._pending_counts[shard] = np.zeros(0, self.dtype), 0
 
-    def close(self) -> None:
-        """Write the pending entries and every changed page back, and fsync the files."""
+    def delete(self) -> None:
+        """Drop the table: its pending entries and its files."""
+        self._maps = [None] * len(self._maps)
+        self._arrays = [None] * len(self._arrays)
+        self._pending = [np.zeros(0, self.dtype)] * len(self._pending)
         for shard in range(1 << SHARD_BITS):
-            if self._pending_counts[shard]:
-                self._flush(shard)
-        for shard, table in enumerate(self._maps):
-            if table is not None and not self.readonly:
-                table.flush()
-                fsync_path(self._path(shard))
-            self._maps[shard] = self._arrays[shard] = None
+            self._path(shard).unlink(missing_ok=True)
 
     def _by_shard(self, entries: np.ndarray) -> list[tuple[int, np.ndarray]]:
         shard = (entries["k"] >> np.uint64(64 - SHARD_BITS)).astype(np.int64)
@@ -104,7 +96,7 @@ class ShardedTable:
             if not path.exists():
                 with open(path, "wb") as f:
                     f.truncate(self.slots[shard] * self.dtype.itemsize)  # a sparse file of empty slots
-            table = np.memmap(path, self.dtype, mode="r" if self.readonly else "r+", shape=(self.slots[shard],))
+            table = np.memmap(path, self.dtype, mode="r+", shape=(self.slots[shard],))
             self._maps[shard], self._arrays[shard] = table, array = table, table.view(np.ndarray)
         return array
 

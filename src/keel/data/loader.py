@@ -165,21 +165,12 @@ class BatchLoader:
         self._next_batch = position
 
 
-def eval_batches(
-    dataset: TokenDataset,
-    *,
-    seq_len: int,
-    batch_size: int,
-    num_batches: int,
-    rank: int,
-    world_size: int,
-    document_positions: bool = False,
-    document_mask: bool = False,
-) -> Iterator[Batch]:
-    """This rank's slice of a fixed, unshuffled set of batches: the split's first samples, wrapping if it is small."""
+def eval_sample_ids(
+    dataset: TokenDataset, *, seq_len: int, batch_size: int, num_batches: int, rank: int, world_size: int
+) -> Iterator[list[int]]:
+    """This rank's sample ids of each evaluation batch: the split's first samples, wrapping if it is small."""
     per_rank = split_batch(batch_size, world_size)
     count = num_samples(dataset, seq_len)
     for b in range(num_batches):
         first = b * batch_size + rank * per_rank
-        ids = [(first + k) % count for k in range(per_rank)]
-        yield read_samples(dataset, ids, seq_len, document_positions, document_mask)
+        yield [(first + k) % count for k in range(per_rank)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keel.data.dedup_join import duplicates_across
 from keel.data.dedup_store import DedupStore
 from keel.data.lineage import document_spans, remove_documents
 from keel.data.manifest import FORMAT, Manifest, SourceEntry, Split, load_manifest, resolve_inside, write_manifest
@@ -29,18 +30,24 @@ def merge_datasets(parts: list[Path], out_dir: Path) -> Manifest:
         if m.tokenizer.sha256 != first.tokenizer.sha256 or m.dtype != first.dtype:
             raise DataError(f"{path}: another tokenizer than {parts[0]}; prepare every part with one prepare.tokenizer")
         _check_lineage(path, m)
-    with filesystem_errors("merge the datasets", DataError, where=out_dir):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-        try:
-            shutil.copyfile(resolve_inside(parts[0], first.tokenizer.file), staging / first.tokenizer.file)
-            manifest = _merged(parts, manifests, staging)
-            write_manifest(staging, manifest)
-            manifest = _dedup_across_parts(parts, manifests, staging, manifest)
-            commit_dataset(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    stores = _open_stores(parts, manifests)  # before anything is written: their settings and format
+    try:
+        with filesystem_errors("merge the datasets", DataError, where=out_dir):
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+            try:
+                shutil.copyfile(resolve_inside(parts[0], first.tokenizer.file), staging / first.tokenizer.file)
+                manifest = _merged(parts, manifests, staging)
+                write_manifest(staging, manifest)
+                if stores:
+                    manifest = _dedup_across_parts(stores, manifests, staging, manifest)
+                commit_dataset(staging, out_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    finally:
+        for store in stores:
+            store.close()
     return manifest
 
 
@@ -52,41 +59,43 @@ def _check_lineage(path: Path, m: Manifest) -> None:
                 raise DataError(f"{path}: shard {shard.file} has no lineage (.docs); prepare the part again")
 
 
-def _dedup_across_parts(parts: list[Path], manifests: list[Manifest], staging: Path, manifest: Manifest) -> Manifest:
-    """Drop documents of later parts that duplicate earlier parts' (exact and near, the parts' own settings)."""
+def _open_stores(parts: list[Path], manifests: list[Manifest]) -> list[DedupStore]:
+    """The parts' dedup stores (none if dedup was off); refuse parts prepared with other settings or without them."""
     stages = manifests[0].settings.stages
     exact, near = stages.dedup_exact, stages.dedup_near_threshold
     if not (exact or near):
-        return manifest
+        return []
     for path, m in zip(parts, manifests, strict=True):
         if m.settings.stages != stages:
             raise DataError(f"{path}: other stage settings than {parts[0]}; prepare every part with the same ones")
         if m.dedup_store is None:
             raise DataError(f"{path}: no dedup keys in the manifest; prepare it again with `--shard i/N`")
-    # Each later part's kept documents are looked up in the earlier parts' stores as they are: no store is
-    # filled again. Exact first, as prepare decides.
-    stores = [
-        DedupStore(resolve_inside(path, m.dedup_store), exact, near, readonly=True)
-        for path, m in zip(parts, manifests, strict=True)
-    ]
-    drop: dict[tuple[int, int], str] = {}
-    offset = len(manifests[0].files)
+    stores: list[DedupStore] = []
     try:
-        for p in range(1, len(parts)):
-            for batch in stores[p].kept_documents():
-                for stage, test in (
-                    ("dedup_exact", DedupStore.exact_duplicates),
-                    ("dedup_near", DedupStore.near_duplicates),
-                ):
-                    for earlier in stores[:p]:
-                        alive = [k for k in batch if (k.file + offset, k.ordinal) not in drop]
-                        for k, hit in zip(alive, test(earlier, alive), strict=True):
-                            if hit:
-                                drop[(k.file + offset, k.ordinal)] = stage
-            offset += len(manifests[p].files)
-    finally:
+        for path, m in zip(parts, manifests, strict=True):
+            assert m.dedup_store is not None
+            stores.append(DedupStore(resolve_inside(path, m.dedup_store), exact, near, readonly=True))
+    except BaseException:
         for store in stores:
             store.close()
+        raise
+    return stores
+
+
+def _dedup_across_parts(
+    stores: list[DedupStore], manifests: list[Manifest], staging: Path, manifest: Manifest
+) -> Manifest:
+    """Drop documents of later parts that duplicate earlier parts' (exact and near, the parts' own settings)."""
+    # The parts' dedup logs are joined as they are: no store is filled again. Exact first, as prepare decides.
+    drop: dict[tuple[int, int], str] = {}
+    with tempfile.TemporaryDirectory(dir=staging) as work:
+        found = duplicates_across(stores, Path(work))
+    offset = 0
+    for store, m, rows in zip(stores, manifests, found, strict=True):
+        for kept in store.kept_batches() if rows else ():
+            for k in np.flatnonzero(np.isin(kept.rows, list(rows))).tolist():
+                drop[(int(kept.files[k]) + offset, int(kept.ordinals[k]))] = rows[int(kept.rows[k])]
+        offset += len(m.files)
     if not drop:
         return manifest
     spans = [

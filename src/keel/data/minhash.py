@@ -2,7 +2,7 @@
 
 Not `datasketch`: its LSH index lives in process memory (or Redis / Cassandra), while prepare must keep
 bounded memory and resume after a crash, so the index is our on-disk `DedupStore`; what remains, the
-signature, is the same universal-hash family (a*x+b mod 2**61-1) in a few lines of numpy, where the
+signature and its band keys, is the same universal-hash family (a*x+b mod 2**61-1) in a few lines of numpy, where the
 package would bring scipy along.
 """
 
@@ -40,7 +40,7 @@ class MinHasher:
     """A fixed MinHash permutation family: the same signatures on every machine and in every process."""
 
     def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5, seed: int = 1):
-        self.threshold, self.ngram = threshold, ngram
+        self.ngram = ngram
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, int(_MERSENNE), num_perm, dtype=np.uint64)
         self._b = rng.integers(0, int(_MERSENNE), num_perm, dtype=np.uint64)
@@ -66,20 +66,11 @@ class MinHasher:
             np.minimum(best, _mod_mersenne(y).min(axis=0), out=best)
         return best.astype(np.uint32).tobytes()
 
-    @property
-    def signature_bytes(self) -> int:
-        """The size of a signature."""
-        return 4 * len(self._a)
-
     def band_hashes(self, signature: bytes) -> bytes:
-        """The signature's LSH band keys as one uint64 each: documents sharing one are checked for similarity."""
+        """The signature's LSH band keys, a uint64 each: sharing one with a kept document makes a near duplicate."""
         step = 4 * self.rows
         # The band's number is hashed in: equal values in different bands are different keys.
         return b"".join(
             hashlib.blake2b(signature[i * step : (i + 1) * step], digest_size=8, salt=bytes([i])).digest()
             for i in range(self.bands)
         )
-
-    def similar(self, a: bytes, b: bytes) -> bool:
-        """True if the estimated Jaccard similarity of two signatures reaches the threshold."""
-        return bool(np.mean(np.frombuffer(a, np.uint32) == np.frombuffer(b, np.uint32)) >= self.threshold)

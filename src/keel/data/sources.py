@@ -154,14 +154,14 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:
         while self._at == len(self._out):
-            data = self._file.read(1 << 17)
+            data = self._file.read(1 << 20)
             if not data:
                 if self._frame is not None:
                     raise EOFError("the file ends inside a zstd frame (truncated)")
                 return 0
             self._out, self._at = self._decompress(data), 0
         n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at : self._at + n]
+        buffer[:n] = memoryview(self._out)[self._at : self._at + n]  # one copy, not two
         self._at += n
         return n
 
@@ -195,6 +195,20 @@ def _open_lines(path: str) -> BinaryIO:
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
     lineno = 0
+    for block in jsonl_blocks(path):
+        yield from parse_lines(block, lineno, path, text_field)
+        lineno += block.count(b"\n")
+
+
+READ_BYTES = 1 << 16  # decompressed per read: a corrupt or cut file loses at most this much before the problem
+
+
+def jsonl_blocks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """A JSON Lines file decompressed, about `size` bytes of whole lines at a time; a file-level problem raises.
+
+    Before the BadRecord of a problem, the whole lines decompressed so far come out: the records before it are kept.
+    """
+    lines, chunks, held = 0, [b""], 0  # whole lines yielded; what was read since, and its size
     try:
         f = _open_lines(path)
     except OSError as e:
@@ -202,25 +216,50 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Record]:
     with f:
         while True:
             try:
-                raw = f.readline()
-            except EOFError:
-                raise BadRecord(
-                    "truncated_file",
-                    f"{path}: truncated: the compressed data ends before its end marker (after line {lineno}); "
-                    f"copy the whole file again, or {SKIP_HINT}",
-                ) from None
-            except (gzip.BadGzipFile, zlib.error, ValueError) as e:
-                raise BadRecord(
-                    "corrupt_compression", f"{path}:{lineno + 1}: corrupt compressed data ({e}); {SKIP_HINT}"
-                ) from None
-            except OSError as e:
-                raise unreadable(path, e) from None
-            if not raw:
+                chunk = f.read(READ_BYTES)
+            except (EOFError, gzip.BadGzipFile, zlib.error, ValueError, OSError) as e:
+                data = b"".join(chunks)
+                cut = data.rfind(b"\n") + 1
+                if cut:
+                    yield data[:cut]
+                raise _stream_error(path, lines + data.count(b"\n", 0, cut), e) from None
+            chunks.append(chunk)
+            held += len(chunk)
+            if held >= size or not chunk:
+                data = b"".join(chunks)
+                cut = len(data) if not chunk else data.rfind(b"\n") + 1  # the end of the file ends its last line
+                if cut:
+                    yield data[:cut]
+                    lines += data.count(b"\n", 0, cut)
+                chunks, held = [data[cut:]], len(data) - cut
+            if not chunk:
                 return
-            lineno += 1
-            record = jsonl_record(raw, lineno, path, text_field)
-            if record is not None:
-                yield record
+
+
+def _stream_error(path: str, lines: int, e: Exception) -> BadRecord:
+    """The file-level problem of a stream that failed after `lines` whole lines."""
+    if isinstance(e, EOFError):
+        return BadRecord(
+            "truncated_file",
+            f"{path}: truncated: the compressed data ends before its end marker (after line {lines}); "
+            f"copy the whole file again, or {SKIP_HINT}",
+        )
+    if isinstance(e, (gzip.BadGzipFile, zlib.error, ValueError)):
+        return BadRecord("corrupt_compression", f"{path}:{lines + 1}: corrupt compressed data ({e}); {SKIP_HINT}")
+    assert isinstance(e, OSError)
+    return unreadable(path, e)
+
+
+def parse_lines(data: bytes, lineno: int, path: str, text_field: str) -> Iterator[Record]:
+    """The records of whole JSON Lines lines, numbered on from `lineno` (the number of the line before them)."""
+    at = 0
+    while at < len(data):
+        cut = data.find(b"\n", at) + 1 or len(data)
+        lineno += 1
+        record = jsonl_record(data[at:cut], lineno, path, text_field)
+        at = cut
+        if record is not None:
+            yield record
 
 
 def jsonl_record(raw: bytes, lineno: int, path: str, text_field: str) -> Record | None:

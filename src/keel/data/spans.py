@@ -3,7 +3,8 @@
 The main process only plans: it cuts an uncompressed JSON Lines file at line ends about every `size` bytes
 (counting the lines before each cut with bytes.count, so every record keeps its line number as its ordinal),
 a Parquet file at its row groups, and takes a text file whole. A compressed stream cannot be entered in the
-middle, so the main process reads compressed JSON Lines itself and hands over the documents.
+middle, so the main process decompresses compressed JSON Lines and hands over about `size` bytes of whole lines at
+a time; the workers parse them, as they parse the lines they read themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from keel.data.sources import (
     BadRecord,
     Record,
     SourceFile,
-    jsonl_record,
+    jsonl_blocks,
+    parse_lines,
     read_records,
     text_of,
     unreadable,
@@ -30,11 +32,11 @@ class Span(NamedTuple):
 
     file: int  # index into the sources' files
     source: SourceFile
-    kind: str  # "lines" (bytes [start, end)), "rows" (row group `start`), "whole", "records" (read already)
+    kind: str  # "lines" (bytes [start, end)), "rows" (row group `start`), "whole", "data" (lines decompressed)
     start: int = 0
     end: int = 0
     first: int = 0  # ordinal of the span's first record, less one for lines (JSON Lines count from 1)
-    records: tuple[Record, ...] = ()  # "records": what the main process read
+    data: bytes = b""  # "data": whole lines the main process decompressed
     failed: BadRecord | None = None  # a problem found while planning: it ends the file here
 
 
@@ -49,11 +51,11 @@ def plan(files: list[SourceFile], text_field: str, size: int, start_file: int = 
             elif path.endswith(".parquet"):
                 yield from _row_spans(index, source, text_field)
             elif path.endswith(JSONL_SUFFIXES):
-                yield from _read_here(index, source, text_field, size)
+                yield from _decompressed(index, source, size)
             else:
                 yield Span(index, source, "whole")
         except BadRecord as e:
-            yield Span(index, source, "records", failed=e)
+            yield Span(index, source, "data", failed=e)
 
 
 def _line_spans(index: int, source: SourceFile, size: int) -> Iterator[Span]:
@@ -102,27 +104,20 @@ def _row_spans(index: int, source: SourceFile, text_field: str) -> Iterator[Span
         row += meta.metadata.row_group(group).num_rows
 
 
-def _read_here(index: int, source: SourceFile, text_field: str, size: int) -> Iterator[Span]:
-    records: list[Record] = []
-    chars = 0
+def _decompressed(index: int, source: SourceFile, size: int) -> Iterator[Span]:
+    lines = 0  # before the span
     try:
-        for record in read_records(source.path, text_field):
-            records.append(record)
-            chars += len(record[1]) if isinstance(record, tuple) else 0
-            if chars >= size:
-                yield Span(index, source, "records", records=tuple(records))
-                records, chars = [], 0
+        for block in jsonl_blocks(source.path, size):
+            yield Span(index, source, "data", first=lines, data=block)
+            lines += block.count(b"\n")
     except BadRecord as e:
-        yield Span(index, source, "records", records=tuple(records), failed=e)
-        return
-    if records:
-        yield Span(index, source, "records", records=tuple(records))
+        yield Span(index, source, "data", first=lines, failed=e)
 
 
 def read_span(span: Span, text_field: str) -> Iterator[Record]:
     """A span's records in order: (ordinal, text) or a bad record; a file-level problem raises BadRecord."""
-    if span.kind == "records":
-        yield from span.records
+    if span.kind == "data":
+        yield from parse_lines(span.data, span.first, span.source.path, text_field)
         if span.failed is not None:
             raise span.failed
     elif span.kind == "lines":
@@ -141,14 +136,7 @@ def _lines(span: Span, text_field: str) -> Iterator[Record]:
             data = f.read(span.end - span.start)
     except OSError as e:
         raise unreadable(path, e) from None
-    lineno, at = span.first, 0
-    while at < len(data):
-        cut = data.find(b"\n", at) + 1 or len(data)
-        lineno += 1
-        record = jsonl_record(data[at:cut], lineno, path, text_field)
-        at = cut
-        if record is not None:
-            yield record
+    yield from parse_lines(data, span.first, path, text_field)
 
 
 def _rows(span: Span, text_field: str) -> Iterator[Record]:

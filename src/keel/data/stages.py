@@ -125,8 +125,7 @@ class Verdict(NamedTuple):
     normalized_bytes: int  # bytes of the original text if normalization changed it, else 0
     size: int  # bytes of the normalized text (what the filter and dedup statistics count)
     digest: bytes | None  # exact-dedup key
-    signature: bytes | None  # MinHash signature for near dedup
-    bands: bytes | None  # its LSH band keys (uint64 each), computed here so the main process only looks them up
+    bands: bytes | None  # LSH band keys of the MinHash signature (uint64 each): the main process only looks them up
     sample: str | None  # the text as it will be tokenized (PII scrubbed), only for the tokenizer's training sample
 
 
@@ -141,12 +140,11 @@ def assess(text: str, s: StageSettings, hasher: MinHasher | None, want_text: boo
     data = text.encode()
     reason = quality_failure(text, s)
     if reason is not None:
-        return Verdict(reason, normalized_bytes, len(data), None, None, None, None)
+        return Verdict(reason, normalized_bytes, len(data), None, None, None)
     digest = hashlib.blake2b(data, digest_size=16).digest() if s.dedup_exact else None
-    signature = hasher.signature(text) if hasher is not None else None
-    bands = hasher.band_hashes(signature) if hasher is not None and signature is not None else None
+    bands = hasher.band_hashes(hasher.signature(text)) if hasher is not None else None
     sample = (scrub(text, **s.scrubbing)[0] if s.pii else text) if want_text else None
-    return Verdict(None, normalized_bytes, len(data), digest, signature, bands, sample)
+    return Verdict(None, normalized_bytes, len(data), digest, bands, sample)
 
 
 def clean(text: str, s: StageSettings) -> tuple[str, int, tuple[tuple[str, int], ...]]:
@@ -183,7 +181,7 @@ class Pipeline:
                 self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
             else:
                 passed.append(k)
-        keys = [Keys(*docs[k][:2], docs[k][2].digest, docs[k][2].signature, docs[k][2].bands) for k in passed]
+        keys = [Keys(*docs[k][:2], docs[k][2].digest, docs[k][2].bands) for k in passed]
         stages = self.store.check(keys) if self.store is not None else [None] * len(passed)
         out = [False] * len(docs)
         for k, stage in zip(passed, stages, strict=True):

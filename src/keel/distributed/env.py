@@ -73,6 +73,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all ranks (the tensor itself when alone)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def all_agree(flag: bool) -> bool:
     """True only if `flag` is true on every rank, so all ranks take the same branch."""
     if not dist.is_initialized():

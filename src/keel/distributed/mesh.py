@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from keel.config import ParallelConfig
-from keel.distributed.env import DistEnv
+from keel.distributed.env import DistEnv, all_reduce_sum
 from keel.errors import ConfigError
 
 DIMS = ("dp_replicate", "dp_shard", "tp")
@@ -75,3 +76,10 @@ def make_mesh(cfg: ParallelConfig, env: DistEnv) -> Mesh:
     replica, shard, _ = device_mesh.get_coordinate()
     # Ranks of one tensor-parallel group read the same samples: the data-parallel rank counts replicas and shards.
     return Mesh(layout, device_mesh, replica * layout.dp_shard + shard, layout.dp)
+
+
+def all_reduce_dp_sum(value: torch.Tensor, mesh: Mesh | None) -> torch.Tensor:
+    """Sum over the data-parallel ranks of a tensor the ranks of a tensor-parallel group hold alike."""
+    # Every rank of a tensor-parallel group worked on the same samples: the sum over all ranks counts them tp times.
+    total = all_reduce_sum(value)
+    return total / mesh.layout.tp if mesh is not None and mesh.layout.tp > 1 else total

@@ -58,8 +58,14 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     setup_logging(None, 0)
     started = time.perf_counter()
     config = demo_config_path()
-    overrides = [f"prepare.sources={json.dumps(stdlib_sources())}", *overrides]
+    sources = stdlib_sources()
+    overrides = [f"prepare.sources={json.dumps(sources)}", *overrides]
     cfg = load_config(config, overrides)
+    if cfg.prepare.sources == sources and not cfg.prepare.licenses:
+        # The standard library is under the PSF License, which the data and model cards then state.
+        licenses = ", ".join(f'{json.dumps(glob)} = "PSF-2.0"' for glob in sources if not glob.startswith("!"))
+        overrides.insert(1, f"prepare.licenses={{{licenses}}}")
+        cfg = load_config(config, overrides)
     model_args(cfg.model_section())  # a bad [model] key is refused before the corpus is prepared
     dataset = Path(cfg.data.dataset)
     if (dataset / "manifest.json").exists():
@@ -75,4 +81,5 @@ def run_demo(overrides: list[str], nproc: int) -> None:
     log.info(f"validation loss: {val[0]:.3f} at the first evaluation -> {val[-1]:.3f} at the last")
     log.info("sample (prompt 'def '):\n" + sample_text(cfg.run_dir, "def ", 80))
     log.info(f"plots: {write_report(cfg.run_dir)}")
+    log.info(f"model card: {RunDir(cfg.run_dir).model_card}")
     log.info(f"demo finished in {time.perf_counter() - started:.0f} s; the run is in {cfg.run_dir}/")

@@ -28,9 +28,9 @@ class HFMapping:
 
 @dataclass(frozen=True)
 class MemoryShape:
-    """What a model holds on one rank, for `keel plan`: parameter counts, and bytes per token kept for backward.
+    """What a model holds on one rank, for `keel plan`: parameter counts, and bytes kept for backward.
 
-    Per-token figures are for one token of a rank's micro-batch under a precision (`fp32`, `autocast`: bf16
+    Per-token figures are bytes for one token of a rank's micro-batch under a precision (`fp32`, `autocast`: bf16
     autocast over fp32 weights, `bf16`: bf16 weights as FSDP2's MixedPrecisionPolicy gives) and a tensor-parallel
     degree; they count what autograd saves, as torch's saved-tensor hooks list it.
     """
@@ -42,8 +42,11 @@ class MemoryShape:
     block_input: float  # one block's input: all that a fully checkpointed block keeps
     matmuls: tuple[float, ...]  # one block's matmul outputs in forward order (op-level selective keeps them)
     attention: float  # one block's attention output and statistics (op-level selective keeps them too)
-    head: float  # what the final norm and the output projection keep
-    vocab: int  # logits per token on this rank: the loss keeps fp32 tensors this wide
+    head: float  # what the final norm keeps (and the output projection, where it keeps its input)
+    loss_forward: float  # per token, at the loss's peak in forward: logits and their copies, or what a fused loss keeps
+    loss_backward: float  # per token, at the start of backward: what the loss kept and the gradients it makes
+    loss_forward_fixed: float = 0.0  # bytes besides, whatever the tokens (a fused loss: weight-sized tensors)
+    loss_backward_fixed: float = 0.0
     block_weight_casts: float = 0.0  # bytes of one block's weight copies autocast keeps from forward to backward
     head_weight_casts: float = 0.0  # the same for the output projection
 
@@ -63,8 +66,9 @@ class ModelSpec:
     # (model on the meta device, the tensor-parallel DeviceMesh) -> its weights split over that mesh, in place
     tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
-    # (args, tensor-parallel degree, precision) -> what it holds in memory, for `keel plan`; None: not planned
-    memory: Callable[[Any, int, str], MemoryShape] | None = None
+    # (args, tensor-parallel degree, precision, device type, tokens per micro-batch) -> what it holds in memory, for
+    # `keel plan`; None: not planned
+    memory: Callable[[Any, int, str, str, int], MemoryShape] | None = None
 
 
 def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -23,12 +23,14 @@ class RunLifecycle(Callback):
         metrics: Metrics,
         control: LoopControl,
         progress: Callable[[], tuple[int, int]],
+        precision: str,
     ):
         self.run_dir, self.env, self.events, self.metrics = run_dir, env, events, metrics
-        self.control, self.progress = control, progress
+        self.control, self.progress, self.precision = control, progress, precision
 
     def on_train_start(self, step: int) -> None:
-        self.events("start", step=step, world_size=self.env.world_size, device=str(self.env.device))
+        device = str(self.env.device)
+        self.events("start", step=step, world_size=self.env.world_size, device=device, precision=self.precision)
 
     def on_exit(self, state: str) -> None:
         step, tokens_seen = self.progress()

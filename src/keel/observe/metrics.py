@@ -11,6 +11,7 @@ from keel.callback import Callback, StepOutcome
 UNITS: dict[str, str] = {
     "loss": "nats/token",
     "val_loss": "nats/token",
+    "val_ppl": "perplexity",
     "lr": "1",
     "grad_norm": "1",
     "tokens_per_s": "tokens/s",
@@ -35,10 +36,22 @@ UNITS: dict[str, str] = {
     "straggler_slowdown": "ratio",
     "stragglers": "ranks",
     "goodput_ratio": "fraction",
+    "power_w": "W",
+    "energy_kwh": "kWh",
+    "energy_estimated_kwh": "kWh",
+    "device_hours": "h",
 }
 
-# Families of metrics named `<family>/<member>`, whose members are known only at run time (parameter groups).
-FAMILIES: dict[str, str] = {"grad_norm": "1"}
+# Families of metrics named `<family>/<member>`, whose members are known only at run time: parameter groups,
+# the dataset's sources (validation per source), data.mixture datasets, the bias audit's axes.
+FAMILIES: dict[str, str] = {
+    "grad_norm": "1",
+    "val_loss": "nats/token",
+    "val_ppl": "perplexity",
+    "val_loss_mixture": "nats/token",
+    "val_ppl_mixture": "perplexity",
+    "audit_gap": "nats/token",
+}
 
 
 def unit_of(name: str) -> str | None:

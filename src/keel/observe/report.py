@@ -1,192 +1,173 @@
-"""`keel report RUN_DIR`: one self-contained HTML page of plots and incidents, from the run dir alone."""
+"""`keel report RUN_DIR`: the run's front page, one self-contained HTML file drawn from the run dir alone.
+
+A header with the run's state, progress, loss, goodput, energy and cost and links to its cards; plots of every
+metric against step, tokens or wall time (inline SVG drawn by a small script of Keel's own, so the page works
+offline); the incidents as a timeline of sentences; validation per source; the bias audit; the planner's estimate
+against the measured figures.
+"""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import statistics
+import time
+from collections import Counter
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from keel.config_toml import read_toml
 from keel.errors import KeelError
-from keel.io import read_jsonl
-from keel.observe.heartbeat import read_status
-from keel.observe.status_view import recent_incidents
+from keel.io import atomic_write_text, read_jsonl
+from keel.observe.report_plan import plan_html
+from keel.observe.report_results import AuditFile, EvalFile, audit_html, evaluation_html, read_results
+from keel.observe.report_series import plot_data
+from keel.observe.report_summary import duration, header
+from keel.observe.report_timeline import Incident, timeline
 from keel.rundir import RunDir
 
-# (title, metrics drawn as lines, y-axis label); a panel is left out when the run recorded none of its metrics.
-PANELS = [
-    ("Loss", ["loss", "val_loss"], "nats/token"),
-    ("Learning rate", ["lr"], "lr"),
-    ("Throughput", ["tokens_per_s"], "tokens/s"),
-    ("Model FLOPs utilisation", ["mfu"], "fraction of peak"),
-    ("Step time", ["step_time_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s", "checkpoint_s"], "s"),
-    ("Memory", ["memory_rss_gb", "memory_cuda_peak_gb", "memory_cuda_allocated_gb", "memory_cuda_reserved_gb"], "GB"),
-]
+# (id, heading, what it holds) in page order; a section without plots or tables is left out.
+SECTIONS = (
+    ("training", "Training", ""),
+    ("incidents", "Incidents", ""),
+    (
+        "validation",
+        "Validation",
+        "Held-out loss and perplexity, overall, per source of the dataset and per mixture dataset.",
+    ),
+    ("audit", "Bias audit", ""),
+    ("speed", "Speed and goodput", ""),
+    ("resources", "Memory, power and energy", ""),
+    ("plan", "Planned against measured", ""),
+    ("other", "Other metrics", ""),
+)
+REPEATS_SHOWN = 3  # a run of more same-kind incidents in a row folds the rest away
+NOT_MARKED = {"inject", "finish"}  # incidents the plots do not mark (a test's own fault; the end of the run)
+FEW = 10  # a kind of incident seen more often (stragglers at every check) is marked by a tick, not a line
 
 
-def _plot(title: str, names: list[str], unit: str, records: list[dict], events: list[dict], t0: float) -> str | None:
-    import matplotlib
+def _asset(name: str) -> str:
+    return resources.files("keel.observe").joinpath("report_assets", name).read_text(encoding="utf-8")
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
 
-    series = {n: [(r["time"] - t0, r[n]) for r in records if n in r] for n in names}
-    series = {n: points for n, points in series.items() if points}
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=100)
-    for name, points in series.items():
-        xs, ys = zip(*[(t / 60, v) for t, v in points], strict=True)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
-    for event in events:
-        ax.axvline((event["time"] - t0) / 60, color="tab:red", alpha=0.5, linestyle="--", linewidth=1)
-        ax.text(
-            (event["time"] - t0) / 60,
-            ax.get_ylim()[1],
-            f" {event['event']}",
-            color="tab:red",
-            fontsize=7,
-            rotation=90,
-            va="top",
+def _timeline_html(incidents: list[Incident], t0: float) -> str:
+    if not incidents:
+        return "<p>No incidents: nothing failed, hung, rolled back or was preempted.</p>"
+
+    def item(i: Incident) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.time))
+        step = "" if i.step is None else f"step {i.step:,}"
+        return (
+            f'<li class="{i.severity}"><span class="when">{when}</span><span class="since">+{duration(i.time - t0)}'
+            f'</span><span class="step">{step}</span><span class="what">{html.escape(i.text)}</span></li>'
         )
-    ax.set_title(title)
-    ax.set_xlabel("minutes since the run started")
-    ax.set_ylabel(unit)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    runs: list[list[Incident]] = []
+    for i in incidents:
+        if runs and runs[-1][0].kind == i.kind:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = []
+    for run in runs:
+        parts.append("".join(item(i) for i in run[:REPEATS_SHOWN]))
+        if len(run) > REPEATS_SHOWN:
+            rest = run[REPEATS_SHOWN:]
+            parts.append(
+                f'<li><details class="repeat"><summary>{len(rest)} more like it, until '
+                f'{duration(rest[-1].time - t0)} after the start</summary><ol class="timeline">'
+                + "".join(item(i) for i in rest)
+                + "</ol></details></li>"
+            )
+    return f'<ol class="timeline">{"".join(parts)}</ol>'
 
 
-def _summary(run_dir: Path, records: list[dict]) -> list[tuple[str, str]]:
-    status = read_status(run_dir)
-    rows = [
-        ("state", str(status.get("state", "unknown"))),
-        ("step", f"{status.get('step', 0)}/{status.get('total_steps', '?')}"),
+def _figures(panels: list[dict[str, Any]], section: str) -> str:
+    figures = [
+        f'<figure class="panel" id="panel-{html.escape(p["id"])}"><figcaption>{html.escape(p["title"])}</figcaption>'
+        f'<div class="chart"></div><ul class="legend"></ul></figure>'
+        for p in panels
+        if p["section"] == section
     ]
-    train = [r for r in records if "loss" in r]
-    if train:
-        rows.append(("last loss", f"{train[-1]['loss']:.4f}"))
-        rows.append(("tokens seen", f"{int(train[-1].get('tokens_seen', 0)):,}"))
-        rows.append(("median tokens/s", f"{statistics.median(r['tokens_per_s'] for r in train):,.0f}"))
-        if any("mfu" in r for r in train):
-            rows.append(("median MFU", f"{statistics.median(r['mfu'] for r in train if 'mfu' in r):.1%}"))
-    val = [r["val_loss"] for r in records if "val_loss" in r]
-    if val:
-        rows.append(("validation loss", f"{val[0]:.4f} first, {val[-1]:.4f} last, {min(val):.4f} best"))
-    return rows
+    return f'<div class="grid">{"".join(figures)}</div>' if figures else ""
 
 
-def plan_comparison(events: list[dict], records: list[dict]) -> list[tuple[str, str, str, str]]:
-    """The run's `keel plan` estimate (its last `plan` event) beside what it measured: (figure, planned, measured,
-    measured / planned); empty when the run recorded no plan."""
-    plans = [e for e in events if e.get("event") == "plan"]
-    train = [r for r in records if "step_time_s" in r]
-    if not plans or not train:
-        return []
-    plan = plans[-1]
-    rows = [("step time (s, median)", plan["step_time_s"], statistics.median(r["step_time_s"] for r in train))]
-    rows.append(("tokens/s (median)", plan["tokens_per_s"], statistics.median(r["tokens_per_s"] for r in train)))
-    cuda = [r["memory_cuda_peak_gb"] for r in records if "memory_cuda_peak_gb" in r]
-    rss = [r["memory_rss_peak_gb"] for r in records if "memory_rss_peak_gb" in r]
-    if cuda:  # torch's allocator counts tensors only: compare with the plan's tensors
-        tensors = plan["peak_memory_gb"] - plan["memory_framework_gb"] - plan["memory_allocator_gb"]
-        rows.append(("peak memory per rank, tensors (GB)", tensors, max(cuda)))
-    elif rss:
-        rows.append(("peak memory per rank, resident (GB)", plan["peak_memory_gb"], max(rss)))
-    if "mfu" in plan and any("mfu" in r for r in train):
-        rows.append(("MFU (median)", plan["mfu"], statistics.median(r["mfu"] for r in train if "mfu" in r)))
-    return [(name, f"{plan:.4g}", f"{measured:.4g}", f"{measured / plan:.2f}") for name, plan, measured in rows]
+def _config(run: RunDir) -> dict[str, Any]:
+    """The run's resolved config as a table (any Keel version's), or {} for a directory without one."""
+    return read_toml(run.config) if run.config.is_file() else {}
 
 
-def plans_source(events: list[dict]) -> str:
-    """Where the last plan's MFU came from, and its layout, in words."""
-    plan = [e for e in events if e.get("event") == "plan"][-1]
-    return f"{plan['layout']} on {plan['device']}; MFU in compute {plan['mfu_compute']:.1%} ({plan['mfu_source']})"
-
-
-def _goodput_plot(events: list[dict], t0: float) -> str | None:
-    """The ledger over time (stacked, cumulative) and as it stands (one stacked bar)."""
-    from keel.resilience.goodput import CATEGORIES, goodput_ratio
-
-    records = [e for e in events if e.get("event") == "goodput"]
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (timeline, bar) = plt.subplots(1, 2, figsize=(11, 3.2), dpi=100, gridspec_kw={"width_ratios": [3, 1]})
-    minutes = [(r["time"] - t0) / 60 for r in records]
-    timeline.stackplot(minutes, *[[r.get(c, 0.0) / 60 for r in records] for c in CATEGORIES], labels=CATEGORIES)
-    timeline.set_xlabel("minutes since the run started")
-    timeline.set_ylabel("minutes, cumulative")
-    timeline.set_title("Where the wall time went")
-    timeline.legend(fontsize=7, loc="upper left")
-    last, left = records[-1], 0.0
-    for category in CATEGORIES:
-        width = last.get(category, 0.0) / 60
-        bar.barh([0], [width], left=left, label=category)
-        left += width
-    bar.set_yticks([])
-    bar.set_xlabel("minutes")
-    bar.set_title(f"goodput {goodput_ratio({c: last.get(c, 0.0) for c in CATEGORIES}):.1%}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.html (plots as embedded PNGs, incidents marked) and return its path."""
-    run_dir = Path(run_dir)
+def render(run_dir: Path) -> str:
+    """The report page of a run dir."""
     run = RunDir(run_dir)
     records = read_jsonl(run.metrics)
     if not records:
         raise KeelError(f"{run_dir}: no metrics.jsonl records to plot; is this a run dir that has trained?")
-    events = read_jsonl(run.events)
-    t0 = min([r["time"] for r in records] + [e["time"] for e in events])
-    incidents = recent_incidents(run_dir, limit=len(events) or 1)
-    groups = sorted({name for r in records for name in r if name.startswith("grad_norm/")})
-    panels = [*PANELS, ("Gradient norm per parameter group", groups, "L2 norm")]
-    images = [(title, _plot(title, names, unit, records, incidents, t0)) for title, names, unit in panels]
-    images.append(("Goodput", _goodput_plot(events, t0)))
-    rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary(run_dir, records)
-    )
-    plots = "".join(
-        f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{png}"></figure>' for t, png in images if png
-    )
-    compared = plan_comparison(events, records)
-    plan_table = "".join(f"<tr>{''.join(f'<td>{html.escape(c)}</td>' for c in row)}</tr>" for row in compared)
-    if plan_table:
-        plan_table = (
-            f"<h2>Plan against the run</h2><p>{html.escape(plans_source(events))}</p><table><tr><th>figure</th>"
-            f"<th>planned</th><th>measured</th><th>measured / planned</th></tr>{plan_table}</table>"
-        )
-    event_rows = "".join(
-        f"<tr><td>{(e['time'] - t0) / 60:.1f}</td><td>{html.escape(e['event'])}</td>"
-        f"<td>{html.escape(json.dumps({k: v for k, v in e.items() if k not in ('time', 'event')}))}</td></tr>"
-        for e in incidents
-    )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Keel report: {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1600px;margin:1em auto}} figure{{display:inline-block;margin:4px}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
-<body><h1>Keel run {html.escape(run_dir.name)}</h1>
-<table>{rows}</table>
-{plan_table}
-<h2>Plots</h2>{plots}
-<h2>Incidents</h2><table><tr><th>minute</th><th>event</th><th>details</th></tr>{event_rows}</table>
+    config = _config(run)
+    evaluation = read_results(run.eval_results, EvalFile, "keel eval")
+    audit = read_results(run.audit_results, AuditFile, "keel audit")
+    events = [e for e in read_jsonl(run.events) if isinstance(e.get("time"), (int, float))]
+    undone = read_jsonl(run.metrics_rolled_back)
+    t0 = min([r["time"] for r in records + undone] + [e["time"] for e in events])
+    incidents = timeline(events, run.root)
+    rows, panels = plot_data(records, undone, events, t0)
+    often = Counter(i.kind for i in incidents)
+    markers = [
+        {
+            "step": step,
+            "tokens": rows.tokens_at(step),
+            "time": round(i.time - t0, 3),
+            "severity": i.severity,
+            "text": i.text,
+            "tick": often[i.kind] > FEW,
+        }
+        for i in incidents
+        if i.kind not in NOT_MARKED and not (i.kind == "start" and not i.step)
+        for step in [i.step if i.step is not None else rows.step_at(i.time)]
+    ]
+    latest = next((r for r in reversed(records) if "val_loss" in r), {})
+    trained_sha = config.get("data", {}).get("manifest_sha256")
+    tables = {
+        "incidents": _timeline_html(incidents, t0),
+        "validation": evaluation_html(evaluation, latest, trained_sha),
+        "audit": audit_html(audit),
+        "plan": plan_html(events, records, config.get("train", {}).get("steps")),
+    }
+    body, nav = [], []
+    for key, heading, blurb in SECTIONS:
+        content = _figures(panels, key) + tables.get(key, "")
+        if not content:
+            continue
+        nav.append(f'<a href="#{key}">{heading}</a>')
+        intro = f"<p>{html.escape(blurb)}</p>" if blurb else ""
+        body.append(f'<section id="{key}"><h2>{heading}</h2>{intro}{content}</section>')
+    data = {"axes": rows.axes(), "panels": panels, "markers": markers}
+    # No "<" inside the script element, so no text in the data (a source name, a reason) can end or confuse it.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    made = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Keel run {html.escape(run.root.name)}</title>
+<style>{_asset("report.css")}</style></head>
+<body>
+{header(run, config, records, events, incidents)}
+<nav class="toolbar"><div>{" ".join(nav)}<span id="xaxis">x axis: </span></div></nav>
+<main>
+<noscript><p class="warn">The plots are drawn by the page's own script; allow JavaScript to see them.</p></noscript>
+{"".join(body)}
+</main>
+<footer>Written by <code>keel report</code> at {html.escape(made)} from {html.escape(str(run.root.resolve()))}.
+Dashed lines on the plots mark incidents (hover for the sentence; a short tick where one kind is frequent): red a
+failure, amber a warning, grey a restart, resume or stop.</footer>
+<script type="application/json" id="keel-data">{payload}</script>
+<script>{_asset("report.js")}</script>
 </body></html>
 """
-    out = run.report
-    out.write_text(page, encoding="utf-8")
-    return out
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/report.html and return its path."""
+    run = RunDir(Path(run_dir))
+    page = render(run.root)
+    atomic_write_text(run.report, page)
+    return run.report

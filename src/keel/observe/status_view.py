@@ -11,8 +11,8 @@ from keel.observe.heartbeat import read_status
 from keel.observe.sinks import format_metrics
 from keel.rundir import RunDir
 
-# Events that are routine progress, not incidents worth an operator's eye.
-ROUTINE_EVENTS = {"checkpoint", "goodput"}
+# Events that are routine progress or an evaluation (keel eval, keel audit), not incidents worth an operator's eye.
+ROUTINE_EVENTS = {"checkpoint", "goodput", "eval", "audit"}
 
 
 def run_state(status: dict[str, Any], stall_timeout_s: float, now: float | None = None) -> str:

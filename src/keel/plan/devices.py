@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from keel.observe.mfu import A100, H100_SXM, H200_SXM, Accelerator, dtype_peak
+from keel.observe.power import GPU_WATTS, cpu_model, rated_cpu
 
 MIB = 2**20
 # glibc's malloc keeps freed blocks below its mmap threshold (which rises with use, up to 32 MiB) in its heap, and the
@@ -22,7 +23,6 @@ MIB = 2**20
 # about a third above its tensors' peak. Measured 0.29 to 0.41 over six Llama shapes, one and two processes
 # (bench/plan_accuracy.py; docs/plan.md).
 GLIBC_HEAP_SHARE = 0.33
-WATTS_PER_CPU_THREAD = 3.0  # a server CPU's rated power per hardware thread: its TDP over its threads, 1.9 to 3.8 W
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class Device:
     inter_node: float  # bytes/s one device sends to another machine
     expected: Expected
     allocator: float = 0.0  # bytes the allocator keeps beyond live tensors, as a share of them
+    auto_precision: str = "autocast"  # what train.precision = "auto" trains in here: autocast (bf16) or fp32
+
+    @property
+    def kernels(self) -> str:
+        """The torch device type whose kernels the run uses: cpu or cuda."""
+        return "cpu" if self.kind == "cpu" else "cuda"
 
     def peak(self, precision: str) -> float:
         """Peak FLOP/s of matmuls in the precision a run computes in."""
@@ -90,28 +96,30 @@ def _gpu(kind: str, acc: Accelerator, memory_mib: int, watts: float, link: float
     return Device(kind, acc.name, memory_mib * MIB, bf16, fp32, watts, CUDA_FRAMEWORK, link, INFINIBAND, expected)
 
 
-# Memory as nvidia-smi reports the card (torch's total_memory); power is the board's rated maximum.
+# Memory as nvidia-smi reports the card (torch's total_memory); power is the board's rated maximum (the energy
+# meter's table).
 GPUS = {
-    "h100": _gpu("h100", H100_SXM, 81559, 700.0, NVLINK4, TORCHTITAN_H100),
-    "h200": _gpu("h200", H200_SXM, 143771, 700.0, NVLINK4, TORCHTITAN_H100),
-    "a100": _gpu("a100", replace(A100, name="A100 SXM 80GB"), 81920, 400.0, NVLINK3, TORCHTITAN_A100),
+    "h100": _gpu("h100", H100_SXM, 81559, GPU_WATTS["H100 SXM"], NVLINK4, TORCHTITAN_H100),
+    "h200": _gpu("h200", H200_SXM, 143771, GPU_WATTS["H200 SXM"], NVLINK4, TORCHTITAN_H100),
+    "a100": _gpu("a100", replace(A100, name="A100 SXM 80GB"), 81920, GPU_WATTS["A100 SXM"], NVLINK3, TORCHTITAN_A100),
 }
 KINDS = (*GPUS, "cpu")
 
 
-def cpu_device(processes: int, framework: float, flops: float) -> Device:
+def cpu_device(processes: int, framework: float, fp32: float, bf16: float, auto_precision: str) -> Device:
     """This machine's CPU shared by `processes` training processes.
 
-    `framework` is the resident memory of a process that has loaded what a training process loads, `flops` the fp32
-    matmul FLOP/s of one process with its share of the cores (both measured by the caller).
+    `framework` is the resident memory of a process that has loaded what a training process loads; `fp32`, `bf16`
+    the matmul FLOP/s of one process with its share of the cores; `auto_precision` what train.precision = "auto"
+    picks here (all measured by the caller).
     """
     share = 1 / processes
-    watts = WATTS_PER_CPU_THREAD * (os.cpu_count() or 1) * share
+    watts = rated_cpu(cpu_model(), max(1, (os.cpu_count() or 1) // processes)).watts
     memory = psutil.virtual_memory().total * share
     heap = GLIBC_HEAP_SHARE if platform.libc_ver()[0] == "glibc" else 0.0
     # One machine: processes exchange tensors through gloo over loopback, at about a memory copy's speed.
     link = 2e9
-    return Device("cpu", "CPU", memory, flops, flops, watts, framework, link, link, CPU_MEASURED, heap)
+    return Device("cpu", "CPU", memory, bf16, fp32, watts, framework, link, link, CPU_MEASURED, heap, auto_precision)
 
 
 def cuda_device() -> Device | None:

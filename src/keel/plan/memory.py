@@ -2,11 +2,11 @@
 
 A step's memory peaks at one of four moments, and the plan takes the largest:
 
-  loss         end of forward: every kept activation, the logits, their fp32 copy and log-softmax
-  loss grad    start of backward: the kept activations, log-softmax and two fp32 gradients as wide as the logits
-               (under tensor parallel, torch's loss_parallel holds four fp32 tensors that wide)
+  loss         the loss's forward: every kept activation, and what the loss holds (the model says what: logits and
+               their fp32 copies, or a fused loss's weight-sized gradient and one chunk)
+  loss grad    start of backward: the kept activations and the loss's gradients
   block        backward through the last block: its recomputed activations (under checkpointing) and gradients
-  optimizer    the update: gradients complete, AdamW's moments, and the foreach kernels' one temporary copy
+  optimizer    the update: gradients complete, and AdamW's moments (fused AdamW: no temporaries)
 
 Parameters, gradients and AdamW's two moments are fp32, sharded over dp_shard x tp and split over pipeline stages,
 replicated over dp_replicate. FSDP2 gathers each block's parameters (this one and the next, prefetched), keeps the
@@ -38,8 +38,12 @@ class Setup:
     checkpointing: str  # none, selective, full
     ac_every: int  # selective: every N-th block; 0: per op
     precision: str  # fp32, autocast (bf16 over fp32 weights), bf16 (bf16 weights: FSDP2 mixed precision)
-    fused_optimizer: bool  # fused AdamW (CUDA) has no temporary copy of the parameters
     pp_in_flight: int = 1  # micro-batches whose activations the first pipeline stage holds at once
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one forward on a rank."""
+        return self.micro_batch * self.seq_len
 
     @property
     def world(self) -> int:
@@ -107,7 +111,7 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator_share
     `framework` is what the process holds before its model; the allocator keeps `allocator_share` of the tensors'
     bytes beyond them (glibc's heap on CPU).
     """
-    t, pp, tokens = setup.tp, setup.pp, setup.micro_batch * setup.seq_len
+    t, pp, tokens = setup.tp, setup.pp, setup.tokens
     blocks = stage_blocks(shape.n_blocks, pp)
     last_stage = pp == 1  # a pipeline's fullest rank is its first stage: the head and the loss are on the last
     outer = shape.outer_params if last_stage else shape.outer_params / 2  # the first stage has the embedding
@@ -118,8 +122,8 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator_share
     per_block = [kept_per_block(shape, setup, i) for i in range(blocks)]
     kept = sum(per_block) * tokens * setup.pp_in_flight
     head = shape.head * tokens if last_stage else 0.0
-    logits = shape.vocab * tokens if last_stage else 0.0
-    compute = 4 if setup.precision == "fp32" else 2
+    loss_forward = shape.loss_forward * tokens + shape.loss_forward_fixed if last_stage else 0.0
+    loss_backward = shape.loss_backward * tokens + shape.loss_backward_fixed if last_stage else 0.0
     head_casts = shape.head_weight_casts if last_stage else 0.0
     # autocast keeps each weight's bf16 copy until forward ends; backward keeps those of blocks not checkpointed.
     all_casts = shape.block_weight_casts * blocks + head_casts
@@ -135,20 +139,16 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator_share
     output_grad = 4 * outer / t if last_stage and not accumulated else 0.0  # from backward's start
     recompute = (shape.block - per_block[-1]) * tokens
     widest = max(shape.matmuls) * tokens
-    upcast = 0 if compute == 4 else 4  # the loss copies bf16 logits to fp32
-    # fp32 tensors as wide as the logits: log-softmax; under tensor parallel torch's loss_parallel also keeps the
-    # shifted logits and their exponent in forward, and four such tensors in its fused backward.
-    forward_wide, backward_wide = (8, 16) if t > 1 else (4, 12)
     moments = [
-        (kept + head, (compute + upcast + forward_wide) * logits + all_casts, accumulated, "loss"),
-        (kept + head, backward_wide * logits + kept_casts, accumulated, "loss grad"),
+        (kept + head, loss_forward + all_casts, accumulated, "loss"),
+        (kept + head, loss_backward + kept_casts, accumulated, "loss grad"),
         (kept, recompute + GRAD_SLACK * widest + kept_casts, accumulated + output_grad, "block"),
     ]
-    adam_copy = 0.0 if setup.fused_optimizer else 4 * shard  # foreach AdamW's one temporary copy
     candidates = [
         Memory(params, grads, optimizer, acts, temps, gathered + buckets, framework, 0.0, name)
         for acts, temps, grads, name in moments
     ]
-    candidates.append(Memory(params, 4 * shard, optimizer, 0.0, 0.0, buckets + adam_copy, framework, 0.0, "optimizer"))
+    # The update: gradients complete; fused AdamW (Keel's, on CPU and CUDA) makes no temporary copies.
+    candidates.append(Memory(params, 4 * shard, optimizer, 0.0, 0.0, buckets, framework, 0.0, "optimizer"))
     peak = max(candidates, key=lambda m: m.tensors)
     return replace(peak, allocator=allocator_share * peak.tensors)

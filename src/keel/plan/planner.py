@@ -19,7 +19,6 @@ from keel.plan.devices import Device
 from keel.plan.memory import Memory, Setup, estimate
 from keel.plan.speed import Speed, step_speed
 
-DEFAULT_PRICE = 2.0  # USD per device-hour when the config names none
 MAX_NODES = 4096  # the most machines a refusal's search tries
 GB = 1e9
 
@@ -99,13 +98,18 @@ class Plan:
         return self.device_hours * self.device.watts / 1000
 
     def summary(self) -> dict[str, float | str]:
-        """The figures a run records at its start (its `plan` event) and `keel report` compares with."""
+        """The figures a run records at its start (its `plan` event): those named after a metric are the ones
+        `keel report` holds against the run's (on CPU the resident memory's peak, on a GPU torch's allocator peak)."""
+        m = self.memory
+        peak = ("memory_rss_peak_gb", m.total) if self.device.kind == "cpu" else ("memory_cuda_peak_gb", m.tensors)
         return {
             "device": self.device.name,
             "layout": describe(self.setup),
-            "peak_memory_gb": self.memory.total / GB,
-            **{f"memory_{name}_gb": value / GB for name, value in self.memory.breakdown().items()},
-            "peak_at": self.memory.peak_at,
+            "precision": self.setup.precision,
+            peak[0]: peak[1] / GB,
+            "peak_memory_gb": m.total / GB,
+            **{f"breakdown_{name}_gb": value / GB for name, value in m.breakdown().items()},
+            "peak_at": m.peak_at,
             "capacity_gb": self.device.memory / GB,
             "step_time_s": self.speed.step_s,
             "tokens_per_s": self.tokens_per_s,
@@ -129,9 +133,8 @@ def describe(setup: Setup) -> str:
 
 
 def precision_of(cfg: Config, device: Device) -> str:
-    """How the run computes: fp32, or bf16 autocast over fp32 weights (Keel's bf16; `auto` is bf16 on GPUs)."""
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.kind != "cpu")
-    return "autocast" if bf16 else "fp32"
+    """How the run computes: fp32, or bf16 autocast over fp32 weights (Keel's bf16); `auto` as the device decides."""
+    return {"fp32": "fp32", "bf16": "autocast"}.get(cfg.train.precision, device.auto_precision)
 
 
 def setup_of(cfg: Config, sizes: dict[str, int], device: Device) -> Setup:
@@ -159,7 +162,6 @@ def setup_of(cfg: Config, sizes: dict[str, int], device: Device) -> Setup:
         checkpointing=cfg.train.activation_checkpointing,
         ac_every=cfg.train.ac_every,
         precision=precision_of(cfg, device),
-        fused_optimizer=device.kind != "cpu",
         pp_in_flight=in_flight,
     )
 
@@ -185,7 +187,7 @@ def pipeline_bubble(cfg: Config, setup: Setup) -> float:
 
 def make_plan(cfg: Config, model: Planned, device: Device, setup: Setup, price: float) -> Plan:
     """The plan of one Setup: memory at the peak, step time, and the run's totals."""
-    shape = model.spec.memory(model.args, setup.tp, setup.precision)
+    shape = model.spec.memory(model.args, setup.tp, setup.precision, device.kernels, setup.tokens)
     memory = estimate(shape, setup, device.framework, device.allocator)
     flops = model.spec.flops_per_token(model.args, cfg.train.seq_len)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
@@ -203,7 +205,8 @@ def config_setup(cfg: Config, device: Device) -> Setup:
 def config_memory(cfg: Config, model: Planned, device: Device) -> Memory:
     """The per-rank memory of the config's own layout (no step time: nothing to measure)."""
     setup = config_setup(cfg, device)
-    return estimate(model.spec.memory(model.args, setup.tp, setup.precision), setup, device.framework, device.allocator)
+    shape = model.spec.memory(model.args, setup.tp, setup.precision, device.kernels, setup.tokens)
+    return estimate(shape, setup, device.framework, device.allocator)
 
 
 def config_plan(cfg: Config, model: Planned, device: Device, price: float) -> Plan:
@@ -305,7 +308,7 @@ def _with(cfg: Config, **sections: dict) -> Config:
 
 
 def _plan(cfg: Config, model: Planned, device: Device) -> Plan:
-    return config_plan(cfg, model, device, DEFAULT_PRICE)
+    return config_plan(cfg, model, device, cfg.observe.price_per_device_hour)
 
 
 def _gb(cfg: Config, model: Planned, device: Device) -> str:

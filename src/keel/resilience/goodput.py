@@ -173,12 +173,19 @@ class RunLedger:
 
 def run_ledger(run: RunDir) -> RunLedger:
     """The ledger of a run dir, from its goodput events; a KeelError if it has none yet."""
-    events = read_jsonl(run.events)
+    ledger = ledger_of(read_jsonl(run.events), read_jsonl(run.metrics)[-1:])
+    if ledger is None:
+        raise KeelError(f"{run.root}: no goodput records yet; a run writes them at every checkpoint and when it ends")
+    return ledger
+
+
+def ledger_of(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> RunLedger | None:
+    """The ledger told by a run's events and metrics records already read (the newest suffices), or None."""
     records = [e for e in events if e.get("event") == "goodput"]
     if not records:
-        raise KeelError(f"{run.root}: no goodput records yet; a run writes them at every checkpoint and when it ends")
+        return None
     last = records[-1]
-    latest = max([e["time"] for e in events] + [r["time"] for r in read_jsonl(run.metrics)[-1:]])
+    latest = max([e["time"] for e in events] + [r["time"] for r in metrics[-1:]])
     totals = {name: float(last.get(name, 0.0)) for name in CATEGORIES}
     return RunLedger(totals, max(0.0, latest - last["time"]), last.get("final"), records)
 

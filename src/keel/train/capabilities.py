@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from keel.callback import Callback, LoopControl, StepOutcome
 from keel.checkpoint.schedule import CheckpointSchedule
+from keel.eval.audit import Audit
 from keel.eval.validation import Validation
+from keel.observe.card import CardWriter
+from keel.observe.energy import EnergyMeter
 from keel.observe.lifecycle import RunLifecycle
 from keel.observe.mfu import peak_flops
+from keel.observe.power import power_source
 from keel.observe.profiler import StepProfiler
 from keel.observe.progress import ProgressRecorder
 from keel.observe.straggler import StragglerWatch
@@ -42,8 +48,9 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     The order is the contract: faults are injected first and the loss guard rolls back before anything
     records or saves the step it discards; metrics are measured before evaluation and checkpointing add their
     time, and written (the hub) before the step is checkpointed; stop requests (stop_after, preemption) come
-    before the checkpoint schedule, which saves the step a stop ends on; the lifecycle comes last, after the
-    last save is committed.
+    before the checkpoint schedule, which saves the step a stop ends on; the lifecycle comes after the last save is
+    committed, and the model card, which reads everything the others wrote (the final energy and goodput events,
+    the flushed metrics, the committed checkpoint), last.
     """
     cfg, env, run = t.cfg, t.env, RunDir(t.cfg.run_dir)
     guard = LossGuard(
@@ -59,10 +66,13 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     ledger = GoodputLedger(run, t.events, t.timer)
     t.checkpointer.register("loss_guard", guard, optional=True)
     t.checkpointer.register("goodput", ledger, optional=True)
+    energy = EnergyMeter(power_source(env), env, t.events, run, cfg.observe.log_every, cfg.train.steps)
+    t.checkpointer.register("energy", energy, optional=True)
     faults = parse_faults(cfg.resilience.inject, env.world_size)
     peak = peak_flops(env.device, t.dtype)
     # The plan of this very run, from its own start-up memory and matmul ceiling, for `keel report` to compare with.
-    plan = worker_plan(cfg, env, t.started_rss, peak) if env.is_main else None
+    bf16 = t.dtype == torch.bfloat16
+    plan = worker_plan(cfg, env, t.started_rss, peak, bf16) if env.is_main else None
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
         *([FaultInjector(faults, env.rank, t.model, t.events, t.checkpointer, t.timer)] if faults else []),
@@ -80,8 +90,10 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             peak_flops=peak,
             tokens_seen=lambda: t.state.tokens_seen,
         ),
+        energy,
         StragglerWatch(cfg.observe.straggler_every, cfg.observe.straggler_margin, env, t.events, t.timer),
-        Validation(t.model, t.val_data, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
+        Validation(t.model, cfg, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
+        Audit(cfg, t.model, env, t.mesh, t.forward_context, t.timer, t.metrics.record),
         StopAfter(cfg.train.stop_after, t.control),
         Preemption(env, t.control, t.timer),
         ledger,
@@ -96,6 +108,13 @@ def build_callbacks(t: Trainer) -> list[Callback]:
         ),
         *([PlanEvent(plan, t.events)] if plan else []),
         RunLifecycle(
-            run.root, env, t.events, t.metrics, t.control, progress=lambda: (t.state.step, t.state.tokens_seen)
+            run.root,
+            env,
+            t.events,
+            t.metrics,
+            t.control,
+            progress=lambda: (t.state.step, t.state.tokens_seen),
+            precision=t.precision.name,
         ),
+        CardWriter(run, env),
     ]

@@ -17,6 +17,7 @@ from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.data.mixture import MixtureOrder
 from keel.distributed.mesh import resolve_layout
 from keel.errors import ConfigError, DataError, LaunchError
+from keel.eval.templates import load_templates
 from keel.io import check_writable_dir, filesystem_errors, sha256_file
 from keel.models import model_args
 from keel.models.spec import ModelSpec
@@ -102,6 +103,15 @@ def check_data(cfg: Config) -> None:
     val = TokenDataset(cfg.data.dataset, "val")
     if cfg.train.eval_every:
         num_samples(val, cfg.train.seq_len)
+
+
+def check_audit(cfg: Config) -> None:
+    """observe.audit_every's template file parses: a bad one is one line naming the file and line."""
+    if cfg.observe.audit_every:
+        try:
+            load_templates(cfg.observe.audit_templates)
+        except DataError as e:
+            raise DataError(f"observe.audit_templates: {e}") from None
 
 
 def check_init_from_hf(cfg: Config, spec: ModelSpec, args: BaseModel) -> None:

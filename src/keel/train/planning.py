@@ -10,9 +10,9 @@ import torch
 from keel.config import Config
 from keel.distributed.env import DistEnv
 from keel.errors import ConfigError
+from keel.observe.mfu import measured_matmul_flops
 from keel.plan.devices import GPUS, Device, cpu_device, cuda_device
 from keel.plan.planner import (
-    DEFAULT_PRICE,
     Plan,
     Planned,
     config_memory,
@@ -23,6 +23,7 @@ from keel.plan.planner import (
 )
 from keel.plan.text import plan_lines, search_table
 from keel.train.checks import check_layout
+from keel.train.precision import choose_cpu_precision
 
 
 def process_rss() -> float:
@@ -30,16 +31,18 @@ def process_rss() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def cpu_flops(processes: int) -> float:
-    """FLOP/s of an fp32 matmul with one training process's threads (keel train gives each cores / processes)."""
-    from keel.observe.mfu import measured_matmul_flops
-
+def this_cpu(processes: int, framework: float) -> Device:
+    """This machine's CPU as `processes` training processes see it: their matmul ceilings in fp32 and bf16, measured
+    with one process's threads (keel train gives each cores / processes), and the precision auto picks from them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     try:
-        return measured_matmul_flops(torch.float32)
+        fp32 = measured_matmul_flops(torch.float32)
+        bf16 = measured_matmul_flops(torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
+    auto = "autocast" if choose_cpu_precision(fp32, bf16).dtype == torch.bfloat16 else "fp32"
+    return cpu_device(processes, framework, fp32, bf16, auto)
 
 
 def device_for(cfg: Config, kind: str | None, measure: bool = True) -> Device:
@@ -54,8 +57,9 @@ def device_for(cfg: Config, kind: str | None, measure: bool = True) -> Device:
         return GPUS[kind]
     import keel.train.worker  # noqa: F401  (loaded, as a training process has, before the RSS is read)
 
-    processes = cfg.parallel.nproc
-    return cpu_device(processes, process_rss(), cpu_flops(processes) if measure else 0.0)
+    if not measure:  # memory alone: nothing to time
+        return cpu_device(cfg.parallel.nproc, process_rss(), 0.0, 0.0, "fp32")
+    return this_cpu(cfg.parallel.nproc, process_rss())
 
 
 def layout_allowed(cfg: Config, model: Planned):
@@ -73,8 +77,8 @@ def layout_allowed(cfg: Config, model: Planned):
 
 
 def price_of(cfg: Config, price: float | None) -> float:
-    """The price per device-hour: --price-per-device-hour, else observe.price_per_device_hour, else the default."""
-    return price if price is not None else getattr(cfg.observe, "price_per_device_hour", DEFAULT_PRICE)
+    """The price per device-hour: --price-per-device-hour, else observe.price_per_device_hour."""
+    return price if price is not None else cfg.observe.price_per_device_hour
 
 
 def run_plan(cfg: Config, device: Device, price: float | None = None) -> tuple[Plan, Planned]:
@@ -108,15 +112,15 @@ def plan_command(
     return lines, None if plan.fits else refusal(cfg, model, device, plan, allowed)
 
 
-def worker_plan(cfg: Config, env: DistEnv, framework: float, process_flops: float | None) -> Plan | None:
+def worker_plan(cfg: Config, env: DistEnv, framework: float, peak: float | None, bf16: bool) -> Plan | None:
     """The plan of a run on the device it trains on, for its start event; None on a GPU the plan has no figures for.
 
-    `framework` is the training process's resident memory before it built its model; `process_flops` the matmul
-    ceiling it measured (CPU).
+    `framework` is the training process's resident memory before it built its model; on CPU `peak` is the matmul
+    ceiling its MFU is measured against, in the precision it trains in (`bf16`: autocast).
     """
     if env.device.type == "cuda":
         device = cuda_device()
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parallel.nproc))
-        device = cpu_device(local, framework, process_flops or cpu_flops(local))
+        device = cpu_device(local, framework, peak or 0.0, peak or 0.0, "autocast" if bf16 else "fp32")
     return None if device is None else run_plan(cfg, device)[0]

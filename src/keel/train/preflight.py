@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from keel.config import Config
+from keel.config import CardConfig, Config
 from keel.config_toml import apply_overrides, build_config, load_config, read_toml, save_config
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.errors import ConfigError, DataError
@@ -19,6 +19,7 @@ from keel.models import model_args
 from keel.resilience.inject import parse_faults
 from keel.rundir import RunDir
 from keel.train.checks import (
+    check_audit,
     check_data,
     check_environment,
     check_file_hash,
@@ -60,6 +61,8 @@ def resolve(cfg: Config) -> Config:
     raw["run"]["dir"] = str(cfg.run_dir.resolve())
     if cfg.checkpoint.init_from_hf:
         raw["checkpoint"]["init_from_hf"] = str(Path(cfg.checkpoint.init_from_hf).resolve())
+    if cfg.observe.audit_templates:
+        raw["observe"]["audit_templates"] = str(Path(cfg.observe.audit_templates).resolve())
     resolved = build_config(raw)
     try:
         parse_faults(resolved.resilience.inject, resolved.parallel.world_size)
@@ -68,13 +71,22 @@ def resolve(cfg: Config) -> Config:
     check_layout(resolved, args)
     check_fits(resolved)
     check_data(resolved)
+    check_audit(resolved)
     check_init_from_hf(resolved, spec, args)
     check_environment(resolved)
     return resolved
 
 
-# Keys that may differ between invocations of one run: where it stops, and how many processes and machines it uses.
-PER_INVOCATION = {("train", "stop_after"), ("parallel", "nproc"), ("parallel", "nnodes")}
+# Keys that may differ between invocations of one run: where it stops, how many processes and machines it uses,
+# and what its model card states (prices, carbon intensity, intended use), none of which shapes training.
+PER_INVOCATION = {
+    ("train", "stop_after"),
+    ("parallel", "nproc"),
+    ("parallel", "nnodes"),
+    ("observe", "price_per_device_hour"),
+    ("observe", "grid_gco2_per_kwh"),
+    *(("card", key) for key in CardConfig.model_fields),
+}
 
 
 def start_run(cfg: Config) -> tuple[Config, bool]:

@@ -33,16 +33,10 @@ from keel.observe.step_timer import StepTimer
 from keel.rundir import RunDir
 from keel.train.capabilities import build_callbacks
 from keel.train.optim import build_optimizer, lr_at, set_lr
+from keel.train.precision import resolve_precision
 from keel.train.state import TrainState
 
 log = logging.getLogger("keel")
-
-
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in: `train.precision`, where auto means bf16 on CUDA and fp32 on CPU."""
-    if cfg.train.precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
 class Trainer:
@@ -62,11 +56,12 @@ class Trainer:
             # A fresh run starts from these weights; once a checkpoint is committed, resume loads that instead.
             load_hf_weights(self.model, spec, args, cfg.checkpoint.init_from_hf)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
-        self.dtype = compute_dtype(cfg, env.device)
+        self.precision = resolve_precision(cfg, env.device)
+        self.dtype = self.precision.dtype
+        log.info(f"precision: {self.precision.reason}")
         self.flops_per_token = spec.flops_per_token(args, cfg.train.seq_len)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.loader = self._build_loader()
-        self.val_data = TokenDataset(cfg.data.dataset, "val")
         self.state = TrainState()
         self.events = EventLog(run.events, main=env.is_main)
         self.metrics = Metrics(build_sinks(cfg, run.root, env))
