@@ -157,17 +157,17 @@ def test_memory_matches_torchtitans_published_figures(model, shards, tp, batch, 
 
 
 @pytest.mark.parametrize(
-    ("model", "nproc"),
+    "model",
     [
-        ({"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}, 1),  # the demo's model
-        ({"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4}, 2),  # wider, FSDP over two processes
+        {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},  # the demo's model
+        {"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4},  # a wider one
     ],
-    ids=["demo", "wide-fsdp"],
+    ids=["demo", "wide"],
 )
-def test_the_planned_peak_rss_of_a_cpu_run_is_within_15_percent_of_the_measured(tmp_path, dataset, model, nproc):
+def test_the_planned_peak_rss_of_a_cpu_run_is_within_15_percent_of_the_measured(tmp_path, dataset, model):
     model = {**model, "vocab_size": 8192, "max_seq_len": 256}
     train = {"steps": 6, "seq_len": 256, "global_batch_size": 16}
-    cfg = tiny_config(tmp_path / "c.toml", dataset, model=model, train=train, parallel={"nproc": nproc})
+    cfg = tiny_config(tmp_path / "c.toml", dataset, model=model, train=train)
     assert run_keel("train", str(cfg), cwd=tmp_path).returncode == 0
     run = tmp_path / "runs" / "tiny"
     plan = next(e for e in read_jsonl(run / "events.jsonl") if e["event"] == "plan")

@@ -18,7 +18,7 @@ from keel.plan.memory import Setup, estimate
 from keel.train.optim import build_optimizer
 
 MODEL = {"name": "llama", "dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
-HOOKS = Path(__file__).parent / "plan_saved_tensors.py"
+PROBE = Path(__file__).parent / "plan_probe.py"
 
 
 def saved_per_token(precision: str, vocab: int = 512, batch: int = 2, seq: int = 128) -> dict[str, float]:
@@ -65,19 +65,24 @@ def test_a_blocks_saved_tensors_per_token_are_what_torch_saves(precision):
     assert measured["head"] == pytest.approx(shape.head + shape.loss_forward, rel=0.01)
 
 
-def test_saved_tensors_under_tensor_parallel_are_what_torch_saves():
-    # Two gloo processes with the Llama's tensor-parallel plan (sequence and loss parallel), tp = 2.
+def test_tensor_parallel_and_fsdp_hold_what_the_plan_says():
+    # Two gloo processes: the Llama's tensor-parallel plan (sequence and loss parallel, tp = 2) under saved-tensor
+    # hooks; a training step sharded by Keel's parallelize (FSDP2, dp_shard = 2) under torch's FSDPMemTracker.
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(HOOKS)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(PROBE)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("saved ")]
-    assert {row[1] for row in rows} == {"fp32", "autocast"}, out.stdout
-    for _, precision, part, measured, planned in rows:
+    saved = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("saved ")]
+    assert {row[0] for row in saved} == {"fp32", "autocast"}, out.stdout
+    for precision, part, measured, planned in saved:
         assert float(measured) == pytest.approx(float(planned), rel=0.02), (precision, part)
+    sharded = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("fsdp ")]
+    assert {row[0] for row in sharded} == {"none", "full"}, out.stdout
+    for mode, measured, planned in sharded:
+        assert float(planned) == pytest.approx(float(measured), rel=0.05), mode
 
 
 def peak(mode: str, every: int, vocab: int, batch: int, accumulate: int = 1, precision: str = "fp32") -> tuple:

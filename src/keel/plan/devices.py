@@ -20,9 +20,9 @@ from keel.observe.power import GPU_WATTS, cpu_model, rated_cpu
 MIB = 2**20
 # glibc's malloc keeps freed blocks below its mmap threshold (which rises with use, up to 32 MiB) in its heap, and the
 # heap does not shrink past the blocks still live: after a few steps a CPU training process's resident memory settles
-# about a third above its tensors' peak. Measured 0.29 to 0.41 over six Llama shapes, one and two processes
-# (bench/plan_accuracy.py; docs/plan.md).
-GLIBC_HEAP_SHARE = 0.33
+# above its tensors' peak by a share of them, measured 0.33 to 0.81 after 8 steps of the configs of
+# bench/plan_accuracy.py (docs/plan.md); the plan takes the middle.
+GLIBC_HEAP_SHARE = 0.5
 
 
 @dataclass(frozen=True)
