@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
     opts = parser.parse_args()
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'config':34} {'step plan':>9} {'measured':>9} {'ratio':>6} {'RSS plan':>9} {'measured':>9} {'ratio':>6}")
     print(f"{'':34} {'(s)':>9} {'(s)':>9} {'':>6} {'(GB)':>9} {'(GB)':>9} {'':>6} heap share")
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,6 +91,7 @@ def main() -> None:
                 f"{name:34} {planned_s:9.3f} {measured_s:9.3f} {measured_s / planned_s:6.2f} {planned_gb:9.3f}"
                 f" {measured_gb:9.3f} {measured_gb / planned_gb:6.2f} {heap:.2f}"
             )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
