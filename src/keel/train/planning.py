@@ -88,9 +88,14 @@ def run_plan(cfg: Config, device: Device, price: float | None = None) -> tuple[P
 
 
 def check_fits(cfg: Config) -> None:
-    """Refuse, before any process starts, a layout whose busiest rank would not fit its device's memory."""
-    model = planned_model(cfg)
-    if config_memory(cfg, model, device_for(cfg, None, measure=False)).total <= device_for(cfg, None, False).memory:
+    """Refuse, before any process starts, a layout whose busiest rank would not fit its device's memory (a model
+    without a MemoryShape, or a GPU the plan has no figures for, is not checked)."""
+    try:
+        model = planned_model(cfg)
+        device = device_for(cfg, None, measure=False)
+    except ConfigError:
+        return
+    if config_memory(cfg, model, device).total <= device.memory:
         return
     device = device_for(cfg, None)  # the fixes are ranked by speed: measure the CPU now
     plan = config_plan(cfg, model, device, price_of(cfg, None))
