@@ -72,7 +72,7 @@ def test_keel_plan_prints_memory_time_cost_and_energy(tmp_path, capsys):
     out = keel_plan(capsys, str(cfg), "--device", "cpu", "--price-per-device-hour", "0.5")
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "from prepare.vocab_size (no dataset yet)" in text
+    assert "from prepare.vocab_size: no dataset yet" in text
     for part in ("parameters", "gradients", "optimizer", "activations", "framework", "allocator"):
         assert re.search(rf"^  {part} +\d+\.\d+ GB", text, re.M), part
     assert re.search(r"^step time +\d", text, re.M) and "tokens/day" in text and "device-hours" in text

@@ -38,7 +38,7 @@ class Setup:
     checkpointing: str  # none, selective, full
     ac_every: int  # selective: every N-th block; 0: per op
     precision: str  # fp32, autocast (bf16 over fp32 weights), bf16 (bf16 weights: FSDP2 mixed precision)
-    pp_in_flight: int = 1  # micro-batches whose activations the first pipeline stage holds at once
+    pp_in_flight: float = 1.0  # micro-batches whose activations the first pipeline stage holds at once
 
     @property
     def tokens(self) -> int:
@@ -70,7 +70,7 @@ class Memory:
     optimizer: float  # AdamW's two moments
     activations: float  # what forward kept for backward, on every block and the head
     transient: float  # the peak's temporaries: logits and their gradients, a recomputed block, autocast's casts
-    buffers: float  # FSDP's gathered parameters and gradients, DDP's buckets, AdamW's temporary copy
+    buffers: float  # FSDP's gathered parameters, DDP's buckets
     framework: float  # the process before the model: libraries, CUDA context (measured on CPU)
     allocator: float  # freed memory the allocator keeps (glibc's heap on CPU)
     peak_at: str  # which moment: loss, loss grad, block, optimizer

@@ -12,7 +12,7 @@ PARTS = {
     "optimizer": "AdamW's two fp32 moments",
     "activations": "kept by forward for backward",
     "transient": "logits and their gradients, recomputed blocks, autocast's weight copies",
-    "buffers": "FSDP's gathered weights, DDP's buckets, AdamW's temporary",
+    "buffers": "FSDP's gathered weights, DDP's buckets",
     "framework": "the process before the model",
     "allocator": "freed memory the allocator keeps",
 }
@@ -37,9 +37,9 @@ def plan_lines(plan: Plan, model: Planned, nnodes: int, nproc: int) -> list[str]
         f"MFU           {plan.mfu:.1%} over the step; {speed.mfu:.1%} expected in compute ({device.expected.source})",
         f"throughput    {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens_per_s * 86400 / 1e9:,.3f} B tokens/day",
         f"train.steps   {plan.steps:,} steps of {plan.tokens_per_step:,} tokens: {_duration(plan.train_s)}, "
-        f"{plan.device_hours:,.1f} device-hours",
+        f"{_amount(plan.device_hours)} device-hours",
         f"cost          ${plan.cost:,.2f} at ${plan.price:.2f} per device-hour",
-        f"energy        {plan.energy_kwh:,.1f} kWh at {device.watts:.0f} W per device (rated power: an upper estimate)",
+        f"energy        {_amount(plan.energy_kwh)} kWh at {device.watts:.0f} W per device (rated: an upper estimate)",
     ]
     return lines
 
@@ -51,6 +51,11 @@ def _breakdown(m: Memory, kind: str) -> list[str]:
     else:
         notes["framework"] = "CUDA context, cuBLAS and NCCL (assumed, not measured)"
     return [f"  {name:12} {value / GB:9.3f} GB  {notes[name]}" for name, value in m.breakdown().items()]
+
+
+def _amount(value: float) -> str:
+    """A quantity with three significant digits below 100, whole above."""
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
 def _duration(seconds: float) -> str:
