@@ -157,16 +157,16 @@ def test_memory_matches_torchtitans_published_figures(model, shards, tp, batch, 
 
 
 @pytest.mark.parametrize(
-    "model",
+    ("model", "batch"),
     [
-        {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2},  # the demo's model
-        {"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4},  # a wider one
+        ({"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2}, 16),  # the demo's model and batch
+        ({"dim": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4}, 8),  # a wider one
     ],
     ids=["demo", "wide"],
 )
-def test_the_planned_peak_rss_of_a_cpu_run_is_within_15_percent_of_the_measured(tmp_path, dataset, model):
+def test_the_planned_peak_rss_of_a_cpu_run_is_within_15_percent_of_the_measured(tmp_path, dataset, model, batch):
     model = {**model, "vocab_size": 8192, "max_seq_len": 256}
-    train = {"steps": 6, "seq_len": 256, "global_batch_size": 16}
+    train = {"steps": 6, "seq_len": 256, "global_batch_size": batch}
     cfg = tiny_config(tmp_path / "c.toml", dataset, model=model, train=train)
     assert run_keel("train", str(cfg), cwd=tmp_path).returncode == 0
     run = tmp_path / "runs" / "tiny"
