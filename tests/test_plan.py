@@ -113,9 +113,11 @@ def test_keel_train_refuses_a_model_too_large_for_the_machine_before_creating_an
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_unknown_device_is_one_line(tmp_path, capsys):
+def test_bad_input_is_one_line(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "c.toml", tmp_path / "none")
     assert_one_line_error(keel_plan(capsys, str(cfg), "--device", "tpu"), "--device 'tpu'", "h100")
+    assert_one_line_error(keel_plan(capsys, str(cfg), "--set", "parallel.tp=3", "--nproc", "3"), "parallel.tp: 3")
+    assert_one_line_error(keel_plan(capsys, str(cfg), "--nproc", "3"), "train.global_batch_size 8", "3 data-parallel")
 
 
 # Published per-GPU memory of torchtitan's Llama 3.1 runs on H100s (torch's peak reserved memory, GiB):

@@ -81,12 +81,6 @@ def price_of(cfg: Config, price: float | None) -> float:
     return price if price is not None else cfg.observe.price_per_device_hour
 
 
-def run_plan(cfg: Config, device: Device, price: float | None = None) -> tuple[Plan, Planned]:
-    """The plan of a config's own layout on `device`."""
-    model = planned_model(cfg)
-    return config_plan(cfg, model, device, price_of(cfg, price)), model
-
-
 def check_fits(cfg: Config) -> None:
     """Refuse, before any process starts, a layout whose busiest rank would not fit its device's memory (a model
     without a MemoryShape, or a GPU the plan has no figures for, is not checked)."""
@@ -106,8 +100,10 @@ def plan_command(
     cfg: Config, kind: str | None, price: float | None, search_layouts: bool
 ) -> tuple[list[str], str | None]:
     """`keel plan`'s output lines, and the one-line refusal when the layout does not fit (or none does)."""
+    model = planned_model(cfg)
+    check_layout(cfg, model.args)  # the mesh and the model's split, as keel train's preflight checks them
     device = device_for(cfg, kind)
-    plan, model = run_plan(cfg, device, price)
+    plan = config_plan(cfg, model, device, price_of(cfg, price))
     allowed = layout_allowed(cfg, model)
     lines = plan_lines(plan, model, cfg.parallel.nnodes, cfg.parallel.nproc)
     if search_layouts:
@@ -128,4 +124,4 @@ def worker_plan(cfg: Config, env: DistEnv, framework: float, peak: float | None,
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parallel.nproc))
         device = cpu_device(local, framework, peak or 0.0, peak or 0.0, "autocast" if bf16 else "fp32")
-    return None if device is None else run_plan(cfg, device)[0]
+    return None if device is None else config_plan(cfg, planned_model(cfg), device, price_of(cfg, None))
