@@ -18,11 +18,12 @@ from keel.observe.mfu import A100, H100_SXM, H200_SXM, Accelerator, dtype_peak
 from keel.observe.power import GPU_WATTS, cpu_model, rated_cpu
 
 MIB = 2**20
-# glibc's malloc keeps freed blocks below its mmap threshold (which rises with use, up to 32 MiB) in its heap, and the
-# heap does not shrink past the blocks still live: after a few steps a CPU training process's resident memory settles
-# above its tensors' peak by a share of them, measured 0.24 to 0.81 after 8 steps of the four configs of
-# bench/plan_accuracy.py (docs/plan.md); 0.4 puts the plan within 13% of all four.
-GLIBC_HEAP_SHARE = 0.4
+# A CPU training process's resident memory settles, after a few steps, above its framework and its tensors' peak by
+# about 0.2 GB and a tenth of the tensors: glibc's malloc keeps freed blocks below its mmap threshold (which rises
+# with use, up to 32 MiB) in its heaps, one per thread that allocates, and they do not shrink past blocks still live.
+# Measured 0.21-0.23 GB at 0.28-0.68 GB of tensors and 0.43 GB at 1.64 GB, after 12 steps of the four configs of
+# bench/plan_accuracy.py (docs/plan.md); this puts the plan within 5% of all four.
+GLIBC_HEAP = (0.2e9, 0.1)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Device:
     intra_node: float  # bytes/s one device sends to another in its machine (NVLink; a CPU's memory via gloo)
     inter_node: float  # bytes/s one device sends to another machine
     expected: Expected
-    allocator: float = 0.0  # bytes the allocator keeps beyond live tensors, as a share of them
+    allocator: tuple[float, float] = (0.0, 0.0)  # what the allocator keeps beyond live tensors: bytes, and a share
     auto_precision: str = "autocast"  # what train.precision = "auto" trains in here: autocast (bf16) or fp32
 
     @property
@@ -77,11 +78,13 @@ TORCHTITAN_A100 = Expected(
     "(pytorch/torchtitan docs/performance.md); no Keel run on this GPU yet",
     measured=False,
 )
-# Measured: bench/train_throughput.py, docs/benchmarks.md "Training throughput" (2-core EPYC, fp32, one process).
+# Measured: bench/train_throughput.py, docs/benchmarks.md "Training throughput" (2-core EPYC, fp32, one process,
+# 2 threads, the fused loss and fused AdamW; 2026-11-25, idle machine).
 CPU_MEASURED = Expected(
-    0.479,
+    0.68,
     "none",
-    "measured: Keel's trainer on the benchmark Llama, fp32, one process (docs/benchmarks.md, Training throughput)",
+    "measured: Keel's trainer on the benchmark Llama, fp32, one process of 2 threads (docs/benchmarks.md, "
+    "Training throughput)",
     measured=True,
 )
 GIB = 2**30
@@ -116,7 +119,7 @@ def cpu_device(processes: int, framework: float, fp32: float, bf16: float, auto_
     share = 1 / processes
     watts = rated_cpu(cpu_model(), max(1, (os.cpu_count() or 1) // processes)).watts
     memory = psutil.virtual_memory().total * share
-    heap = GLIBC_HEAP_SHARE if platform.libc_ver()[0] == "glibc" else 0.0
+    heap = GLIBC_HEAP if platform.libc_ver()[0] == "glibc" else (0.0, 0.0)
     # One machine: processes exchange tensors through gloo over loopback, at about a memory copy's speed.
     link = 2e9
     return Device("cpu", "CPU", memory, bf16, fp32, watts, framework, link, link, CPU_MEASURED, heap, auto_precision)

@@ -105,11 +105,11 @@ def stage_blocks(n_blocks: int, pp: int) -> int:
     return math.ceil(n_blocks / pp)
 
 
-def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator_share: float = 0.0) -> Memory:
+def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator: tuple[float, float] = (0.0, 0.0)) -> Memory:
     """The per-rank memory of one training step at its peak, on the rank that holds most.
 
-    `framework` is what the process holds before its model; the allocator keeps `allocator_share` of the tensors'
-    bytes beyond them (glibc's heap on CPU).
+    `framework` is what the process holds before its model; beyond the tensors the allocator keeps `allocator`'s
+    bytes and share of the tensors' bytes (glibc's heap on CPU).
     """
     t, pp, tokens = setup.tp, setup.pp, setup.tokens
     blocks = stage_blocks(shape.n_blocks, pp)
@@ -151,4 +151,4 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator_share
     # The update: gradients complete; fused AdamW (Keel's, on CPU and CUDA) makes no temporary copies.
     candidates.append(Memory(params, 4 * shard, optimizer, 0.0, 0.0, buckets, framework, 0.0, "optimizer"))
     peak = max(candidates, key=lambda m: m.tensors)
-    return replace(peak, allocator=allocator_share * peak.tensors)
+    return replace(peak, allocator=allocator[0] + allocator[1] * peak.tensors)
