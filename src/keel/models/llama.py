@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from keel.errors import ConfigError
 from keel.models.chunked_loss import linear_cross_entropy
 from keel.models.llama_hf import HF
+from keel.models.llama_memory import llama_memory
 from keel.models.llama_parallel import tensor_parallel
 from keel.models.loss import next_token_loss
 from keel.models.spec import ModelSpec, PipelineSplit, fill_shard
@@ -298,4 +299,5 @@ SPEC = ModelSpec(
     tensor_parallel=tensor_parallel,
     hf=HF,
     pipeline=PipelineSplit("layers", first=("tok_embeddings",), last=("norm", "output")),
+    memory=llama_memory,
 )

@@ -29,6 +29,7 @@ from keel.train.checks import (
     check_tokenizer,
     mixture_hashes,
 )
+from keel.train.planning import check_fits
 
 
 def resolve(cfg: Config) -> Config:
@@ -68,6 +69,7 @@ def resolve(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
     check_layout(resolved, spec, args)
+    check_fits(resolved)
     check_data(resolved)
     check_audit(resolved)
     check_init_from_hf(resolved, spec, args)
