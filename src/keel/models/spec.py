@@ -52,6 +52,8 @@ class ModelSpec:
     tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
     pipeline: PipelineSplit | None = None  # how pipeline parallel splits it; None: it does not
+    # linear layers kept out of float8 (train.fp8): the output projection, whose logits need the precision
+    high_precision: tuple[str, ...] = ()
 
 
 def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:
