@@ -13,6 +13,7 @@ from keel.distributed.float8 import convert_to_float8
 from keel.distributed.parallel import mixed_precision
 from keel.models import model_args
 from keel.models.loss import next_token_loss
+from keel.observe.card import low_precision_notes
 
 STEPS = 6
 # bf16 keeps 8 significant bits (relative rounding 2^-9, about 0.2%) per parameter and activation; the loss is a mean
@@ -128,6 +129,15 @@ def test_the_policy_reduces_in_fp32_unless_told_and_leaves_inputs_alone():
     assert (bf16.param_dtype, bf16.reduce_dtype, bf16.cast_forward_inputs) == (torch.bfloat16, torch.float32, False)
     unset = mixed_precision(Config())
     assert (unset.param_dtype, unset.reduce_dtype) == (None, None)
+
+
+def test_the_model_card_states_the_policy_and_fp8():
+    assert low_precision_notes(Config()) == ""
+    both = Config.model_validate({"parallel": {"fsdp_param_dtype": "bfloat16"}, "train": {"fp8": True}})
+    assert low_precision_notes(both) == (
+        ", FSDP2 parameters gathered in bfloat16 and gradients reduced in float32 (fp32 master weights)"
+        ", float8 matmuls in the blocks' linear layers (torchao Float8Linear)"
+    )
 
 
 @pytest.mark.parametrize(
