@@ -409,6 +409,39 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Run directory to report
 
 
 @app.command()
+def plan(
+    config: ConfigArgument,
+    overrides: SetOption = None,
+    nproc: Annotated[int | None, typer.Option(help="Processes per machine (sets parallel.nproc).", min=1)] = None,
+    nnodes: Annotated[int | None, typer.Option(help="Machines (sets parallel.nnodes).", min=1)] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Plan for h100, h200, a100 or cpu (default: this machine's GPU, else its CPU).")
+    ] = None,
+    price_per_device_hour: Annotated[
+        float | None,
+        typer.Option(help="USD per device-hour for the cost (default: observe.price_per_device_hour).", min=0),
+    ] = None,
+    search_layouts: Annotated[
+        bool, typer.Option("--search", help="Also list the fastest layouts of these devices that fit.")
+    ] = False,
+) -> None:
+    """Before training: per-rank memory, step time, tokens/day, time, device-hours, cost and energy of a config."""
+    from keel.config_toml import load_config
+    from keel.plan.devices import KINDS
+    from keel.train.planning import plan_command
+
+    if device is not None and device not in KINDS:
+        raise KeelError(f"--device {device!r}: choose one of {', '.join(KINDS)}")
+    extra = list(overrides or [])
+    extra += [f"parallel.nproc={nproc}"] if nproc else []
+    extra += [f"parallel.nnodes={nnodes}"] if nnodes else []
+    lines, refused = plan_command(load_config(config, extra), device, price_per_device_hour, search_layouts)
+    print("\n".join(lines))
+    if refused:
+        raise KeelError(refused)
+
+
+@app.command()
 def demo(
     overrides: SetOption = None,
     nproc: Annotated[int, typer.Option(help="Processes to train with.", min=1)] = 2,

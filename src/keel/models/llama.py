@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from keel.errors import ConfigError
 from keel.models.chunked_loss import linear_cross_entropy
 from keel.models.llama_hf import HF
+from keel.models.llama_memory import llama_memory
 from keel.models.llama_parallel import tensor_parallel
 from keel.models.loss import next_token_loss
 from keel.models.spec import ModelSpec, PipelineSplit, fill_shard
@@ -299,4 +300,5 @@ SPEC = ModelSpec(
     hf=HF,
     pipeline=PipelineSplit("layers", first=("tok_embeddings",), last=("norm", "output")),
     high_precision=("output",),
+    memory=llama_memory,
 )

@@ -37,6 +37,31 @@ class PipelineSplit:
 
 
 @dataclass(frozen=True)
+class MemoryShape:
+    """What a model holds on one rank, for `keel plan`: parameter counts, and bytes kept for backward.
+
+    Per-token figures are bytes for one token of a rank's micro-batch under a precision (`fp32`, `autocast`: bf16
+    autocast over fp32 weights, `bf16`: bf16 weights as FSDP2's MixedPrecisionPolicy gives) and a tensor-parallel
+    degree; they count what autograd saves, as torch's saved-tensor hooks list it.
+    """
+
+    n_blocks: int
+    block_params: int  # one block's parameters (all ranks together)
+    outer_params: int  # the parameters outside the blocks: embedding, final norm, output projection
+    block: float  # one block without activation checkpointing: every tensor its backward needs
+    block_input: float  # one block's input: all that a fully checkpointed block keeps
+    matmuls: tuple[float, ...]  # one block's matmul outputs in forward order (op-level selective keeps them)
+    attention: float  # one block's attention output and statistics (op-level selective keeps them too)
+    head: float  # what the final norm keeps (and the output projection, where it keeps its input)
+    loss_forward: float  # per token, at the loss's peak in forward: logits and their copies, or what a fused loss keeps
+    loss_backward: float  # per token, at the start of backward: what the loss kept and the gradients it makes
+    loss_forward_fixed: float = 0.0  # bytes besides, whatever the tokens (a fused loss: weight-sized tensors)
+    loss_backward_fixed: float = 0.0
+    block_weight_casts: float = 0.0  # bytes of one block's weight copies autocast keeps from forward to backward
+    head_weight_casts: float = 0.0  # the same for the output projection
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything Keel needs to know about a model family, without the trainer knowing it."""
 
@@ -54,6 +79,9 @@ class ModelSpec:
     pipeline: PipelineSplit | None = None  # how pipeline parallel splits it; None: it does not
     # linear layers kept out of float8 (train.fp8): the output projection, whose logits need the precision
     high_precision: tuple[str, ...] = ()
+    # (args, tensor-parallel degree, precision, device type, tokens per micro-batch) -> what it holds in memory, for
+    # `keel plan`; None: not planned
+    memory: Callable[[Any, int, str, str, int], MemoryShape] | None = None
 
 
 def fill_shard(param: torch.Tensor, full: torch.Tensor) -> None:

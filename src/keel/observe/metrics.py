@@ -20,6 +20,7 @@ UNITS: dict[str, str] = {
     "step_time_s": "s",
     "mfu": "fraction",
     "memory_rss_gb": "GB",
+    "memory_rss_peak_gb": "GB",
     "memory_cuda_peak_gb": "GB",
     "memory_cuda_allocated_gb": "GB",
     "memory_cuda_reserved_gb": "GB",

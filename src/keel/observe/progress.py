@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +68,7 @@ class ProgressRecorder(Callback):
             "step_time_s": step_time,
             "eta_s": (self.total_steps - outcome.step) * step_time,
             "memory_rss_gb": psutil.Process().memory_info().rss / 1e9,
+            "memory_rss_peak_gb": peak_rss_bytes() / 1e9,
             "checkpoint_age_s": time.perf_counter() - self._last_save,
             **self.timer.take(self._window_steps),
             **{f"grad_norm/{group}": norm for group, norm in self._group_norms.items()},
@@ -81,3 +84,9 @@ class ProgressRecorder(Callback):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._last_save = time.perf_counter()
+
+
+def peak_rss_bytes() -> int:
+    """This process's largest resident set so far (the kernel's high-water mark)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from keel.callback import Callback, LoopControl, StepOutcome
 from keel.checkpoint.schedule import CheckpointSchedule
 from keel.eval.audit import Audit
@@ -16,12 +18,14 @@ from keel.observe.power import power_source
 from keel.observe.profiler import StepProfiler
 from keel.observe.progress import ProgressRecorder
 from keel.observe.straggler import StragglerWatch
+from keel.plan.event import PlanEvent
 from keel.resilience.goodput import GoodputLedger
 from keel.resilience.inject import FaultInjector, parse_faults
 from keel.resilience.loss_guard import LossGuard
 from keel.resilience.preemption import Preemption
 from keel.resilience.watchdog import HangWatchdog
 from keel.rundir import RunDir
+from keel.train.planning import worker_plan
 
 if TYPE_CHECKING:
     from keel.train.trainer import Trainer
@@ -65,6 +69,10 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     energy = EnergyMeter(power_source(env), env, t.events, run, cfg.observe.log_every, cfg.train.steps)
     t.checkpointer.register("energy", energy, optional=True)
     faults = parse_faults(cfg.resilience.inject, env.world_size)
+    peak = peak_flops(env.device, t.dtype)
+    # The plan of this very run, from its own start-up memory and matmul ceiling, for `keel report` to compare with.
+    bf16 = t.dtype == torch.bfloat16
+    plan = worker_plan(cfg, env, t.started_rss, peak, bf16) if env.is_main else None
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),
         *([FaultInjector(faults, env.rank, t.runner.parts, t.events, t.checkpointer, t.timer)] if faults else []),
@@ -79,7 +87,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             total_steps=cfg.train.steps,
             tokens_per_step=t.tokens_per_step,
             flops_per_token=t.flops_per_token,
-            peak_flops=peak_flops(env.device, t.dtype),
+            peak_flops=peak,
             tokens_seen=lambda: t.state.tokens_seen,
         ),
         energy,
@@ -98,6 +106,7 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             t.timer,
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
+        *([PlanEvent(plan, t.events)] if plan else []),
         RunLifecycle(
             run.root,
             env,

@@ -30,6 +30,7 @@ from keel.train.checks import (
     check_tokenizer,
     mixture_hashes,
 )
+from keel.train.planning import check_fits
 
 
 def resolve(cfg: Config) -> Config:
@@ -70,6 +71,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(f"resilience.inject: {e}") from None
     check_layout(resolved, spec, args)
     check_low_precision(resolved)
+    check_fits(resolved)
     check_data(resolved)
     check_audit(resolved)
     check_init_from_hf(resolved, spec, args)

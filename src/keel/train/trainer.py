@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+import psutil
 import torch
 
 from keel.callback import LoopControl, StepOutcome
@@ -42,6 +43,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
+        self.started_rss = psutil.Process().memory_info().rss  # before the model: what the plan calls the framework
         run = RunDir(cfg.run_dir)
         spec, args = model_args(cfg.model_section())
         torch.manual_seed(cfg.run.seed)
