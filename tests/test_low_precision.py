@@ -6,14 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_one_line_error, losses, run_keel, tiny_config
+from conftest import ROOT, assert_one_line_error, losses, run_keel, tiny_config
 from keel.checkpoint.safe_load import read_metadata
 from keel.config import Config
+from keel.config_toml import load_config
 from keel.distributed.float8 import convert_to_float8
 from keel.distributed.parallel import mixed_precision
 from keel.models import model_args
 from keel.models.loss import next_token_loss
 from keel.observe.card import low_precision_notes
+from keel.plan.devices import GPUS
+from keel.plan.planner import config_plan, planned_model
 
 STEPS = 6
 # bf16 keeps 8 significant bits (relative rounding 2^-9, about 0.2%) per parameter and activation; the loss is a mean
@@ -138,6 +141,14 @@ def test_the_model_card_states_the_policy_and_fp8():
         ", FSDP2 parameters gathered in bfloat16 and gradients reduced in float32 (fp32 master weights)"
         ", float8 matmuls in the blocks' linear layers (torchao Float8Linear)"
     )
+
+
+def test_the_planner_counts_bf16_gathers_and_bf16_compute():
+    fp32 = load_config(ROOT / "src" / "keel" / "configs" / "llama-1b.toml")
+    bf16 = fp32.model_copy(update={"parallel": fp32.parallel.model_copy(update={"fsdp_param_dtype": "bfloat16"})})
+    before, after = (config_plan(cfg, planned_model(cfg), GPUS["h100"], 3.0) for cfg in (fp32, bf16))
+    assert (before.setup.precision, after.setup.precision) == ("autocast", "bf16")
+    assert after.memory.buffers == pytest.approx(before.memory.buffers / 2)  # FSDP2's gathered blocks, in bf16
 
 
 @pytest.mark.parametrize(
