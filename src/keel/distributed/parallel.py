@@ -92,5 +92,5 @@ def mixed_precision(cfg: Config) -> MixedPrecisionPolicy:
     if param is not None and reduce is None:
         reduce = torch.float32  # FSDP2 would otherwise reduce in the parameters' dtype
     # Inputs keep their dtype: a block's hidden states arrive in param_dtype from the layers before it, and the rotary
-    # tables it is given stay float32 (a bf16 angle is off by whole radians at long positions).
+    # tables it is given stay float32 (RoPE's torch.complex has no bf16 kernel, and bf16 would round them).
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=False)
