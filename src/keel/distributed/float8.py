@@ -24,7 +24,7 @@ DIM_MULTIPLE = 16
 def fp8_problem(device: str, tp: int) -> str | None:
     """Why `train.fp8` cannot run here (one line naming what to change), or None when it can."""
     if importlib.util.find_spec("torchao") is None:
-        return "train.fp8: needs torchao (pip install -r requirements.txt) or set train.fp8=false"
+        return "train.fp8: needs torchao (pip install torchao, pinned in requirements.txt) or set train.fp8=false"
     if tp > 1:
         return (
             "train.fp8: not combined with tensor parallel (float8 needs its own tensor-parallel plan); "
