@@ -60,7 +60,8 @@ def _prepare(
     layout = mesh.layout
     if cfg.train.fp8:
         swapped = convert_to_float8(model, spec.high_precision)
-        log.info(f"fp8: {len(swapped)} linear layers run their matmuls in float8: {', '.join(swapped)}")
+        kept = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+        log.info(f"fp8: {len(swapped)} linear layers run their matmuls in float8; kept as they were: {kept}")
     if layout.tp > 1:
         spec.tensor_parallel(model, mesh.device_mesh["tp"])
     apply_activation_checkpointing(model, spec.shard_units, cfg.train.activation_checkpointing, cfg.train.ac_every)
