@@ -193,7 +193,8 @@ def make_plan(cfg: Config, model: Planned, device: Device, setup: Setup, price: 
     memory = estimate(shape, setup, device.framework, device.allocator)
     flops = model.spec.flops_per_token(model.args, cfg.train.seq_len)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    speed = step_speed(flops, tokens, shape, setup, device, cfg.parallel.nproc, pipeline_bubble(cfg, setup))
+    bubble = pipeline_bubble(cfg, setup)
+    speed = step_speed(flops, tokens, shape, setup, device, cfg.parallel.nproc, bubble, cfg.train.compile)
     return Plan(setup, device, memory, speed, tokens, flops, cfg.train.steps, price)
 
 
