@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from conftest import assert_one_line_error, run_keel, tiny_config
+from keel.cli import main as cli_main
 
 
 @pytest.mark.parametrize(
@@ -67,7 +70,7 @@ def test_help_config_lists_every_key_with_its_doc(tmp_path):
         assert key in result.stdout
 
 
-def test_an_unknown_model_key_is_refused_by_every_command_that_loads_a_config(tmp_path, dataset):
+def test_an_unknown_model_key_is_refused_by_every_command_that_loads_a_config(tmp_path, dataset, capsys, monkeypatch):
     config = tiny_config(tmp_path / "c.toml", dataset, train={"steps": 1})
     assert run_keel("train", str(config), cwd=tmp_path).returncode == 0
     run = tmp_path / "runs" / "tiny"
@@ -85,7 +88,12 @@ def test_an_unknown_model_key_is_refused_by_every_command_that_loads_a_config(tm
         ["data", "prepare", "--source", f"{corpus}/*.txt", "--out", str(out), *bogus],
         ["demo", "--nproc", "1", "--set", sources, "--set", f"data.dataset={str(out)!r}", *bogus],
     ]
-    for command in commands:
-        assert_one_line_error(run_keel(*command, cwd=tmp_path), "model.bogus: unknown key")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:  # in this process: each is refused before anything starts
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(command)
+        printed = capsys.readouterr()
+        result = subprocess.CompletedProcess(command, exit_.value.code, printed.out, printed.err)
+        assert_one_line_error(result, "model.bogus: unknown key")
         assert not out.exists() and not (tmp_path / "runs" / "other").exists(), command
     assert (run / "config.toml").read_text() == before

@@ -52,11 +52,11 @@ class Launch:
 def plan(config: Path, overrides: list[str], nodes: int, gpus: int | None) -> Launch:
     """Load and check the config for `nodes` machines of `gpus` GPUs each (default: its parallel.nproc)."""
     cfg = load_config(config, overrides)
-    args = model_args(cfg.model_section())  # as strict here as where the run will use it
+    spec, args = model_args(cfg.model_section())  # as strict here as where the run will use it
     launch = Launch(config.resolve(), cfg, nodes, gpus or cfg.parallel.nproc, list(overrides))
     check_layout(launch)
     on_cluster = cfg.parallel.model_copy(update={"nproc": launch.gpus, "nnodes": nodes})
-    check_model_layout(cfg.model_copy(update={"parallel": on_cluster}), args)
+    check_model_layout(cfg.model_copy(update={"parallel": on_cluster}), spec, args)
     return launch
 
 
