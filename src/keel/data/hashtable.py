@@ -18,7 +18,8 @@ import numpy as np
 SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
 FIRST_SLOTS = 1 << 12
 MAX_LOAD = 0.6  # on average: shard s doubles at 0.45 + 0.3 s / 15, so the shards' doublings come one at a time
-_SCALAR = 16  # probing fewer entries than this goes on in Python: numpy calls cost more than they do
+_SCALAR = 16  # placing fewer entries than this goes on in Python: numpy calls cost more than they do
+_WINDOW = 8  # slots a lookup reads per round: one 64-byte line of 8-byte entries
 PENDING_SLOTS = 1 << 18  # per shard: new entries wait in RAM (an in-memory table) and go to the file together
 _CHUNK = 1 << 20  # slots per step when a shard doubles
 
@@ -107,9 +108,7 @@ class ShardedTable:
         with open(tmp, "wb") as f:
             f.truncate(new_slots * self.dtype.itemsize)
         new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
-        for lo in range(0, len(old), _CHUNK):
-            chunk = old[lo : lo + _CHUNK]
-            _place(new, np.asarray(chunk[chunk["k"] != 0]))
+        _double(old, new.view(np.ndarray))
         new.flush()
         del new, old
         self._maps[shard] = self._arrays[shard] = None
@@ -117,24 +116,72 @@ class ShardedTable:
         self.slots[shard] = new_slots
 
 
+def _double(old: np.ndarray, new: np.ndarray) -> None:
+    """Copy a table into an empty one twice its size in one forward pass, without probing.
+
+    An entry whose slot is h in the old table goes home to h or h + len(old). Taken between empty old slots (no
+    entry's probe run crosses one) and sorted by new home, each half's entries are placed as linear probing would,
+    all at once: slot i = max(home i, slot i-1 + 1). The few whose run would wrap (the old table's first run, and
+    any run past the end of a half) are placed last by probing.
+    """
+    half, keys = len(old), old["k"]
+    start = int(np.argmax(keys == 0))  # an empty slot: the runs after it do not wrap
+    later = [np.asarray(old[:start][keys[:start] != 0])]
+    last = [-1, half - 1]  # the slot each half's previous entry took
+    lo = start
+    while lo < half:
+        hi = min(lo + _CHUNK, half)
+        while hi < half and not (empty := np.flatnonzero(keys[lo:hi] == 0)).size:
+            hi = min(hi + _CHUNK, half)
+        if hi < half:
+            hi = lo + int(empty[-1]) + 1  # the chunk ends at an empty slot
+        chunk = old[lo:hi]
+        chunk = np.asarray(chunk[chunk["k"] != 0])
+        homes = (chunk["k"] & np.uint64(2 * half - 1)).astype(np.int64)
+        upper = homes >= half
+        for side, pick in ((0, ~upper), (1, upper)):
+            entries, h = chunk[pick], homes[pick]
+            if not len(h):
+                continue
+            order = np.argsort(h, kind="stable")  # nearly sorted already: a timsort pass
+            entries, h = entries[order], h[order]
+            step = np.arange(len(h))
+            slots = np.maximum(np.maximum.accumulate(h - step), last[side] + 1) + step
+            last[side] = int(slots[-1])
+            fits = slots < half * (side + 1)
+            new[slots[fits]] = entries[fits]
+            later.append(entries[~fits])
+        lo = hi
+    _place(new, np.concatenate(later))
+
+
 def _probe(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros."""
-    mask = len(table) - 1
-    pos = (keys["k"] & np.uint64(mask)).astype(np.int64)
+    """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros.
+
+    A round reads a window of _WINDOW slots' "k" per key (a cache line or two) and stops at the first slot equal to
+    the key or empty, as probing one slot at a time would: most keys end in the first round, so a batch costs a few
+    numpy passes rather than one per slot of its longest run.
+    """
+    mask, table_k, k = len(table) - 1, table["k"], keys["k"]
+    pos = (k & np.uint64(mask)).astype(np.int64)
     out = np.zeros(len(keys), table.dtype)
-    active = np.arange(len(keys))
-    fields = [f for f in ("k", "k2") if f in table.dtype.names]
-    while len(active) >= _SCALAR:
-        slot = table[pos[active]]
-        hit = np.logical_and.reduce([slot[f] == keys[f][active] for f in fields])
-        out[active[hit]] = slot[hit]
-        active = active[~hit & (slot["k"] != 0)]  # neither found nor at an empty slot: probe the next one
-        pos[active] = (pos[active] + 1) & mask
-    for i in active.tolist():
-        p, key = int(pos[i]), keys[i]
-        while table[p]["k"] != 0 and any(table[p][f] != key[f] for f in fields):
-            p = (p + 1) & mask
-        out[i] = table[p]
+    active, step = np.arange(len(keys)), np.arange(_WINDOW)
+    while len(active):
+        slots = (pos[active, None] + step) & mask
+        window = table_k[slots]
+        hit = window == k[active, None]
+        if "k2" in table.dtype.names:  # a 64-bit match is a 128-bit one unless the second halves differ
+            row, col = np.nonzero(hit)
+            differ = table["k2"][slots[row, col]] != keys["k2"][active[row]]
+            hit[row[differ], col[differ]] = False
+        stop = hit | (window == 0)
+        first = stop.argmax(axis=1)
+        rows = np.arange(len(active))
+        ended = stop[rows, first]
+        found = np.flatnonzero(hit[rows, first])
+        out[active[found]] = table[slots[found, first[found]]]
+        active = active[~ended]
+        pos[active] = (pos[active] + _WINDOW) & mask
     return out
 
 
@@ -144,13 +191,13 @@ def _place(table: np.ndarray, entries: np.ndarray) -> None:
     pos = (entries["k"] & np.uint64(mask)).astype(np.int64)
     active = np.arange(len(entries))
     while len(active) >= _SCALAR:
-        free = table["k"][pos[active]] == 0
-        # Several entries may want the same free slot: the first of each takes it, the others probe on.
-        wanted, first = np.unique(pos[active][free], return_index=True)
-        winners = np.flatnonzero(free)[first]
-        table[wanted] = entries[active[winners]]
+        free = np.flatnonzero(table["k"][pos[active]] == 0)
+        # Several entries may want the same free slot: all are written there, one stays (what is read back), and
+        # the others probe on. A sort to pick the first of each would cost more than the extra writes.
+        wanted, candidates = pos[active[free]], entries[active[free]]
+        table[wanted] = candidates
         placed = np.zeros(len(active), bool)
-        placed[winners] = True
+        placed[free[table[wanted] == candidates]] = True
         active = active[~placed]
         pos[active] = (pos[active] + 1) & mask
     for i in active.tolist():
