@@ -3,9 +3,9 @@
 Why not sqlite: one row at a time from Python, and a B-tree whose random inserts slow down as it outgrows its
 cache. Here a batch of keys is looked up or inserted with a few array operations per probe round (open
 addressing, linear probing), an operation costs about the same however full the table is (each shard doubles
-before it is 45-75% full), and the process's own memory is bounded: a batch and a fixed-size table of new
+before it is 40-77% full), and the process's own memory is bounded: a batch and a fixed-size table of new
 entries per shard; the tables are file pages that the kernel caches and writes back. Doubling a shard
-streams its old file into the new one in bounded chunks.
+streams its old file into the new one in bounded chunks, placing the entries without probing.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import numpy as np
 
 SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
 FIRST_SLOTS = 1 << 12
-MAX_LOAD = 0.6  # on average: shard s doubles at 0.45 + 0.3 s / 15, so the shards' doublings come one at a time
+# Shard s doubles when it is LOAD * 2 ** (s / 16) full (0.40-0.77): as the entries double, the shards double one at
+# a time, evenly spaced, so no stretch of documents pays for several doublings at once.
+LOAD = 0.4
 _SCALAR = 16  # placing fewer entries than this goes on in Python: numpy calls cost more than they do
-_WINDOW = 8  # slots a lookup reads per round: one 64-byte line of 8-byte entries
+_WINDOW = 8  # slots a lookup reads per round after its home slot: a 64-byte line of 8-byte entries
 PENDING_SLOTS = 1 << 18  # per shard: new entries wait in RAM (an in-memory table) and go to the file together
 _CHUNK = 1 << 20  # slots per step when a shard doubles
 
@@ -64,8 +66,8 @@ class ShardedTable:
     def _flush(self, shard: int) -> None:
         """Move a shard's pending entries into its file, in slot order."""
         pending = self._pending[shard]
-        entries = pending[pending["k"] != 0]
-        load = MAX_LOAD - 0.15 + 0.3 * shard / ((1 << SHARD_BITS) - 1)
+        entries = pending[np.flatnonzero(pending["k"] != 0)]
+        load = LOAD * 2 ** (shard / (1 << SHARD_BITS))
         while self.counts[shard] + len(entries) > load * self.slots[shard]:
             self._grow(shard)
         entries = entries[np.argsort(entries["k"] & np.uint64(self.slots[shard] - 1))]
@@ -125,8 +127,9 @@ def _double(old: np.ndarray, new: np.ndarray) -> None:
     any run past the end of a half) are placed last by probing.
     """
     half, keys = len(old), old["k"]
+    raw, new_raw = _plain(old), _plain(new)  # the same bytes as one plain field: copies cost less
     start = int(np.argmax(keys == 0))  # an empty slot: the runs after it do not wrap
-    later = [np.asarray(old[:start][keys[:start] != 0])]
+    later = [raw[np.flatnonzero(keys[:start] != 0)]]
     last = [-1, half - 1]  # the slot each half's previous entry took
     lo = start
     while lo < half:
@@ -135,53 +138,62 @@ def _double(old: np.ndarray, new: np.ndarray) -> None:
             hi = min(hi + _CHUNK, half)
         if hi < half:
             hi = lo + int(empty[-1]) + 1  # the chunk ends at an empty slot
-        chunk = old[lo:hi]
-        chunk = np.asarray(chunk[chunk["k"] != 0])
-        homes = (chunk["k"] & np.uint64(2 * half - 1)).astype(np.int64)
-        upper = homes >= half
-        for side, pick in ((0, ~upper), (1, upper)):
-            entries, h = chunk[pick], homes[pick]
+        used = lo + np.flatnonzero(keys[lo:hi] != 0)  # an index: numpy gathers faster than it masks
+        homes = (keys[used] & np.uint64(2 * half - 1)).astype(np.int64)
+        order = np.argsort(homes >= half, kind="stable")  # the lower half's entries first: a radix pass
+        # Each half's homes are nearly sorted already (slot order): a timsort pass.
+        order = order[np.argsort(homes[order], kind="stable")]
+        moved, homes, lower = raw[used[order]], homes[order], int(np.count_nonzero(homes < half))
+        for side, part in ((0, slice(0, lower)), (1, slice(lower, len(homes)))):
+            h = homes[part]
             if not len(h):
                 continue
-            order = np.argsort(h, kind="stable")  # nearly sorted already: a timsort pass
-            entries, h = entries[order], h[order]
             step = np.arange(len(h))
             slots = np.maximum(np.maximum.accumulate(h - step), last[side] + 1) + step
             last[side] = int(slots[-1])
-            fits = slots < half * (side + 1)
-            new[slots[fits]] = entries[fits]
-            later.append(entries[~fits])
+            fits = int(np.searchsorted(slots, half * (side + 1)))  # slots rise: those past the half's end wrap
+            new_raw[slots[:fits]] = moved[part][:fits]
+            later.append(moved[part][fits:])
         lo = hi
-    _place(new, np.concatenate(later))
+    _place(new, np.concatenate(later).view(new.dtype))
+
+
+def _plain(table: np.ndarray) -> np.ndarray:
+    """A table's entries viewed as one unsigned integer or opaque field of the same size."""
+    size = table.dtype.itemsize
+    return table.view(np.uint64 if size == 8 else np.dtype(f"V{size}"))
 
 
 def _probe(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros.
 
-    A round reads a window of _WINDOW slots' "k" per key (a cache line or two) and stops at the first slot equal to
-    the key or empty, as probing one slot at a time would: most keys end in the first round, so a batch costs a few
-    numpy passes rather than one per slot of its longest run.
+    The first round reads each key's home slot, where most lookups end. The others read a window of _WINDOW slots'
+    "k" per round and stop at the first slot equal to the key or empty, as probing one slot at a time would: a
+    batch costs a few numpy passes rather than one per slot of its longest run.
     """
     mask, table_k, k = len(table) - 1, table["k"], keys["k"]
     pos = (k & np.uint64(mask)).astype(np.int64)
-    out = np.zeros(len(keys), table.dtype)
-    active, step = np.arange(len(keys)), np.arange(_WINDOW)
+    pair = "k2" in table.dtype.names
+    slot = table[pos]
+    hit = (slot["k"] == k) & (slot["k2"] == keys["k2"]) if pair else slot["k"] == k
+    out = np.where(hit, slot, np.zeros(1, table.dtype))
+    active = np.flatnonzero(~hit & (slot["k"] != 0))
+    step = np.arange(1, _WINDOW + 1)
     while len(active):
         slots = (pos[active, None] + step) & mask
         window = table_k[slots]
-        hit = window == k[active, None]
-        if "k2" in table.dtype.names:  # a 64-bit match is a 128-bit one unless the second halves differ
-            row, col = np.nonzero(hit)
+        hits = window == k[active, None]
+        if pair:  # a 64-bit match is a 128-bit one unless the second halves differ
+            row, col = np.nonzero(hits)
             differ = table["k2"][slots[row, col]] != keys["k2"][active[row]]
-            hit[row[differ], col[differ]] = False
-        stop = hit | (window == 0)
+            hits[row[differ], col[differ]] = False
+        stop = hits | (window == 0)
         first = stop.argmax(axis=1)
         rows = np.arange(len(active))
-        ended = stop[rows, first]
-        found = np.flatnonzero(hit[rows, first])
+        found = np.flatnonzero(hits[rows, first])
         out[active[found]] = table[slots[found, first[found]]]
-        active = active[~ended]
-        pos[active] = (pos[active] + _WINDOW) & mask
+        active = active[~stop[rows, first]]
+        pos[active] += _WINDOW
     return out
 
 
