@@ -55,7 +55,9 @@ class ShardedTable:
     def insert(self, entries: np.ndarray) -> None:
         """Add entries whose keys are distinct and not in the table yet."""
         for shard, index in self._by_shard(entries):
-            if self._pending_counts[shard] + len(index) > PENDING_SLOTS // 2:
+            # Shard s flushes when its table is (1 + s / 16) / 4 full: the shards fill alike, and flushing at
+            # different counts keeps their flushes (and the doublings they set off) from coming all at once.
+            if self._pending_counts[shard] + len(index) > PENDING_SLOTS * (1 + shard / (1 << SHARD_BITS)) / 4:
                 self._flush(shard)
             if not len(self._pending[shard]):
                 # A power of two: probing wraps around with a mask.
