@@ -113,7 +113,7 @@ class ShardedTable:
             f.truncate(new_slots * self.dtype.itemsize)
         new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
         _double(old, new.view(np.ndarray))
-        new.flush()
+        # Not written back here: the tables are rebuilt after a crash, and clean pages would fault on their next write.
         del new, old
         self._maps[shard] = self._arrays[shard] = None
         os.replace(tmp, path)
@@ -142,10 +142,11 @@ def _double(old: np.ndarray, new: np.ndarray) -> None:
             hi = lo + int(empty[-1]) + 1  # the chunk ends at an empty slot
         used = lo + np.flatnonzero(keys[lo:hi] != 0)  # an index: numpy gathers faster than it masks
         homes = (keys[used] & np.uint64(2 * half - 1)).astype(np.int64)
-        order = np.argsort(homes >= half, kind="stable")  # the lower half's entries first: a radix pass
+        split = homes >= half
+        order = np.concatenate([np.flatnonzero(~split), np.flatnonzero(split)])  # the lower half's entries first
         # Each half's homes are nearly sorted already (slot order): a timsort pass.
         order = order[np.argsort(homes[order], kind="stable")]
-        moved, homes, lower = raw[used[order]], homes[order], int(np.count_nonzero(homes < half))
+        moved, homes, lower = raw[used[order]], homes[order], len(split) - int(np.count_nonzero(split))
         for side, part in ((0, slice(0, lower)), (1, slice(lower, len(homes)))):
             h = homes[part]
             if not len(h):
