@@ -110,13 +110,14 @@ class ShardedTable:
         new_slots = 2 * self.slots[shard]
         tmp = path.with_name(path.name + ".grow")
         with open(tmp, "wb") as f:
-            f.truncate(new_slots * self.dtype.itemsize)
+            os.posix_fallocate(f.fileno(), 0, new_slots * self.dtype.itemsize)
         new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
         _double(old, new.view(np.ndarray))
         # Not written back here: the tables are rebuilt after a crash, and clean pages would fault on their next write.
-        del new, old
-        self._maps[shard] = self._arrays[shard] = None
+        del old
         os.replace(tmp, path)
+        # The map stays on the file under its new name: mapped again, each page would fault once more.
+        self._maps[shard], self._arrays[shard] = new, new.view(np.ndarray)
         self.slots[shard] = new_slots
 
 
