@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
+SHARD_BITS = 4  # 16 shards per table by default: a doubling moves 1/16 of it, and a batch costs 16 numpy passes
 FIRST_SLOTS = 1 << 12
 # Shard s doubles when it is LOAD * 2 ** (s / 16) full (0.40-0.77): as the entries double, the shards double one at
 # a time, evenly spaced, so no stretch of documents pays for several doublings at once.
@@ -27,11 +27,12 @@ _CHUNK = 1 << 20  # slots per step when a shard doubles
 
 
 class ShardedTable:
-    """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**SHARD_BITS files."""
+    """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**shard_bits files."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype):
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, shard_bits: int = SHARD_BITS):
         self.directory, self.name, self.dtype = Path(directory), name, np.dtype(dtype)
-        shards = 1 << SHARD_BITS
+        self.shard_bits = shard_bits
+        shards = 1 << shard_bits
         self.slots: list[int] = [FIRST_SLOTS] * shards
         self.counts: list[int] = [0] * shards
         self._maps: list[np.memmap | None] = [None] * shards
@@ -57,7 +58,7 @@ class ShardedTable:
         for shard, index in self._by_shard(entries):
             # Shard s flushes when its table is (1 + s / 16) / 4 full: the shards fill alike, and flushing at
             # different counts keeps their flushes (and the doublings they set off) from coming all at once.
-            if self._pending_counts[shard] + len(index) > PENDING_SLOTS * (1 + shard / (1 << SHARD_BITS)) / 4:
+            if self._pending_counts[shard] + len(index) > PENDING_SLOTS * (1 + shard / (1 << self.shard_bits)) / 4:
                 self._flush(shard)
             if not len(self._pending[shard]):
                 # A power of two: probing wraps around with a mask.
@@ -69,7 +70,7 @@ class ShardedTable:
         """Move a shard's pending entries into its file, in slot order."""
         pending = self._pending[shard]
         entries = pending[np.flatnonzero(pending["k"] != 0)]
-        load = LOAD * 2 ** (shard / (1 << SHARD_BITS))
+        load = LOAD * 2 ** (shard / (1 << self.shard_bits))
         while self.counts[shard] + len(entries) > load * self.slots[shard]:
             self._grow(shard)
         entries = entries[np.argsort(entries["k"] & np.uint64(self.slots[shard] - 1))]
@@ -82,14 +83,15 @@ class ShardedTable:
         self._maps = [None] * len(self._maps)
         self._arrays = [None] * len(self._arrays)
         self._pending = [np.zeros(0, self.dtype)] * len(self._pending)
-        for shard in range(1 << SHARD_BITS):
+        for shard in range(1 << self.shard_bits):
             self._path(shard).unlink(missing_ok=True)
 
     def _by_shard(self, entries: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        shard = (entries["k"] >> np.uint64(64 - SHARD_BITS)).astype(np.int64)
+        shard = (entries["k"] >> np.uint64(64 - self.shard_bits)).astype(np.int64)
         order = np.argsort(shard, kind="stable")
-        bounds = np.searchsorted(shard[order], np.arange((1 << SHARD_BITS) + 1))
-        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(1 << SHARD_BITS) if bounds[s] < bounds[s + 1]]
+        shards = 1 << self.shard_bits
+        bounds = np.searchsorted(shard[order], np.arange(shards + 1))
+        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(shards) if bounds[s] < bounds[s + 1]]
 
     def _path(self, shard: int) -> Path:
         return self.directory / f"{self.name}-{shard:02d}.bin"
