@@ -153,3 +153,28 @@ def test_meter_resumes_a_checkpoints_totals_and_a_rollback_gives_no_energy_back(
     again = meter(tmp_path / "resumed")
     again.on_train_start(2)
     assert again.totals["energy_kwh"] == final["energy_kwh"]
+
+
+class SteppedCounter(Source):
+    """An energy counter like NVML's: it advances by a whole quantum (10 ms of 700 W) at a time."""
+
+    def start(self) -> None:
+        self._origin, self._read = time.perf_counter(), 0
+
+    def joules(self, seconds: float) -> float:
+        quanta = int((time.perf_counter() - self._origin) / 0.01)
+        new, self._read = quanta - self._read, quanta
+        return new * 7.0
+
+
+def test_power_is_averaged_over_a_window_long_enough_for_a_stepped_counter(tmp_path):
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    source = SteppedCounter("gpu", "a stepped counter", watts=700.0, estimate=False)
+    m = EnergyMeter(source, env, EventLog(tmp_path / "events.jsonl"), RunDir(tmp_path), every=1, total_steps=400)
+    m.on_train_start(0)
+    powers = []
+    for n in range(1, 300):  # steps of ~6 ms: each alone sees 0 or 1 quantum of the counter (0 or ~1,200 W)
+        time.sleep(0.006)
+        powers.append(step(m, n)["power_w"])
+    late = sorted(powers[200:])  # once the window is full
+    assert late[0] > 600 and late[-1] < 800 and 650 < late[len(late) // 2] < 750

@@ -153,6 +153,11 @@ class TrainConfig(Section):
         "auto", description="Device to train on; auto picks CUDA if present."
     )
     compile: bool = Field(False, description="Compile the model with torch.compile (helps on GPU, not on CPU).")
+    fp8: bool = Field(
+        False,
+        description="Run the blocks' linear layers' matmuls in float8 (torchao Float8Linear; CPU, or CUDA compute "
+        "capability 8.9+).",
+    )
     activation_checkpointing: Literal["none", "selective", "full"] = Field(
         "none", description="Recompute activations in backward: none, selective (see train.ac_every) or every block."
     )
@@ -195,6 +200,14 @@ class ParallelConfig(Section):
     )
     pp_stages_per_rank: int | None = Field(
         None, gt=0, description="Pipeline stages per rank; empty = 2 for interleaved_1f1b, else 1."
+    )
+    fsdp_param_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="FSDP2 only: dtype parameters are all-gathered and computed in (shards and optimizer stay "
+        "float32); empty = float32.",
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="FSDP2 only: dtype gradients are reduce-scattered in; empty = float32."
     )
 
     @model_validator(mode="before")

@@ -30,6 +30,12 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def fsdp(self) -> bool:
+        """Whether parallelize shards with FSDP2: data parallel over several ranks, unless DDP alone replicates (a
+        pipeline's stages and tensor-parallel models replicate through FSDP2 with one shard, HSDP)."""
+        return self.dp > 1 and (self.dp_shard > 1 or self.tp > 1 or self.pp > 1)
+
+    @property
     def size(self) -> int:
         """Processes the mesh spans."""
         return self.pp * self.dp * self.tp

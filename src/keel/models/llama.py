@@ -299,5 +299,6 @@ SPEC = ModelSpec(
     tensor_parallel=tensor_parallel,
     hf=HF,
     pipeline=PipelineSplit("layers", first=("tok_embeddings",), last=("norm", "output")),
+    high_precision=("output",),
     memory=llama_memory,
 )

@@ -77,6 +77,8 @@ class ModelSpec:
     tensor_parallel: Callable[[nn.Module, Any], None]
     hf: HFMapping | None = None  # Hugging Face export/import; None where the family has no HF counterpart
     pipeline: PipelineSplit | None = None  # how pipeline parallel splits it; None: it does not
+    # linear layers kept out of float8 (train.fp8): the output projection, whose logits need the precision
+    high_precision: tuple[str, ...] = ()
     # (args, tensor-parallel degree, precision, device type, tokens per micro-batch) -> what it holds in memory, for
     # `keel plan`; None: not planned
     memory: Callable[[Any, int, str, str, int], MemoryShape] | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 from keel.callback import Callback
 from keel.checkpoint.commit import committed_steps
-from keel.config import ObserveConfig
+from keel.config import Config, ObserveConfig
 from keel.config_toml import apply_overrides, build_config, parse_override, read_toml, save_config
 from keel.data.card import license_flags, summary_lines, table
 from keel.data.licenses import hf_license, normalize, terms
@@ -144,6 +144,17 @@ def _model_section(f: RunFacts) -> list[str]:
     return ["## Model", "", *table(["", ""], rows)]
 
 
+def low_precision_notes(cfg: Config) -> str:
+    """What the precision row adds for FSDP2's mixed-precision policy and float8 layers (empty when neither is on)."""
+    par, notes = cfg.parallel, ""
+    if par.fsdp_param_dtype or par.fsdp_reduce_dtype:
+        gather, reduce = par.fsdp_param_dtype or "float32", par.fsdp_reduce_dtype or "float32"
+        notes += f", FSDP2 parameters gathered in {gather} and gradients reduced in {reduce} (fp32 master weights)"
+    if cfg.train.fp8:
+        notes += ", float8 matmuls in the blocks' linear layers (torchao Float8Linear)"
+    return notes
+
+
 def _training_section(f: RunFacts) -> list[str]:
     c = f.cfg
     t, o = c.train, c.optim
@@ -161,7 +172,10 @@ def _training_section(f: RunFacts) -> list[str]:
             f"AdamW, lr {o.lr:g} (warm-up {o.warmup_steps} steps, cosine to {o.min_lr_ratio:g} x), betas "
             f"({o.beta1:g}, {o.beta2:g}), eps {o.eps:g}, weight decay {o.weight_decay:g}, grad clip {t.grad_clip:g}",
         ],
-        ["precision", f"{f.precision} on {f.device_type}" + (", torch.compile" if t.compile else "")],
+        [
+            "precision",
+            f"{f.precision} on {f.device_type}" + low_precision_notes(c) + (", torch.compile" if t.compile else ""),
+        ],
         [
             "parallel layout",
             f"{f.world_size} processes ({layout.describe()}: {dims}), "

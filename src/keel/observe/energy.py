@@ -7,7 +7,7 @@ integral honest). On logged steps the ranks gather their figures and the step re
   energy_kwh            every rank's energy since the run began, all attempts
   energy_estimated_kwh  the part of it that is an estimate from rated power, not a measurement
   device_hours          every rank's time in the training loop, all attempts
-  power_w               the ranks' mean power since the previous logged step, summed
+  power_w               the ranks' mean power over the last POWER_WINDOW_S seconds at least, summed
 
 Only the loop is metered: the start-up of each attempt (its share of wall time is the goodput ledger's
 `startup`) is not. Totals are in every checkpoint, and an attempt starts from the largest total the run has
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import deque
 
 from keel.callback import Callback, StepOutcome
 from keel.distributed.env import DistEnv, all_gather_floats
@@ -29,6 +30,10 @@ from keel.observe.power import Source
 from keel.rundir import RunDir
 
 SAMPLE_S = 1.0  # the longest a rank goes without reading its source
+# An energy counter advances in steps (NVML's every few tens of ms): over one short step its difference is often
+# 0 or two steps' worth, and a median of such windows read 806 W on a 700 W H200. Power is averaged over the reads
+# that span at least this long.
+POWER_WINDOW_S = 2.0
 TOTALS = ("energy_kwh", "energy_estimated_kwh", "device_hours")
 JOULES_PER_KWH = 3.6e6
 
@@ -59,7 +64,8 @@ class EnergyMeter(Callback):
         self.totals = dict.fromkeys(TOTALS, 0.0)  # the run's, as of the last gather (the same on every rank)
         self._carried = dict(self.totals)  # the run's before this attempt
         self._mine = [0.0, 0.0, 0.0]  # this rank this attempt: joules, estimated joules, seconds
-        self._window = [0.0, 0.0]  # joules and seconds since the last gather
+        self._recent: deque[tuple[float, float]] = deque()  # (joules, seconds) of the reads in the power window
+        self._window = [0.0, 0.0]  # their sums
         self._last: float | None = None  # when the source was last read; None before the loop starts
         self._step = 0
         self._announced = False  # whether this attempt's `power_source` event is written
@@ -118,8 +124,13 @@ class EnergyMeter(Callback):
         self._mine[0] += joules
         self._mine[1] += joules if self.source.estimate else 0.0
         self._mine[2] += seconds
+        self._recent.append((joules, seconds))
         self._window[0] += joules
         self._window[1] += seconds
+        while len(self._recent) > 1 and self._window[1] - self._recent[0][1] >= POWER_WINDOW_S:
+            old_joules, old_seconds = self._recent.popleft()
+            self._window[0] -= old_joules
+            self._window[1] -= old_seconds
         self._last = now
 
     def _gather(self) -> dict[str, float]:
@@ -131,5 +142,4 @@ class EnergyMeter(Callback):
             "device_hours": self._carried["device_hours"] + used[2] / 3600,
         }
         power = sum(row[3] / row[4] for row in rows if row[4] > 0)
-        self._window = [0.0, 0.0]
         return {**self.totals, "power_w": power}

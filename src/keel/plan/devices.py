@@ -34,6 +34,7 @@ class Expected:
     checkpointing: str  # none, selective (per op: no recomputed matmuls) or full
     source: str
     measured: bool  # a Keel run on this device (True) or a published figure (False)
+    eager_mfu: float | None = None  # the same runs without torch.compile, where measured; None: compile makes no odds
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Device:
         return self.fp32 if precision == "fp32" else self.bf16
 
 
-# Published figures, not measured by Keel (no GPU was lent to this work): torchtitan's Llama 3 runs.
+# Published figures, not measured by Keel: torchtitan's Llama 3 runs.
 TORCHTITAN_H100 = Expected(
     0.39,
     "selective",
@@ -77,6 +78,16 @@ TORCHTITAN_A100 = Expected(
     "assumed: torchtitan's Llama 3 8B with FSDP on 64 A100s, per-op selective checkpointing, 58.2% "
     "(pytorch/torchtitan docs/performance.md); no Keel run on this GPU yet",
     measured=False,
+)
+# Measured: bench/gpu_train.py, docs/benchmarks.md "GPU" (a Llama 1B shape, seq 2048, batch 8, one H200, bf16,
+# 2026-11-26): 50.9% with torch.compile per block, 40.0% eager. The H100 has the same SMs and peak (slower memory).
+KEEL_H200 = Expected(
+    0.509,
+    "none",
+    "measured: Keel's trainer, Llama 1B shape, bf16 + torch.compile, one H200 (docs/benchmarks.md, GPU); "
+    "40.0% without compile",
+    measured=True,
+    eager_mfu=0.400,
 )
 # Measured: bench/train_throughput.py, docs/benchmarks.md "Training throughput" (2-core EPYC, fp32, one process,
 # 2 threads, the fused loss and fused AdamW; 2026-11-25, idle machine).
@@ -103,7 +114,7 @@ def _gpu(kind: str, acc: Accelerator, memory_mib: int, watts: float, link: float
 # meter's table).
 GPUS = {
     "h100": _gpu("h100", H100_SXM, 81559, GPU_WATTS["H100 SXM"], NVLINK4, TORCHTITAN_H100),
-    "h200": _gpu("h200", H200_SXM, 143771, GPU_WATTS["H200 SXM"], NVLINK4, TORCHTITAN_H100),
+    "h200": _gpu("h200", H200_SXM, 143771, GPU_WATTS["H200 SXM"], NVLINK4, KEEL_H200),
     "a100": _gpu("a100", replace(A100, name="A100 SXM 80GB"), 81920, GPU_WATTS["A100 SXM"], NVLINK3, TORCHTITAN_A100),
 }
 KINDS = (*GPUS, "cpu")

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from keel.config import Config, split_batch
 from keel.data.manifest import load_manifest
-from keel.distributed.mesh import resolve_layout
+from keel.distributed.mesh import Layout, resolve_layout
 from keel.errors import ConfigError, DataError
 from keel.models import model_args
 from keel.models.spec import ModelSpec
@@ -132,8 +132,11 @@ def describe(setup: Setup) -> str:
     return f"{dims}, checkpointing {mode}, micro-batch {setup.micro_batch}"
 
 
-def precision_of(cfg: Config, device: Device) -> str:
-    """How the run computes: fp32, or bf16 autocast over fp32 weights (Keel's bf16); `auto` as the device decides."""
+def precision_of(cfg: Config, device: Device, layout: Layout | None = None) -> str:
+    """How the run computes: fp32, bf16 autocast over fp32 weights (Keel's bf16; `auto` as the device decides), or
+    bf16 weights where FSDP2 gathers them in bf16 (`parallel.fsdp_param_dtype`) on a `layout` that shards."""
+    if cfg.parallel.fsdp_param_dtype == "bfloat16" and layout is not None and layout.fsdp:
+        return "bf16"
     return {"fp32": "fp32", "bf16": "autocast"}.get(cfg.train.precision, device.auto_precision)
 
 
@@ -159,7 +162,7 @@ def setup_of(cfg: Config, sizes: dict[str, int], device: Device) -> Setup:
         seq_len=cfg.train.seq_len,
         checkpointing=cfg.train.activation_checkpointing,
         ac_every=cfg.train.ac_every,
-        precision=precision_of(cfg, device),
+        precision=precision_of(cfg, device, Layout(**sizes)),
         pp_in_flight=in_flight,
     )
 
@@ -190,7 +193,8 @@ def make_plan(cfg: Config, model: Planned, device: Device, setup: Setup, price: 
     memory = estimate(shape, setup, device.framework, device.allocator)
     flops = model.spec.flops_per_token(model.args, cfg.train.seq_len)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
-    speed = step_speed(flops, tokens, shape, setup, device, cfg.parallel.nproc, pipeline_bubble(cfg, setup))
+    bubble = pipeline_bubble(cfg, setup)
+    speed = step_speed(flops, tokens, shape, setup, device, cfg.parallel.nproc, bubble, cfg.train.compile)
     return Plan(setup, device, memory, speed, tokens, flops, cfg.train.steps, price)
 
 

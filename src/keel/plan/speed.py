@@ -45,10 +45,13 @@ def recomputed(checkpointing: str, ac_every: int) -> float:
     return 0.0
 
 
-def expected_mfu(device: Device, setup: Setup) -> float:
-    """The device's expected MFU, moved from the checkpointing it was measured with to this run's."""
-    measured = 1 + recomputed(device.expected.checkpointing, 0) / 3
-    return device.expected.mfu * measured / (1 + recomputed(setup.checkpointing, setup.ac_every) / 3)
+def expected_mfu(device: Device, setup: Setup, compiled: bool = True) -> float:
+    """The device's expected MFU (eager, where measured so, for a run without torch.compile), moved from the
+    checkpointing it was measured with to this run's."""
+    expected = device.expected
+    mfu = expected.mfu if compiled or expected.eager_mfu is None else expected.eager_mfu
+    measured = 1 + recomputed(expected.checkpointing, 0) / 3
+    return mfu * measured / (1 + recomputed(setup.checkpointing, setup.ac_every) / 3)
 
 
 def collective_bandwidth(group: int, inner: int, nproc: int, device: Device) -> float:
@@ -64,9 +67,11 @@ def step_speed(
     device: Device,
     nproc: int,
     pp_bubble: float = 0.0,
+    compiled: bool = True,
 ) -> Speed:
-    """The step time of `setup` on `device` with `nproc` processes per machine; pp_bubble: idle share of compute."""
-    mfu = expected_mfu(device, setup)
+    """The step time of `setup` on `device` with `nproc` processes per machine; pp_bubble: idle share of compute;
+    compiled: whether the blocks run under torch.compile."""
+    mfu = expected_mfu(device, setup, compiled)
     compute = flops_per_token * tokens_per_step / (setup.world * device.peak(setup.precision) * mfu)
     t, blocks = setup.tp, shape.n_blocks / setup.pp
     tp_s = 0.0

@@ -106,7 +106,6 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             t.timer,
             saved=lambda step, path: t.call("on_checkpoint", step, path),
         ),
-        *([PlanEvent(plan, t.events)] if plan else []),
         RunLifecycle(
             run.root,
             env,
@@ -116,5 +115,6 @@ def build_callbacks(t: Trainer) -> list[Callback]:
             progress=lambda: (t.state.step, t.state.tokens_seen),
             precision=t.precision.name,
         ),
+        *([PlanEvent(plan, t.events)] if plan else []),  # after the start it belongs to
         CardWriter(run, env),
     ]

@@ -15,6 +15,7 @@ from keel.data.dataset import TokenDataset
 from keel.data.loader import num_samples
 from keel.data.manifest import load_manifest, manifest_sha256, resolve_inside
 from keel.data.mixture import MixtureOrder
+from keel.distributed.float8 import fp8_problem
 from keel.distributed.mesh import resolve_layout
 from keel.errors import ConfigError, DataError, LaunchError
 from keel.eval.templates import load_templates
@@ -91,6 +92,20 @@ def check_layout(cfg: Config, spec: ModelSpec, args: BaseModel) -> None:
         raise ConfigError(
             "parallel.tp: tied embeddings are not split by tensor parallel; set model.tie_embeddings=false"
         )
+
+
+def check_low_precision(cfg: Config) -> None:
+    """FSDP2's mixed-precision keys only where FSDP2 shards the model; train.fp8 only where float8 matmuls run."""
+    layout = resolve_layout(cfg.parallel, cfg.parallel.world_size)
+    for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        if getattr(cfg.parallel, key) is not None and not layout.fsdp:
+            raise ConfigError(
+                f"parallel.{key}: applies only to FSDP2 (parallel.dp_shard > 1), and this layout ({layout.describe()}) "
+                f"does not shard; remove it (train.precision=bf16 gives bf16 autocast without FSDP2)"
+            )
+    problem = cfg.train.fp8 and fp8_problem(cfg.train.device, layout.tp)
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_pipeline(cfg: Config, spec: ModelSpec, args: BaseModel, dp: int) -> None:

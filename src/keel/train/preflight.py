@@ -25,6 +25,7 @@ from keel.train.checks import (
     check_file_hash,
     check_init_from_hf,
     check_layout,
+    check_low_precision,
     check_same_model,
     check_tokenizer,
     mixture_hashes,
@@ -69,6 +70,7 @@ def resolve(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(f"resilience.inject: {e}") from None
     check_layout(resolved, spec, args)
+    check_low_precision(resolved)
     check_fits(resolved)
     check_data(resolved)
     check_audit(resolved)
