@@ -17,8 +17,8 @@ import numpy as np
 
 SHARD_BITS = 4  # 16 shards per table by default: a doubling moves 1/16 of it, and a batch costs 16 numpy passes
 FIRST_SLOTS = 1 << 12
-# Shard s doubles when it is LOAD * 2 ** (s / 16) full (0.40-0.77): as the entries double, the shards double one at
-# a time, evenly spaced, so no stretch of documents pays for several doublings at once.
+# Shard s of n doubles when it is LOAD * 2 ** (s / n) full (0.40-0.77 with 16): as the entries double, the shards
+# double one at a time, evenly spaced, so no stretch of documents pays for several doublings at once.
 LOAD = 0.4
 _SCALAR = 16  # placing fewer entries than this goes on in Python: numpy calls cost more than they do
 _WINDOW = 8  # slots a lookup reads per round after its home slot: a 64-byte line of 8-byte entries
@@ -56,8 +56,8 @@ class ShardedTable:
     def insert(self, entries: np.ndarray) -> None:
         """Add entries whose keys are distinct and not in the table yet."""
         for shard, index in self._by_shard(entries):
-            # Shard s flushes when its table is (1 + s / 16) / 4 full: the shards fill alike, and flushing at
-            # different counts keeps their flushes (and the doublings they set off) from coming all at once.
+            # Shard s of n flushes when its pending table is (1 + s / n) / 4 full: the shards fill alike, and flushing
+            # at different counts keeps their flushes (and the doublings they set off) from coming all at once.
             if self._pending_counts[shard] + len(index) > PENDING_SLOTS * (1 + shard / (1 << self.shard_bits)) / 4:
                 self._flush(shard)
             if not len(self._pending[shard]):
