@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 import keel.data.pii_ner
+from conftest import dataset_text
 from keel.config import PrepareConfig
 from keel.data.manifest import PrepareSettings
 from keel.data.pii import detectors, find, replace, scrub
@@ -116,22 +118,60 @@ def test_pii_settings_reach_the_manifest_only_when_pii_is_on():
     dumped = PrepareSettings(val_fraction=0.1, text_field="t", shard_tokens=9, stages=off).model_dump(exclude_none=True)
     assert "pii_regions" not in dumped["stages"] and "pii_ner" not in dumped["stages"]
     on = StageSettings.from_config(PrepareConfig(pii=True, pii_regions=["GB"]))
-    assert on.pii_regions == ("GB",) and on.scrubbing == {"regions": ("GB",), "ner": False}
+    assert on.pii_regions == ("GB",) and on.scrubbing == {"regions": ("GB",), "ner": None}
+    ner = StageSettings.from_config(PrepareConfig(pii=True, pii_ner=True))
+    assert ner.scrubbing["ner"] == ner.pii_ner_model == "en_core_web_sm"  # the default pipeline, named in the manifest
 
 
-def test_ner_without_spacy_or_its_model_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(keel.data.pii_ner, "MODEL", "no_such_spacy_model")
-    keel.data.pii_ner._nlp.cache_clear()
+def test_ner_without_its_spacy_pipeline_is_a_one_line_error_before_any_work(tmp_path):
     (tmp_path / "a.txt").write_text("Jane Doe lives at 12 Abbey Road, London.")
-    with pytest.raises(ConfigError, match="^prepare.pii_ner needs (spaCy|the spaCy model no_such_spacy_model): pip"):
-        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", stages=StageSettings(pii=True, pii_ner=True))
-    keel.data.pii_ner._nlp.cache_clear()
-    assert not (tmp_path / "ds").exists()
+    (tmp_path / "empty").mkdir()
+    for model in ("no_such_spacy_model", str(tmp_path / "empty")):
+        stages = StageSettings(pii=True, pii_ner=True, pii_ner_model=model)
+        with pytest.raises(ConfigError, match=f"^prepare.pii_ner_model: cannot load the spaCy pipeline {model} "):
+            prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", stages=stages)
+        assert not (tmp_path / "ds").exists()
+
+
+def ruler_pipeline(directory: Path) -> Path:
+    """A real spaCy pipeline whose entities come from patterns (no statistical model ships in a registry here)."""
+    spacy = pytest.importorskip("spacy")
+    nlp = spacy.blank("en")
+    ruler = nlp.add_pipe("entity_ruler")
+    people = [("Jane", "Doe"), ("Arjun", "Mehta"), ("Marie", "Curie")]
+    patterns = [{"label": "PERSON", "pattern": [{"TEXT": first}, {"TEXT": last}]} for first, last in people]
+    patterns.append({"label": "FAC", "pattern": [{"LIKE_NUM": True}, {"TEXT": "Rue"}, {"IS_TITLE": True}]})
+    ruler.add_patterns(patterns)
+    nlp.to_disk(directory)
+    return directory
+
+
+def test_ner_scrubs_names_and_addresses_with_a_spacy_pipeline_in_every_worker(tmp_path):
+    model = ruler_pipeline(tmp_path / "ner")
+    docs = [
+        "Write to Jane Doe at 221 Baker Street, London NW1 6XE, about the parcel.",
+        "Arjun Mehta met Marie Curie at 14 Rue Cuvier, Paris.",
+        "def area(r):\n    return 3.14 * r ** 2  # version 1.2.3, sha 9f86d081\n",
+    ] * 40
+    filler = " ".join(["the parcel went by rail and then by road"] * 500)  # 20 KB: two pool tasks' worth in all
+    for i, text in enumerate(docs):
+        (tmp_path / f"d{i:03d}.txt").write_text(f"{text}\n{filler}\n")
+    out = tmp_path / "ds"
+    stages = StageSettings(pii=True, pii_ner=True, pii_ner_model=str(model))
+    prepare_dataset([str(tmp_path / "*.txt")], out, vocab_size=300, val_fraction=0.1, stages=stages, workers=2)
+    text = dataset_text(out)
+    for name in ("Jane", "Doe", "Arjun", "Mehta", "Curie", "Baker Street", "Rue Cuvier", "NW1"):
+        assert name not in text
+    assert "<PERSON>" in text and "<ADDRESS>" in text and "3.14 * r ** 2" in text and "1.2.3" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["stages"]["pii_ner_model"] == str(model.resolve())
+    pii = manifest["stages"]["pii"]
+    assert (pii["replacements.PERSON"], pii["replacements.ADDRESS"]) == (120, 80)
 
 
 def test_ner_finds_people_and_street_addresses_when_spacy_and_its_model_are_installed():
     spacy = pytest.importorskip("spacy")
     if not spacy.util.is_package(keel.data.pii_ner.MODEL):
         pytest.skip(f"the spaCy model {keel.data.pii_ner.MODEL} is not installed")
-    text, counts = scrub("Write to Jane Doe at 221 Baker Street, London NW1 6XE.", ner=True)
+    text, counts = scrub("Write to Jane Doe at 221 Baker Street, London NW1 6XE.", ner=keel.data.pii_ner.MODEL)
     assert counts["PERSON"] == 1 and counts["ADDRESS"] == 1, text

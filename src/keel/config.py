@@ -118,6 +118,11 @@ class PrepareConfig(Section):
     pii_ner: bool = Field(
         False, description="Also replace person names and street addresses, found by a spaCy NER model (optional)."
     )
+    pii_ner_model: str = Field(
+        "en_core_web_sm",
+        min_length=1,
+        description="prepare.pii_ner's spaCy pipeline: an installed package or a directory.",
+    )
 
     @field_validator("pii_regions")
     @classmethod

@@ -81,12 +81,13 @@ def replace(text: str, found: Sequence[Found]) -> str:
     return "".join(out)
 
 
-def _passes(text: str, regions: tuple[str, ...], ner: bool, seen: Callable[[str, list[Found]], None]) -> str:
-    """Run NER (when on), then each detector, on the text the ones before left; `seen` gets each replacement."""
+def _passes(text: str, regions: tuple[str, ...], ner: str | None, seen: Callable[[str, list[Found]], None]) -> str:
+    """Run NER (with the spaCy pipeline `ner`, if any), then each detector, on the text the ones before left; `seen`
+    gets each replacement."""
     if ner:
         from keel.data.pii_ner import find_entities  # optional: spaCy and a model, only with prepare.pii_ner
 
-        found = find_entities(text)
+        found = find_entities(text, ner)
         if found:
             seen(text, found)
             text = replace(text, found)
@@ -99,14 +100,14 @@ def _passes(text: str, regions: tuple[str, ...], ner: bool, seen: Callable[[str,
     return text
 
 
-def scrub(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> tuple[str, Counter[str]]:
+def scrub(text: str, regions: tuple[str, ...] = REGIONS, ner: str | None = None) -> tuple[str, Counter[str]]:
     """Replace PII with typed placeholders; return the new text and the replacements per label."""
     counts: Counter[str] = Counter()
     text = _passes(text, regions, ner, lambda _, found: counts.update(label for _, _, label in found))
     return text, counts
 
 
-def find(text: str, regions: tuple[str, ...] = REGIONS, ner: bool = False) -> list[Found]:
+def find(text: str, regions: tuple[str, ...] = REGIONS, ner: str | None = None) -> list[Found]:
     """What scrub replaces, as (start, end, label) spans of the original text."""
     # A later match over an earlier placeholder covers that placeholder's original text.
     # Placeholders in the current text: (current start, current end, original start, original end, label).

@@ -1,8 +1,9 @@
 """Optional NER scrubbing (prepare.pii_ner): person names and street addresses, found with a spaCy model.
 
-spaCy and its English model are not installed with Keel; turning the option on without them is a one-line
-error. A person is a PERSON entity; an address is a house number and street (a FAC entity, or a name ending in
-a street word), extended over the city (GPE), state and postal code that follow it.
+The pipeline is prepare.pii_ner_model: an installed spaCy package (en_core_web_sm by default) or a pipeline
+directory (`nlp.to_disk`). spaCy's models are not installed with Keel; turning the option on without the one named
+is a one-line error. A person is a PERSON entity; an address is a house number and street (a FAC entity, or a name
+ending in a street word), extended over the city (GPE), state and postal code that follow it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from functools import lru_cache
 from keel.errors import ConfigError
 
 MODEL = "en_core_web_sm"
-INSTALL = f"pip install spacy==3.8.18 and its {MODEL} model (python -m spacy download {MODEL})"
+INSTALL = "pip install spacy==3.8.18 and a model (python -m spacy download {model}), or name a pipeline directory"
 _STREET = re.compile(
     r"\b\d{1,5}[A-Za-z]?(?:[ ][A-Z][A-Za-z.'-]*){1,4}[ ](?:Street|St\.?|Avenue|Ave\.?|Road|Rd\.?|Boulevard|Blvd\.?|"
     r"Lane|Ln\.?|Drive|Dr\.?|Court|Ct\.?|Way|Place|Pl\.?|Terrace|Square|Sq\.?|Parkway|Pkwy\.?|Highway|Hwy\.?)"
@@ -22,27 +23,31 @@ _STREET = re.compile(
 _TAIL = re.compile(r"(?:,? (?:[A-Z][A-Za-z.'-]*(?: [A-Z][A-Za-z.'-]*){0,2}|[A-Z]{2} \d{5}(?:-\d{4})?|\d{5}))+")
 
 
-@lru_cache(maxsize=1)
-def _nlp():
-    """The spaCy pipeline, loaded once per process, with only what NER needs."""
+@lru_cache(maxsize=2)
+def _nlp(model: str):
+    """The spaCy pipeline `model`, loaded once per process, with only what NER needs."""
+    how = INSTALL.format(model=model if "/" not in model else MODEL)
     try:
         import spacy
     except ImportError:
-        raise ConfigError(f"prepare.pii_ner needs spaCy: {INSTALL}") from None
+        raise ConfigError(f"prepare.pii_ner needs spaCy: {how}") from None
     try:
-        return spacy.load(MODEL, exclude=["parser", "lemmatizer", "attribute_ruler", "tagger", "senter"])
-    except OSError:
-        raise ConfigError(f"prepare.pii_ner needs the spaCy model {MODEL}: {INSTALL}") from None
+        nlp = spacy.load(model, exclude=["parser", "lemmatizer", "attribute_ruler", "tagger", "senter"])
+    except (OSError, ValueError) as e:  # not installed, not a pipeline directory, or a broken one
+        raise ConfigError(f"prepare.pii_ner_model: cannot load the spaCy pipeline {model} ({e}); {how}") from None
+    if "ner" not in nlp.pipe_names and "entity_ruler" not in nlp.pipe_names:
+        raise ConfigError(f"prepare.pii_ner_model: the spaCy pipeline {model} finds no entities (no ner component)")
+    return nlp
 
 
-def require_ner() -> None:
-    """Raise a one-line ConfigError unless spaCy and its model load."""
-    _nlp()
+def require_ner(model: str = MODEL) -> None:
+    """Raise a one-line ConfigError unless spaCy and the pipeline `model` load."""
+    _nlp(model)
 
 
-def find_entities(text: str) -> list[tuple[int, int, str]]:
+def find_entities(text: str, model: str = MODEL) -> list[tuple[int, int, str]]:
     """(start, end, label) of each person name (PERSON) and street address (ADDRESS), in order, not overlapping."""
-    doc = _nlp()(text)
+    doc = _nlp(model)(text)
     found = [(e.start_char, e.end_char, "PERSON") for e in doc.ents if e.label_ == "PERSON"]
     streets = [(m.start(), m.end()) for m in _STREET.finditer(text)]
     streets += [(e.start_char, e.end_char) for e in doc.ents if e.label_ == "FAC" and any(c.isdigit() for c in e.text)]

@@ -96,8 +96,8 @@ def prepare_dataset(
             f"prepare.licenses: {unknown[0]!r} is not one of prepare.sources; key each license by its glob"
         )
     stages = stages or StageSettings()
-    if stages.pii and stages.pii_ner:
-        require_ner()  # a missing model is a one-line error now, not a traceback in every worker
+    if stages.pii and stages.ner_model:
+        require_ner(stages.ner_model)  # a missing model is a one-line error now, not a traceback in every worker
     settings = PrepareSettings(
         val_fraction=val_fraction, text_field=text_field, shard_tokens=shard_tokens, bad_input=bad_input, stages=stages
     )

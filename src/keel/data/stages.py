@@ -7,11 +7,13 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import NamedTuple
 
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
+from keel.data.pii_ner import MODEL as NER_MODEL
 from keel.data.pii_phone import REGIONS
 
 _WORD = re.compile(r"\w+")
@@ -42,19 +44,29 @@ class StageSettings:
     # None, not a value, unless PII scrubbing is on: the manifests of datasets prepared without them stay as they were.
     pii_regions: tuple[str, ...] | None = None  # None: keel.data.pii_phone.REGIONS
     pii_ner: bool | None = None
+    pii_ner_model: str | None = None  # the spaCy pipeline, when pii_ner is on
 
     @classmethod
     def from_config(cls, prepare: object) -> StageSettings:
         """The settings named by the same keys of a [prepare] config section."""
         given = {f.name: getattr(prepare, f.name) for f in fields(cls)}
         if not given["pii"]:
-            return cls(**{**given, "pii_regions": None, "pii_ner": None})
-        return cls(**{**given, "pii_regions": tuple(given["pii_regions"]), "pii_ner": given["pii_ner"] or None})
+            return cls(**{**given, "pii_regions": None, "pii_ner": None, "pii_ner_model": None})
+        ner = given["pii_ner"] or None
+        model = given["pii_ner_model"] if ner else None
+        if model and Path(model).exists():  # a pipeline directory: the manifest names it wherever prepare ran
+            model = str(Path(model).resolve())
+        return cls(**{**given, "pii_regions": tuple(given["pii_regions"]), "pii_ner": ner, "pii_ner_model": model})
 
     @property
     def scrubbing(self) -> dict:
         """keel.data.pii.scrub's keyword arguments for these settings."""
-        return {"regions": self.pii_regions or REGIONS, "ner": bool(self.pii_ner)}
+        return {"regions": self.pii_regions or REGIONS, "ner": self.ner_model}
+
+    @property
+    def ner_model(self) -> str | None:
+        """The spaCy pipeline NER scrubbing uses, or None when it is off."""
+        return (self.pii_ner_model or NER_MODEL) if self.pii_ner else None
 
 
 # Which ASCII bytes count as space, alphanumeric, digit: taken from str's own methods, so the byte counts agree.
