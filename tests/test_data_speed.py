@@ -22,6 +22,7 @@ import keel.data.prepare
 import keel.data.sources
 import keel.data.stages
 from conftest import dataset_text, near_copy, quiet
+from keel.data import hashtable
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.hashtable import ShardedTable
 from keel.data.merge import merge_datasets
@@ -485,3 +486,26 @@ def test_the_hash_tables_keep_every_entry_through_doublings_and_flushes(tmp_path
     assert table.find(entries)["v"].tolist() == list(stored.values())
     table.delete()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_doubling_places_wrapped_and_overflowing_runs_and_lookups_tell_digests_apart(monkeypatch):
+    exact = np.dtype([("k", "<u8"), ("k2", "<u8")])
+    rng = np.random.default_rng(3)
+    for chunk, slots, load in ((7, 64, 0.9), (100, 1024, 0.75), (1 << 20, 4096, 0.6)):
+        monkeypatch.setattr("keel.data.hashtable._CHUNK", chunk)  # 7: chunks with no empty slot get longer
+        entries = np.zeros(int(slots * load), exact)
+        entries["k"] = rng.choice(2**62, len(entries), replace=False).astype(np.uint64) * np.uint64(4) + np.uint64(1)
+        entries["k2"] = rng.integers(0, 2**63, len(entries))
+        tail = len(entries) // 8  # homes at the last slots: their run wraps to the start, and past the lower half's end
+        entries["k"][:tail] |= np.uint64(slots - 1)
+        entries["k"][tail : 2 * tail] = entries["k"][2 * tail : 3 * tail]  # same first half, different second
+        entries["k2"][tail : 2 * tail] += np.uint64(1)
+        old, new = np.zeros(slots, exact), np.zeros(2 * slots, exact)
+        hashtable._place(old, entries)
+        assert old["k"][0] != 0  # a run wraps
+        hashtable._double(old, new)
+        assert np.count_nonzero(new["k"]) == len(entries)
+        assert (hashtable._probe(new, entries) == entries).all()
+        absent = entries.copy()
+        absent["k2"] += np.uint64(2)  # second halves no entry has
+        assert not hashtable._probe(new, absent)["k"].any()

@@ -86,7 +86,9 @@ class DedupStore:
             *(open(self.path / f"{n}.log", mode) if on else None for n, on in self._parts()),
         )
         writable = not readonly
-        self._digests = ShardedTable(self.path, "exact", EXACT) if exact and writable else None
+        # About one digest a document: in 4 shards, not 16, a batch's lookups in each are many enough that numpy's
+        # cost per call does not dominate.
+        self._digests = ShardedTable(self.path, "exact", EXACT, shard_bits=2) if exact and writable else None
         self._band_keys = ShardedTable(self.path, "band", BAND) if self.bands and writable else None
 
     def _parts(self) -> list[tuple[str, bool]]:

@@ -3,9 +3,9 @@
 Why not sqlite: one row at a time from Python, and a B-tree whose random inserts slow down as it outgrows its
 cache. Here a batch of keys is looked up or inserted with a few array operations per probe round (open
 addressing, linear probing), an operation costs about the same however full the table is (each shard doubles
-before it is 45-75% full), and the process's own memory is bounded: a batch and a fixed-size table of new
+before it is 40-77% full), and the process's own memory is bounded: a batch and a fixed-size table of new
 entries per shard; the tables are file pages that the kernel caches and writes back. Doubling a shard
-streams its old file into the new one in bounded chunks.
+streams its old file into the new one in bounded chunks, placing the entries without probing.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_BITS = 4  # 16 shards per table: a doubling moves 1/16 of it, and a batch costs at most 16 numpy passes
+SHARD_BITS = 4  # 16 shards per table by default: a doubling moves 1/16 of it, and a batch costs 16 numpy passes
 FIRST_SLOTS = 1 << 12
-MAX_LOAD = 0.6  # on average: shard s doubles at 0.45 + 0.3 s / 15, so the shards' doublings come one at a time
-_SCALAR = 16  # probing fewer entries than this goes on in Python: numpy calls cost more than they do
+# Shard s of n doubles when it is LOAD * 2 ** (s / n) full (0.40-0.77 with 16): as the entries double, the shards
+# double one at a time, evenly spaced, so no stretch of documents pays for several doublings at once.
+LOAD = 0.4
+_SCALAR = 16  # placing fewer entries than this goes on in Python: numpy calls cost more than they do
+_WINDOW = 8  # slots a lookup reads per round after its home slot: a 64-byte line of 8-byte entries
 PENDING_SLOTS = 1 << 18  # per shard: new entries wait in RAM (an in-memory table) and go to the file together
 _CHUNK = 1 << 20  # slots per step when a shard doubles
 
 
 class ShardedTable:
-    """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**SHARD_BITS files."""
+    """Entries with a uint64 field "k" (0 marks an empty slot, so keys are never 0), in 2**shard_bits files."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype):
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, shard_bits: int = SHARD_BITS):
         self.directory, self.name, self.dtype = Path(directory), name, np.dtype(dtype)
-        shards = 1 << SHARD_BITS
+        self.shard_bits = shard_bits
+        shards = 1 << shard_bits
         self.slots: list[int] = [FIRST_SLOTS] * shards
         self.counts: list[int] = [0] * shards
         self._maps: list[np.memmap | None] = [None] * shards
@@ -52,7 +56,9 @@ class ShardedTable:
     def insert(self, entries: np.ndarray) -> None:
         """Add entries whose keys are distinct and not in the table yet."""
         for shard, index in self._by_shard(entries):
-            if self._pending_counts[shard] + len(index) > PENDING_SLOTS // 2:
+            # Shard s of n flushes when its pending table is (1 + s / n) / 4 full: the shards fill alike, and flushing
+            # at different counts keeps their flushes (and the doublings they set off) from coming all at once.
+            if self._pending_counts[shard] + len(index) > PENDING_SLOTS * (1 + shard / (1 << self.shard_bits)) / 4:
                 self._flush(shard)
             if not len(self._pending[shard]):
                 # A power of two: probing wraps around with a mask.
@@ -63,8 +69,8 @@ class ShardedTable:
     def _flush(self, shard: int) -> None:
         """Move a shard's pending entries into its file, in slot order."""
         pending = self._pending[shard]
-        entries = pending[pending["k"] != 0]
-        load = MAX_LOAD - 0.15 + 0.3 * shard / ((1 << SHARD_BITS) - 1)
+        entries = pending[np.flatnonzero(pending["k"] != 0)]
+        load = LOAD * 2 ** (shard / (1 << self.shard_bits))
         while self.counts[shard] + len(entries) > load * self.slots[shard]:
             self._grow(shard)
         entries = entries[np.argsort(entries["k"] & np.uint64(self.slots[shard] - 1))]
@@ -77,14 +83,15 @@ class ShardedTable:
         self._maps = [None] * len(self._maps)
         self._arrays = [None] * len(self._arrays)
         self._pending = [np.zeros(0, self.dtype)] * len(self._pending)
-        for shard in range(1 << SHARD_BITS):
+        for shard in range(1 << self.shard_bits):
             self._path(shard).unlink(missing_ok=True)
 
     def _by_shard(self, entries: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        shard = (entries["k"] >> np.uint64(64 - SHARD_BITS)).astype(np.int64)
+        shard = (entries["k"] >> np.uint64(64 - self.shard_bits)).astype(np.int64)
         order = np.argsort(shard, kind="stable")
-        bounds = np.searchsorted(shard[order], np.arange((1 << SHARD_BITS) + 1))
-        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(1 << SHARD_BITS) if bounds[s] < bounds[s + 1]]
+        shards = 1 << self.shard_bits
+        bounds = np.searchsorted(shard[order], np.arange(shards + 1))
+        return [(s, order[bounds[s] : bounds[s + 1]]) for s in range(shards) if bounds[s] < bounds[s + 1]]
 
     def _path(self, shard: int) -> Path:
         return self.directory / f"{self.name}-{shard:02d}.bin"
@@ -105,36 +112,94 @@ class ShardedTable:
         new_slots = 2 * self.slots[shard]
         tmp = path.with_name(path.name + ".grow")
         with open(tmp, "wb") as f:
-            f.truncate(new_slots * self.dtype.itemsize)
+            os.posix_fallocate(f.fileno(), 0, new_slots * self.dtype.itemsize)
         new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
-        for lo in range(0, len(old), _CHUNK):
-            chunk = old[lo : lo + _CHUNK]
-            _place(new, np.asarray(chunk[chunk["k"] != 0]))
-        new.flush()
-        del new, old
-        self._maps[shard] = self._arrays[shard] = None
+        _double(old, new.view(np.ndarray))
+        # Not written back here: the tables are rebuilt after a crash, and clean pages would fault on their next write.
+        del old
         os.replace(tmp, path)
+        # The map stays on the file under its new name: mapped again, each page would fault once more.
+        self._maps[shard], self._arrays[shard] = new, new.view(np.ndarray)
         self.slots[shard] = new_slots
 
 
+def _double(old: np.ndarray, new: np.ndarray) -> None:
+    """Copy a table into an empty one twice its size in one forward pass, without probing.
+
+    An entry whose slot is h in the old table goes home to h or h + len(old). Taken between empty old slots (no
+    entry's probe run crosses one) and sorted by new home, each half's entries are placed as linear probing would,
+    all at once: slot i = max(home i, slot i-1 + 1). The few whose run would wrap (the old table's first run, and
+    any run past the end of a half) are placed last by probing.
+    """
+    half, keys = len(old), old["k"]
+    raw, new_raw = _plain(old), _plain(new)  # the same bytes as one plain field: copies cost less
+    start = int(np.argmax(keys == 0))  # an empty slot: the runs after it do not wrap
+    later = [raw[np.flatnonzero(keys[:start] != 0)]]
+    last = [-1, half - 1]  # the slot each half's previous entry took
+    lo = start
+    while lo < half:
+        hi = min(lo + _CHUNK, half)
+        while hi < half and not (empty := np.flatnonzero(keys[lo:hi] == 0)).size:
+            hi = min(hi + _CHUNK, half)
+        if hi < half:
+            hi = lo + int(empty[-1]) + 1  # the chunk ends at an empty slot
+        used = lo + np.flatnonzero(keys[lo:hi] != 0)  # an index: numpy gathers faster than it masks
+        homes = (keys[used] & np.uint64(2 * half - 1)).astype(np.int64)
+        split = homes >= half
+        order = np.concatenate([np.flatnonzero(~split), np.flatnonzero(split)])  # the lower half's entries first
+        # Each half's homes are nearly sorted already (slot order): a timsort pass.
+        order = order[np.argsort(homes[order], kind="stable")]
+        moved, homes, lower = raw[used[order]], homes[order], len(split) - int(np.count_nonzero(split))
+        for side, part in ((0, slice(0, lower)), (1, slice(lower, len(homes)))):
+            h = homes[part]
+            if not len(h):
+                continue
+            step = np.arange(len(h))
+            slots = np.maximum(np.maximum.accumulate(h - step), last[side] + 1) + step
+            last[side] = int(slots[-1])
+            fits = int(np.searchsorted(slots, half * (side + 1)))  # slots rise: those past the half's end wrap
+            new_raw[slots[:fits]] = moved[part][:fits]
+            later.append(moved[part][fits:])
+        lo = hi
+    _place(new, np.concatenate(later).view(new.dtype))
+
+
+def _plain(table: np.ndarray) -> np.ndarray:
+    """A table's entries viewed as one unsigned integer or opaque field of the same size."""
+    size = table.dtype.itemsize
+    return table.view(np.uint64 if size == 8 else np.dtype(f"V{size}"))
+
+
 def _probe(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros."""
-    mask = len(table) - 1
-    pos = (keys["k"] & np.uint64(mask)).astype(np.int64)
-    out = np.zeros(len(keys), table.dtype)
-    active = np.arange(len(keys))
-    fields = [f for f in ("k", "k2") if f in table.dtype.names]
-    while len(active) >= _SCALAR:
-        slot = table[pos[active]]
-        hit = np.logical_and.reduce([slot[f] == keys[f][active] for f in fields])
-        out[active[hit]] = slot[hit]
-        active = active[~hit & (slot["k"] != 0)]  # neither found nor at an empty slot: probe the next one
-        pos[active] = (pos[active] + 1) & mask
-    for i in active.tolist():
-        p, key = int(pos[i]), keys[i]
-        while table[p]["k"] != 0 and any(table[p][f] != key[f] for f in fields):
-            p = (p + 1) & mask
-        out[i] = table[p]
+    """The entry of `table` equal to each key on every key field ("k", and "k2" if present), or zeros.
+
+    The first round reads each key's home slot, where most lookups end. The others read a window of _WINDOW slots'
+    "k" per round and stop at the first slot equal to the key or empty, as probing one slot at a time would: a
+    batch costs a few numpy passes rather than one per slot of its longest run.
+    """
+    mask, table_k, k = len(table) - 1, table["k"], keys["k"]
+    pos = (k & np.uint64(mask)).astype(np.int64)
+    pair = "k2" in table.dtype.names
+    slot = table[pos]
+    hit = (slot["k"] == k) & (slot["k2"] == keys["k2"]) if pair else slot["k"] == k
+    out = np.where(hit, slot, np.zeros(1, table.dtype))
+    active = np.flatnonzero(~hit & (slot["k"] != 0))
+    step = np.arange(1, _WINDOW + 1)
+    while len(active):
+        slots = (pos[active, None] + step) & mask
+        window = table_k[slots]
+        hits = window == k[active, None]
+        if pair:  # a 64-bit match is a 128-bit one unless the second halves differ
+            row, col = np.nonzero(hits)
+            differ = table["k2"][slots[row, col]] != keys["k2"][active[row]]
+            hits[row[differ], col[differ]] = False
+        stop = hits | (window == 0)
+        first = stop.argmax(axis=1)
+        rows = np.arange(len(active))
+        found = np.flatnonzero(hits[rows, first])
+        out[active[found]] = table[slots[found, first[found]]]
+        active = active[~stop[rows, first]]
+        pos[active] += _WINDOW
     return out
 
 
@@ -144,13 +209,13 @@ def _place(table: np.ndarray, entries: np.ndarray) -> None:
     pos = (entries["k"] & np.uint64(mask)).astype(np.int64)
     active = np.arange(len(entries))
     while len(active) >= _SCALAR:
-        free = table["k"][pos[active]] == 0
-        # Several entries may want the same free slot: the first of each takes it, the others probe on.
-        wanted, first = np.unique(pos[active][free], return_index=True)
-        winners = np.flatnonzero(free)[first]
-        table[wanted] = entries[active[winners]]
+        free = np.flatnonzero(table["k"][pos[active]] == 0)
+        # Several entries may want the same free slot: all are written there, one stays (what is read back), and
+        # the others probe on. A sort to pick the first of each would cost more than the extra writes.
+        wanted, candidates = pos[active[free]], entries[active[free]]
+        table[wanted] = candidates
         placed = np.zeros(len(active), bool)
-        placed[winners] = True
+        placed[free[table[wanted] == candidates]] = True
         active = active[~placed]
         pos[active] = (pos[active] + 1) & mask
     for i in active.tolist():
