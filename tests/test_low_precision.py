@@ -158,8 +158,8 @@ def test_the_planner_counts_bf16_gathers_and_bf16_compute():
         (
             "2",
             ["parallel.dp_replicate=-1", "parallel.dp_shard=1", 'parallel.fsdp_reduce_dtype="bfloat16"'],
-            "parallel.fsdp_reduce_dtype: applies only to FSDP2 (parallel.dp_shard > 1), and this layout "
-            "(dp_replicate 2 x dp_shard 1 x tp 1) does not shard",
+            "parallel.fsdp_reduce_dtype: applies only to FSDP2 (data parallel with dp_shard, tp or pp > 1), and this "
+            "layout (dp_replicate 2 x dp_shard 1 x tp 1) has none",
         ),
         ("2", ["parallel.tp=2", "train.fp8=true"], "train.fp8: not combined with tensor parallel"),
     ],

@@ -123,3 +123,9 @@ def test_yaml_output_reads_back_as_the_same_objects():
         "nested": [{"a": {"b": [1, {"c": "d"}]}}, [], {}, [["x", "y"], "z"]],
     }
     assert yaml.safe_load(to_yaml(tricky)) == tricky
+
+
+def test_a_pipelined_config_launches_before_its_vocabulary_is_known(tmp_path, dataset):
+    # model.vocab_size 0 is taken from the dataset only by `keel train`: counting blocks must not need it.
+    script = launch(tmp_path, dataset, "slurm", "--nodes", "2", "--gpus-per-node", "2", "--set", "parallel.pp=2")
+    assert "--nproc 2 --set parallel.pp=2" in script

@@ -17,9 +17,11 @@ from keel.io import read_jsonl
 from keel.models import model_args
 from keel.models.spec import MemoryShape
 from keel.observe.report import write_report
-from keel.plan.devices import GPUS
+from keel.plan.devices import GPUS, gpu_device
 from keel.plan.memory import Setup, estimate
-from keel.plan.planner import config_plan, planned_model
+from keel.plan.planner import config_plan, planned_model, variants
+from keel.train.checks import check_layout
+from keel.train.planning import layout_allowed
 
 GIB = 2**30
 # Llama 3.1 8B and 70B (the 8B's SwiGLU width is 14,336, the 70B's 28,672; untied embeddings).
@@ -177,3 +179,37 @@ def test_the_planned_peak_rss_of_a_cpu_run_is_within_15_percent_of_the_measured(
     assert plan["peak_memory_gb"] == pytest.approx(measured, rel=0.15), (plan, measured)
     page = write_report(run).read_text()  # keel report sets the plan beside the run
     assert 'id="plan"' in page and "<th>memory_rss_peak_gb</th>" in page
+
+
+def test_the_search_offers_only_layouts_keel_train_accepts(tmp_path):
+    # A pipeline of 2 stages (1f1b, 2 pipeline micro-batches): a micro-batch of 1 sequence does not split into them.
+    loaded = load_config(config(tmp_path / "pp.toml", LLAMA3_8B, parallel={"pp": 2}))
+    model = planned_model(loaded)
+    found = list(variants(loaded, 8, layout_allowed(model)))
+    for variant in found:
+        check_layout(variant, model.spec, model.args)  # a ConfigError here: a layout the preflight would refuse
+    pipelined = [v for v in found if v.parallel.pp == 2]
+    assert pipelined and all(v.train.micro_batch_size % 2 == 0 for v in pipelined)
+    assert any(v.parallel.pp == 1 and v.train.micro_batch_size == 1 for v in found)
+
+
+def test_a_gpu_is_planned_as_the_variant_torch_names_with_the_memory_it_sees():
+    h200 = gpu_device("NVIDIA H200", 132, 143771 * 2**20)
+    assert (h200.kind, h200.name, h200.bf16) == ("h200", "H200 SXM", 989e12)
+    pcie = gpu_device("NVIDIA H100 PCIe", 114, 80 * GIB)
+    assert (pcie.name, pcie.bf16, pcie.watts) == ("H100 PCIe", 756e12, 350.0)
+    mig = gpu_device("NVIDIA H100 80GB HBM3 MIG 3g.40gb", 60, 40 * GIB)
+    assert mig.memory == 40 * GIB and mig.bf16 == pytest.approx(989e12 * 60 / 132)
+    assert gpu_device("Tesla T4", 40, 16 * GIB) is None
+
+
+def test_a_pipeline_with_replicas_is_planned_as_fsdp_with_its_stage_gathered():
+    spec, args = model_args({"name": "llama", **LLAMA3_8B, "max_seq_len": 8192})
+    shape = spec.memory(args, 1, "autocast", "cuda", 2 * 8192)
+    pipelined = Setup(2, 1, 1, 2, 2, 2, 8192, "full", 0, "autocast")  # dp_replicate 2 x pp 2: HSDP of one shard
+    assert pipelined.fsdp and not pipelined.ddp
+    plain = Setup(2, 1, 1, 1, 2, 2, 8192, "full", 0, "autocast")
+    assert plain.ddp and not plain.fsdp
+    blocks = args.n_layers // 2
+    gathered = estimate(shape, pipelined, framework=0.0).buffers
+    assert gathered == pytest.approx(4 * (shape.outer_params / 2 + blocks * shape.block_params))

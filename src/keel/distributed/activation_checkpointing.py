@@ -54,7 +54,7 @@ def apply_activation_checkpointing(
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put `new` where `old` sits in the model (a block in a ModuleList or an attribute)."""
+    """Put `new` where `old` sits in the model (a block in a ModuleList or ModuleDict, or an attribute)."""
     name = next(n for n, m in model.named_modules() if m is old)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)

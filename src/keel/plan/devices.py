@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import psutil
 import torch
 
-from keel.observe.mfu import A100, H100_SXM, H200_SXM, Accelerator, dtype_peak
+from keel.observe.mfu import A100, H100_SXM, H200_SXM, Accelerator, dtype_peak, identify
 from keel.observe.power import GPU_WATTS, cpu_model, rated_cpu
 
 MIB = 2**20
@@ -137,8 +137,23 @@ def cpu_device(processes: int, framework: float, fp32: float, bf16: float, auto_
 
 
 def cuda_device() -> Device | None:
-    """The kind of the visible CUDA GPU, if it is one the plan knows; None otherwise."""
+    """The visible CUDA GPU, if its family is one the plan knows (None otherwise): the family's links and expected
+    MFU, with the variant's own peak, board power (keel.observe.mfu.identify) and the memory torch sees (a MIG
+    slice's, say)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_properties(0).name.upper()
-    return next((GPUS[kind] for kind in ("h200", "h100", "a100") if kind.upper() in name), None)
+    props = torch.cuda.get_device_properties(0)
+    return gpu_device(props.name, props.multi_processor_count, props.total_memory)
+
+
+def gpu_device(name: str, sms: int, memory_bytes: int) -> Device | None:
+    """The Device of a GPU named as torch names it; None if it is not of a family the plan knows."""
+    acc = identify(name, sms, memory_bytes)
+    family = next((kind for kind in ("h200", "h100", "a100") if acc and kind.upper() in acc.name.upper()), None)
+    if family is None:
+        return None
+    bf16, fp32 = dtype_peak(acc, torch.bfloat16, False), dtype_peak(acc, torch.float32, False)
+    if "MIG" in name.upper().split():  # a slice computes with its share of the SMs
+        bf16, fp32 = (peak * min(1.0, sms / acc.sms) for peak in (bf16, fp32))
+    watts = next((w for fragment, w in GPU_WATTS.items() if fragment in acc.name), GPUS[family].watts)
+    return replace(GPUS[family], name=acc.name, memory=float(memory_bytes), bf16=bf16, fp32=fp32, watts=watts)

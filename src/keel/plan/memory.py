@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from keel.distributed.mesh import Layout
 from keel.models.spec import MemoryShape
 
 GRAD_SLACK = 3  # a block's backward holds about three gradients as wide as its widest saved tensor (the MLP's)
@@ -51,14 +52,19 @@ class Setup:
         return self.dp_replicate * self.dp_shard * self.tp * self.pp
 
     @property
+    def layout(self) -> Layout:
+        """The mesh sizes, as parallelize reads them."""
+        return Layout(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, pp=self.pp)
+
+    @property
     def fsdp(self) -> bool:
-        """Whether FSDP2 shards the model (Keel: any data parallelism that is not plain DDP)."""
-        return self.dp_replicate * self.dp_shard > 1 and not (self.dp_shard == 1 and self.tp == 1)
+        """Whether FSDP2 wraps the model (any data parallelism but DDP alone; a pipeline's stages always)."""
+        return self.layout.fsdp
 
     @property
     def ddp(self) -> bool:
-        """Whether DDP replicates the model (data parallelism only over replicas, no tensor parallel)."""
-        return self.dp_replicate > 1 and self.dp_shard == 1 and self.tp == 1
+        """Whether DDP replicates the model (data parallelism over replicas only, no tensor or pipeline parallel)."""
+        return self.layout.dp > 1 and not self.layout.fsdp
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,9 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator: tupl
     accumulated = 4 * (local if setup.fsdp else shard) if setup.accumulation > 1 else 0.0
     gathered = 0.0
     if setup.fsdp:  # the root's parameters stay gathered all step; one block computes while the next is gathered
-        gathered = (2 if setup.precision == "bf16" else 4) * (outer + 2 * shape.block_params) / t
+        # A pipeline stage stays gathered from its first micro-batch's forward on (it runs many per step).
+        in_use = blocks * shape.block_params if pp > 1 else 2 * shape.block_params
+        gathered = (2 if setup.precision == "bf16" else 4) * (outer + in_use) / t
     buckets = 4 * shard if setup.ddp else 0.0  # DDP's buckets: a second copy of the gradients
     output_grad = 4 * outer / t if last_stage and not accumulated else 0.0  # from backward's start
     recompute = (shape.block - per_block[-1]) * tokens

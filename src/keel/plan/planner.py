@@ -227,36 +227,35 @@ def layouts(world: int) -> Iterator[dict[str, int]]:
                 yield {"pp": pp, "dp_replicate": rest // shard, "dp_shard": shard, "tp": tp}
 
 
-Allowed = Callable[[dict[str, int]], bool]  # whether the model splits over a layout (heads over tp, blocks over pp)
+Allowed = Callable[[Config], bool]  # whether keel train's preflight accepts a config's layout (as check_layout does)
 
 
-def variants(cfg: Config, world: int, allowed: Allowed, pipelines: bool) -> Iterator[Config]:
-    """The config on every allowed layout of `world` processes, checkpointing mode and micro-batch that split."""
+def variants(cfg: Config, world: int, allowed: Allowed) -> Iterator[Config]:
+    """The config on every layout of `world` processes, checkpointing mode and micro-batch that the preflight
+    accepts (heads over tp, blocks and micro-batches over pp, the batch over the data-parallel ranks)."""
     for sizes in layouts(world):
-        if (sizes["pp"] > 1 and not pipelines) or not allowed(sizes):
-            continue
         dp = sizes["dp_replicate"] * sizes["dp_shard"]
         if cfg.train.global_batch_size % dp:
             continue
         per_rank = cfg.train.global_batch_size // dp
-        mesh = {name: size for name, size in sizes.items() if name != "pp" or pipelines}
         for mode in ("none", "selective", "full"):
             for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
-                yield cfg.model_copy(
+                variant = cfg.model_copy(
                     update={
-                        "parallel": cfg.parallel.model_copy(update=mesh),
+                        "parallel": cfg.parallel.model_copy(update=sizes),
                         "train": cfg.train.model_copy(
                             update={"activation_checkpointing": mode, "ac_every": 0, "micro_batch_size": micro}
                         ),
                     }
                 )
+                if allowed(variant):
+                    yield variant
 
 
 def search(cfg: Config, model: Planned, device: Device, price: float, allowed: Allowed, top: int = 10) -> list[Plan]:
     """The fastest layouts of the config's process count that fit, each with its best checkpointing and micro-batch."""
     best: dict[tuple[int, ...], Plan] = {}
-    pipelines = hasattr(cfg.parallel, "pp")
-    for variant in variants(cfg, cfg.parallel.world_size, allowed, pipelines):
+    for variant in variants(cfg, cfg.parallel.world_size, allowed):
         plan = config_plan(variant, model, device, price)
         key = (plan.setup.pp, plan.setup.dp_replicate, plan.setup.dp_shard, plan.setup.tp)
         if plan.fits and (key not in best or _rank(plan) < _rank(best[key])):
@@ -283,13 +282,13 @@ def fixes(cfg: Config, model: Planned, device: Device, plan: Plan, allowed: Allo
     micro = train.micro_batch_size or per_rank
     for smaller in sorted((m for m in range(1, micro) if per_rank % m == 0), reverse=True):  # the largest that fits
         trial = _with(cfg, train={"micro_batch_size": smaller})
-        if _plan(trial, model, device).fits:
+        if allowed(trial) and _plan(trial, model, device).fits:
             found.append(f"train.micro_batch_size={smaller} ({_gb(trial, model, device)})")
             break
     for other in search(cfg, model, device, plan.price, allowed, top=1):  # the same devices, split otherwise
         s = other.setup
         dims = f"parallel.dp_replicate={s.dp_replicate} dp_shard={s.dp_shard} tp={s.tp}" + (
-            f" pp={s.pp}" if s.pp > 1 else ""
+            f" pp={s.pp}" if s.pp != cfg.parallel.pp else ""
         )
         found.append(f"{dims}, {describe(s).split(', ', 1)[1]} ({other.memory.total / GB:.1f} GB)")
     nodes = cfg.parallel.nnodes
@@ -299,8 +298,10 @@ def fixes(cfg: Config, model: Planned, device: Device, plan: Plan, allowed: Allo
             cfg, parallel={"nnodes": nodes, "dp_shard": -1, "dp_replicate": 1}, train={"micro_batch_size": None}
         )
         try:
-            more = _plan(trial, model, device)
+            more = _plan(trial, model, device) if allowed(trial) else None
         except ConfigError:  # the batch does not split over that many ranks
+            break
+        if more is None:
             break
         if more.fits:
             where = f"{more.setup.world} devices, micro-batch {more.setup.micro_batch}"

@@ -85,7 +85,8 @@ def step_speed(
     if setup.fsdp and setup.dp_shard > 1:
         s = setup.dp_shard
         gathered = 2 if setup.precision == "bf16" else 4
-        moved = (2 * gathered * setup.accumulation + 4) * local * (s - 1) / s
+        gathers = 1 if setup.pp > 1 else 2  # a pipeline stage stays gathered from forward to backward
+        moved = (gathers * gathered * setup.accumulation + 4) * local * (s - 1) / s
         dp_s += moved / collective_bandwidth(s, t, nproc, device)
     replicas = setup.dp_replicate
     if replicas > 1:  # an all-reduce of the (sharded) gradients across replicas: twice their bytes

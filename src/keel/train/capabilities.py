@@ -69,9 +69,10 @@ def build_callbacks(t: Trainer) -> list[Callback]:
     energy = EnergyMeter(power_source(env), env, t.events, run, cfg.observe.log_every, cfg.train.steps)
     t.checkpointer.register("energy", energy, optional=True)
     faults = parse_faults(cfg.resilience.inject, env.world_size)
-    peak = peak_flops(env.device, t.dtype)
+    # Matmuls run in bf16 under bf16 autocast, and where FSDP2 gathers bf16 weights whatever train.precision says.
+    bf16 = t.dtype == torch.bfloat16 or (cfg.parallel.fsdp_param_dtype == "bfloat16" and t.mesh.layout.fsdp)
+    peak = peak_flops(env.device, torch.bfloat16 if bf16 else t.dtype)
     # The plan of this very run, from its own start-up memory and matmul ceiling, for `keel report` to compare with.
-    bf16 = t.dtype == torch.bfloat16
     plan = worker_plan(cfg, env, t.started_rss, peak, bf16) if env.is_main else None
     return [
         HangWatchdog(cfg.resilience.hang_timeout_s, env, t.events, run, t.timer),

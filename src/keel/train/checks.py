@@ -100,8 +100,8 @@ def check_low_precision(cfg: Config) -> None:
     for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, key) is not None and not layout.fsdp:
             raise ConfigError(
-                f"parallel.{key}: applies only to FSDP2 (parallel.dp_shard > 1), and this layout ({layout.describe()}) "
-                f"does not shard; remove it (train.precision=bf16 gives bf16 autocast without FSDP2)"
+                f"parallel.{key}: applies only to FSDP2 (data parallel with dp_shard, tp or pp > 1), and this layout "
+                f"({layout.describe()}) has none; remove it (train.precision=bf16 gives bf16 autocast without FSDP2)"
             )
     problem = cfg.train.fp8 and fp8_problem(cfg.train.device, layout.tp)
     if problem:
@@ -128,6 +128,8 @@ def check_pipeline(cfg: Config, spec: ModelSpec, args: BaseModel, dp: int) -> No
             f"parallel.pp_stages_per_rank: {par.pp_schedule} runs one stage per rank; "
             "set parallel.pp_schedule=interleaved_1f1b or leave pp_stages_per_rank empty"
         )
+    if getattr(args, "vocab_size", None) == 0:  # not resolved yet (keel launch): the block count does not depend on it
+        args = args.model_copy(update={"vocab_size": 1})
     with torch.device("meta"):
         blocks = len(spec.shard_units(spec.build(args)))
     stages = par.pipeline_stages

@@ -10,9 +10,11 @@ import torch
 from keel.config import Config
 from keel.distributed.env import DistEnv
 from keel.errors import ConfigError
+from keel.models import model_args
 from keel.observe.mfu import measured_matmul_flops
 from keel.plan.devices import GPUS, Device, cpu_device, cuda_device
 from keel.plan.planner import (
+    Allowed,
     Plan,
     Planned,
     config_memory,
@@ -22,7 +24,7 @@ from keel.plan.planner import (
     search,
 )
 from keel.plan.text import plan_lines, search_table
-from keel.train.checks import check_layout
+from keel.train.checks import check_layout, check_low_precision
 from keel.train.precision import choose_cpu_precision
 
 
@@ -62,15 +64,14 @@ def device_for(cfg: Config, kind: str | None, measure: bool = True) -> Device:
     return this_cpu(cfg.parallel.nproc, process_rss())
 
 
-def layout_allowed(cfg: Config, model: Planned):
-    """Whether the model splits over a layout (whole heads on each tensor-parallel rank, as the preflight checks)."""
+def layout_allowed(model: Planned) -> Allowed:
+    """Whether keel train's preflight accepts a config's layout for the model: the mesh, the model's split over it
+    (heads over tp, blocks and micro-batches over pp) and the low-precision keys on it."""
 
-    def allowed(sizes: dict[str, int]) -> bool:
-        mesh = {name: size for name, size in sizes.items() if hasattr(cfg.parallel, name)}
+    def allowed(cfg: Config) -> bool:
         try:
-            check_layout(
-                cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update=mesh)}), model.spec, model.args
-            )
+            check_layout(cfg, model.spec, model.args)
+            check_low_precision(cfg)
         except ConfigError:
             return False
         return True
@@ -93,9 +94,10 @@ def check_fits(cfg: Config) -> None:
         return
     if config_memory(cfg, model, device).total <= device.memory:
         return
-    device = device_for(cfg, None)  # the fixes are ranked by speed: measure the CPU now
+    device = device_for(cfg, None)  # measured now: the precision auto picks there may make it fit after all
     plan = config_plan(cfg, model, device, price_of(cfg, None))
-    raise ConfigError(refusal(cfg, model, device, plan, layout_allowed(cfg, model)))
+    if not plan.fits:
+        raise ConfigError(refusal(cfg, model, device, plan, layout_allowed(model)))
 
 
 def plan_command(
@@ -103,10 +105,11 @@ def plan_command(
 ) -> tuple[list[str], str | None]:
     """`keel plan`'s output lines, and the one-line refusal when the layout does not fit (or none does)."""
     model = planned_model(cfg)
-    check_layout(cfg, model.spec, model.args)  # the mesh and the model's split, as keel train's preflight checks them
+    check_layout(cfg, model.spec, model.args)  # the mesh, the model's split and the low-precision keys, as keel
+    check_low_precision(cfg)  # train's preflight checks them
     device = device_for(cfg, kind)
     plan = config_plan(cfg, model, device, price_of(cfg, price))
-    allowed = layout_allowed(cfg, model)
+    allowed = layout_allowed(model)
     lines = plan_lines(plan, model, cfg.parallel.nnodes, cfg.parallel.nproc)
     if search_layouts:
         found = search(cfg, model, device, plan.price, allowed)
@@ -116,7 +119,8 @@ def plan_command(
 
 
 def worker_plan(cfg: Config, env: DistEnv, framework: float, peak: float | None, bf16: bool) -> Plan | None:
-    """The plan of a run on the device it trains on, for its start event; None on a GPU the plan has no figures for.
+    """The plan of a run on the device it trains on, for its start event; None on a GPU the plan has no figures for
+    or for a model without a MemoryShape.
 
     `framework` is the training process's resident memory before it built its model; on CPU `peak` is the matmul
     ceiling its MFU is measured against, in the precision it trains in (`bf16`: autocast).
@@ -126,4 +130,6 @@ def worker_plan(cfg: Config, env: DistEnv, framework: float, peak: float | None,
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parallel.nproc))
         device = cpu_device(local, framework, peak or 0.0, peak or 0.0, "autocast" if bf16 else "fp32")
-    return None if device is None else config_plan(cfg, planned_model(cfg), device, price_of(cfg, None))
+    if device is None or model_args(cfg.model_section())[0].memory is None:  # a model the plan cannot size
+        return None
+    return config_plan(cfg, planned_model(cfg), device, price_of(cfg, None))
