@@ -54,6 +54,7 @@ def test_losses_equal_those_without_checkpointing_in_every_mode(tmp_path, datase
         assert "grad_norm/layers.attention.wq" in groups and not any("wrapped" in g for g in groups)
 
 
+@pytest.mark.soak  # three multi-process runs: about half a minute
 def test_a_checkpoint_of_a_sharded_checkpointed_run_resumes_without_it(tmp_path, dataset):
     train = {"steps": 10, "stop_after": 5, "activation_checkpointing": "full"}
     cfg = tiny_config(tmp_path / "c.toml", dataset, train=train, checkpoint={"every": 5})

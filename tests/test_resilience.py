@@ -86,7 +86,11 @@ def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("target", ["keel", "agent", "worker"])
+# The signal to `keel train` runs by default; to torchrun's agent and to a worker (the same stop, reached another
+# way) in `make soak`, to keep the default suite within its time.
+@pytest.mark.parametrize(
+    "target", ["keel", pytest.param("agent", marks=pytest.mark.soak), pytest.param("worker", marks=pytest.mark.soak)]
+)
 def test_a_preemption_signal_stops_every_rank_at_one_step_after_a_checkpoint(tmp_path, dataset, reference, target):
     cfg = config(tmp_path, dataset, "pre", checkpoint={"every": 100})
     run = tmp_path / "runs" / "pre"
