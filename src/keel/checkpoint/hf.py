@@ -203,7 +203,7 @@ def load_hf_weights(model: nn.Module, spec: ModelSpec, args: BaseModel, director
     own = get_model_state_dict(model)  # full names and whole shapes, however the model is wrapped and sharded
     state = {name: tensor for name, tensor in state.items() if name in own}  # a pipeline stage holds only its part
     for name, tensor in state.items():
-        if name in own and tensor.shape != own[name].shape:
+        if tensor.shape != own[name].shape:
             raise CheckpointError(
                 f"checkpoint.init_from_hf: {directory} tensor for {name} has shape "
                 f"{list(tensor.shape)}, the model's is {list(own[name].shape)}"

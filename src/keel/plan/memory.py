@@ -106,7 +106,7 @@ def kept_per_block(shape: MemoryShape, setup: Setup, index: int) -> float:
     return shape.block
 
 
-def stage_blocks(n_blocks: int, pp: int) -> int:
+def first_stage_blocks(n_blocks: int, pp: int) -> int:
     """Blocks on the first (largest) pipeline stage: the extra blocks of an uneven split go first."""
     return math.ceil(n_blocks / pp)
 
@@ -118,7 +118,7 @@ def estimate(shape: MemoryShape, setup: Setup, framework: float, allocator: tupl
     bytes and share of the tensors' bytes (glibc's heap on CPU).
     """
     t, pp, tokens = setup.tp, setup.pp, setup.tokens
-    blocks = stage_blocks(shape.n_blocks, pp)
+    blocks = first_stage_blocks(shape.n_blocks, pp)
     last_stage = pp == 1  # a pipeline's fullest rank is its first stage: the head and the loss are on the last
     outer = shape.outer_params if last_stage else shape.outer_params / 2  # the first stage has the embedding
     local = (blocks * shape.block_params + outer) / t  # this tensor-parallel rank's parameters, unsharded
