@@ -108,6 +108,17 @@ def run_keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def keel_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`keel ARGS` in this process (the console script's entry point, without an interpreter start): its exit code
+    and output."""
+    from keel.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), exit_.value.code, out.out, out.err)
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """Check that a `keel` run failed with exit code 2 and one `keel: error:` line holding every fragment."""
     assert result.returncode == 2, result.stdout + result.stderr

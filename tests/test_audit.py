@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import AUDIT_TEMPLATES, assert_one_line_error, read_metrics, tiny_config
+from conftest import AUDIT_TEMPLATES, assert_one_line_error, keel_here, read_metrics, tiny_config
 from keel.checkpoint.inference import load_model
-from keel.cli import main as cli_main
 from keel.data.tokenizer import load_tokenizer
 from keel.errors import DataError
 from keel.eval.audit import audit_run, axis_tables, build_probe, score, summarize
@@ -22,14 +20,6 @@ from keel.observe.card import model_card
 from keel.observe.report import write_report
 
 AXES = ["gender", "religion", "nationality", "ethnicity", "age", "disability", "sexual_orientation"]
-
-
-def keel(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`keel ARGS` in this process (the console script's entry point, without an interpreter start)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(list(args))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
 
 
 def test_shipped_templates_cover_the_axes_with_matched_terms_and_a_readme():
@@ -71,12 +61,12 @@ def test_bad_templates_are_refused_by_keel_audit_and_by_the_preflight(
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.txt"
     bad.write_text("axis a\ngroup x: he\ngroup y: she\nThe {} ran {}.\n", encoding="utf-8")
-    audit = keel(capsys, "audit", str(evaluated_run), "--templates", str(bad))
+    audit = keel_here(capsys, "audit", str(evaluated_run), "--templates", str(bad))
     assert_one_line_error(audit, f"{bad}:4: a template sentence holds exactly one slot", "the format is in")
-    missing = keel(capsys, "audit", str(evaluated_run), "--templates", str(tmp_path / "none.txt"))
+    missing = keel_here(capsys, "audit", str(evaluated_run), "--templates", str(tmp_path / "none.txt"))
     assert_one_line_error(missing, f"audit templates {tmp_path / 'none.txt'}: cannot read it")
     config = tiny_config(tmp_path / "c.toml", two_sources[0], observe={"audit_every": 1, "audit_templates": str(bad)})
-    assert_one_line_error(keel(capsys, "train", str(config)), f"observe.audit_templates: {bad}:4:")
+    assert_one_line_error(keel_here(capsys, "train", str(config)), f"observe.audit_templates: {bad}:4:")
     assert not (tmp_path / "runs").exists()  # refused before the run dir was created
 
 
@@ -124,7 +114,7 @@ def test_audit_during_fsdp_training_matches_keel_audit_of_the_final_checkpoint(e
     audited = [r for r in read_metrics(evaluated_run) if any(k.startswith("audit_gap/") for k in r)]
     assert [r["step"] for r in audited] == [0, 2, 4]
     assert all(r.keys() >= {"audit_gap/pets", "audit_gap/same"} and r["audit_gap/same"] == 0 for r in audited)
-    result = keel(capsys, "audit", str(evaluated_run), "--templates", str(AUDIT_TEMPLATES), "--bootstrap", "200")
+    result = keel_here(capsys, "audit", str(evaluated_run), "--templates", str(AUDIT_TEMPLATES), "--bootstrap", "200")
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((evaluated_run / "audit.json").read_text())
     assert record["format"] == "keel-audit/1" and record["step"] == 4 and record["bootstrap"] == 200
@@ -150,7 +140,7 @@ def test_audit_during_fsdp_training_matches_keel_audit_of_the_final_checkpoint(e
 
 
 def test_keel_audit_reads_the_shipped_templates_by_default(evaluated_run, capsys):
-    result = keel(capsys, "audit", str(evaluated_run), "--step", "2", "--bootstrap", "100", "--seed", "3")
+    result = keel_here(capsys, "audit", str(evaluated_run), "--step", "2", "--bootstrap", "100", "--seed", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads((evaluated_run / "audit.json").read_text())
     assert record["step"] == 2 and record["seed"] == 3 and record["templates"] == str(SHIPPED.resolve())

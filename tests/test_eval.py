@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_one_line_error, read_metrics, run_keel
+from conftest import assert_one_line_error, keel_here, read_metrics, run_keel
 from keel.checkpoint.inference import load_model
-from keel.cli import main as cli_main
 from keel.data.dataset import TokenDataset
 from keel.data.loader import eval_sample_ids, read_samples
 from keel.data.tokenizer import load_tokenizer
@@ -23,14 +21,6 @@ from keel.eval.sources import short_names, source_map
 from keel.observe.report import write_report
 
 LETTERS, DIGITS = "letters/*.txt", "digits/*.txt"
-
-
-def keel(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`keel ARGS` in this process (the console script's entry point, without an interpreter start)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(list(args))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exit_.value.code, out.out, out.err)
 
 
 def test_short_names_drop_the_directories_all_paths_share():
@@ -78,7 +68,7 @@ def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(evaluated_r
     metrics = {r["step"]: r for r in read_metrics(evaluated_run) if "val_loss" in r}
     monkeypatch.chdir(evaluated_run.parent)
     before = len((evaluated_run / "events.jsonl").read_text().splitlines())  # the run is shared: others evaluate it too
-    result = keel(capsys, "eval", str(evaluated_run))
+    result = keel_here(capsys, "eval", str(evaluated_run))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "source letters/*.txt: val_loss" in result.stdout and "mixture extra (weight 1): val_loss" in result.stdout
     assert result.stdout.strip().endswith(f"wrote {evaluated_run / 'eval.json'}")
@@ -120,9 +110,11 @@ def test_keel_eval_recomputes_the_training_metrics_from_a_checkpoint(evaluated_r
 
 def test_keel_eval_of_a_missing_step_or_run_is_one_line(evaluated_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert_one_line_error(keel(capsys, "eval", str(evaluated_run), "--step", "3"), "no committed checkpoint at step 3")
-    assert_one_line_error(keel(capsys, "eval", str(tmp_path)), "not a Keel run dir")
-    assert_one_line_error(keel(capsys, "eval", str(evaluated_run), "--harness", " , "), "--harness: no task named")
+    assert_one_line_error(
+        keel_here(capsys, "eval", str(evaluated_run), "--step", "3"), "no committed checkpoint at step 3"
+    )
+    assert_one_line_error(keel_here(capsys, "eval", str(tmp_path)), "not a Keel run dir")
+    assert_one_line_error(keel_here(capsys, "eval", str(evaluated_run), "--harness", " , "), "--harness: no task named")
 
 
 def _choice_task(directory: Path) -> Path:

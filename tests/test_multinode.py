@@ -14,8 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, assert_one_line_error, losses, read_metrics, run_keel, tiny_config
-from keel.cli import main as cli_main
+from conftest import ROOT, assert_one_line_error, keel_here, losses, read_metrics, run_keel, tiny_config
 from keel.config_toml import load_config
 from keel.io import read_jsonl
 from keel.launch.rendezvous import Nodes, first_host, resolve_nodes
@@ -213,9 +212,7 @@ def test_bad_multi_node_flags_are_one_line_naming_the_option(tmp_path, dataset, 
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(["train", str(cfg), *flags])
-    assert_one_line_error(subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err), message)
+    assert_one_line_error(keel_here(capsys, "train", str(cfg), *flags), message)
     assert not (tmp_path / "runs").exists()
 
 

@@ -3,13 +3,10 @@ checkpoints cross between pipelined and unpipelined layouts; what it cannot run 
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
-from conftest import TINY_MODEL, assert_one_line_error, losses, read_metrics, run_keel, tiny_config
-from keel.cli import main as cli_main
+from conftest import TINY_MODEL, assert_one_line_error, keel_here, losses, read_metrics, run_keel, tiny_config
 from keel.config import ParallelConfig
 from keel.distributed.mesh import Layout, resolve_layout
 from keel.distributed.pipeline import merged, rank_stages, split_stage, stage_blocks
@@ -137,7 +134,5 @@ def test_a_pipeline_that_cannot_run_is_one_line_before_any_process(
     # In-process: the same entry point as the console script, without an interpreter start per case.
     cfg = config(tmp_path, dataset, "bad", parallel={"nproc": 4}, train={"global_batch_size": 8})
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(["train", str(cfg), *sets(settings)])
-    assert_one_line_error(subprocess.CompletedProcess([], exit_.value.code, "", capsys.readouterr().err), message)
+    assert_one_line_error(keel_here(capsys, "train", str(cfg), *sets(settings)), message)
     assert not (tmp_path / "runs").exists()

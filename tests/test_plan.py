@@ -4,14 +4,12 @@ preflight refuses what does not fit, and the memory model matches torchtitan's p
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_one_line_error, read_metrics, run_keel, tiny_config
-from keel.cli import main
+from conftest import ROOT, assert_one_line_error, keel_here, read_metrics, run_keel, tiny_config
 from keel.config_toml import dump_toml, load_config
 from keel.io import read_jsonl
 from keel.models import model_args
@@ -42,14 +40,6 @@ def config(path: Path, model: dict, **sections: dict) -> Path:
     return path
 
 
-def keel_plan(capsys, *args: str) -> subprocess.CompletedProcess:
-    """Run `keel plan ARGS` in this process (the command as the console runs it); its exit code and output."""
-    with pytest.raises(SystemExit) as exited:
-        main(["plan", *args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, exited.value.code, out.out, out.err)
-
-
 def test_the_plan_of_a_sharded_gpu_run_adds_up():
     cfg = load_config(ROOT / "src" / "keel" / "configs" / "llama-1b.toml")
     model = planned_model(cfg)
@@ -71,7 +61,7 @@ def test_the_plan_of_a_sharded_gpu_run_adds_up():
 
 def test_keel_plan_prints_memory_time_cost_and_energy(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "c.toml", tmp_path / "no-dataset-yet", model={"vocab_size": 0})
-    out = keel_plan(capsys, str(cfg), "--device", "cpu", "--price-per-device-hour", "0.5")
+    out = keel_here(capsys, "plan", str(cfg), "--device", "cpu", "--price-per-device-hour", "0.5")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "from prepare.vocab_size: no dataset yet" in text
@@ -83,7 +73,7 @@ def test_keel_plan_prints_memory_time_cost_and_energy(tmp_path, capsys):
 
 def test_a_layout_that_does_not_fit_is_refused_with_fixes_that_fit(tmp_path, capsys):
     cfg = config(tmp_path / "8b.toml", LLAMA3_8B)
-    out = keel_plan(capsys, str(cfg), "--device", "h100")
+    out = keel_here(capsys, "plan", str(cfg), "--device", "h100")
     line = assert_one_line_error(out, "parallel:", "more than the 85.5 GB of a H100 SXM", "it fits with")
     assert "does NOT fit" in out.stdout  # the plan itself, with its breakdown, is printed first
     fixes = re.findall(r'train\.(activation_checkpointing)="(\w+)"|train\.(micro_batch_size)=(\d+)', line)
@@ -97,7 +87,7 @@ def test_a_layout_that_does_not_fit_is_refused_with_fixes_that_fit(tmp_path, cap
 
 def test_search_lists_the_fastest_layouts_that_fit(tmp_path, capsys):
     cfg = config(tmp_path / "8b.toml", LLAMA3_8B)
-    out = keel_plan(capsys, str(cfg), "--device", "h100", "--search")
+    out = keel_here(capsys, "plan", str(cfg), "--device", "h100", "--search")
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.split("that fit:\n")[1].splitlines()[1:]]
     assert len(rows) >= 3
@@ -117,9 +107,13 @@ def test_keel_train_refuses_a_model_too_large_for_the_machine_before_creating_an
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "c.toml", tmp_path / "none")
-    assert_one_line_error(keel_plan(capsys, str(cfg), "--device", "tpu"), "--device 'tpu'", "h100")
-    assert_one_line_error(keel_plan(capsys, str(cfg), "--set", "parallel.tp=3", "--nproc", "3"), "parallel.tp: 3")
-    assert_one_line_error(keel_plan(capsys, str(cfg), "--nproc", "3"), "train.global_batch_size 8", "3 data-parallel")
+    assert_one_line_error(keel_here(capsys, "plan", str(cfg), "--device", "tpu"), "--device 'tpu'", "h100")
+    assert_one_line_error(
+        keel_here(capsys, "plan", str(cfg), "--set", "parallel.tp=3", "--nproc", "3"), "parallel.tp: 3"
+    )
+    assert_one_line_error(
+        keel_here(capsys, "plan", str(cfg), "--nproc", "3"), "train.global_batch_size 8", "3 data-parallel"
+    )
 
 
 # Published per-GPU memory of torchtitan's Llama 3.1 runs on H100s (torch's peak reserved memory, GiB):
