@@ -238,18 +238,11 @@ def variants(cfg: Config, world: int, allowed: Allowed) -> Iterator[Config]:
         if cfg.train.global_batch_size % dp:
             continue
         per_rank = cfg.train.global_batch_size // dp
-        for mode in ("none", "selective", "full"):
-            for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
-                variant = cfg.model_copy(
-                    update={
-                        "parallel": cfg.parallel.model_copy(update=sizes),
-                        "train": cfg.train.model_copy(
-                            update={"activation_checkpointing": mode, "ac_every": 0, "micro_batch_size": micro}
-                        ),
-                    }
-                )
-                if allowed(variant):
-                    yield variant
+        for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
+            split = _with(cfg, parallel=sizes, train={"micro_batch_size": micro})
+            if allowed(split):  # the checkpointing mode changes nothing the preflight checks
+                for mode in ("none", "selective", "full"):
+                    yield _with(split, train={"activation_checkpointing": mode, "ac_every": 0})
 
 
 def search(cfg: Config, model: Planned, device: Device, price: float, allowed: Allowed, top: int = 10) -> list[Plan]:

@@ -10,7 +10,6 @@ import torch
 from keel.config import Config
 from keel.distributed.env import DistEnv
 from keel.errors import ConfigError
-from keel.models import model_args
 from keel.observe.mfu import measured_matmul_flops
 from keel.plan.devices import GPUS, Device, cpu_device, cuda_device
 from keel.plan.planner import (
@@ -130,6 +129,10 @@ def worker_plan(cfg: Config, env: DistEnv, framework: float, peak: float | None,
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parallel.nproc))
         device = cpu_device(local, framework, peak or 0.0, peak or 0.0, "autocast" if bf16 else "fp32")
-    if device is None or model_args(cfg.model_section())[0].memory is None:  # a model the plan cannot size
+    if device is None:
         return None
-    return config_plan(cfg, planned_model(cfg), device, price_of(cfg, None))
+    try:
+        model = planned_model(cfg)
+    except ConfigError:  # a model without a MemoryShape: nothing to plan (its config passed the preflight)
+        return None
+    return config_plan(cfg, model, device, price_of(cfg, None))
