@@ -7,7 +7,6 @@ import logging
 import time
 from typing import Any
 
-import psutil
 import torch
 
 from keel.callback import LoopControl, StepOutcome
@@ -32,6 +31,7 @@ from keel.observe.step_timer import StepTimer
 from keel.rundir import RunDir
 from keel.train.capabilities import build_callbacks
 from keel.train.optim import build_optimizer, lr_at, set_lr
+from keel.train.planning import process_rss
 from keel.train.precision import resolve_precision
 from keel.train.state import TrainState
 
@@ -43,7 +43,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
-        self.started_rss = psutil.Process().memory_info().rss  # before the model: what the plan calls the framework
+        self.started_rss = process_rss()  # before the model: what the plan calls the framework
         run = RunDir(cfg.run_dir)
         spec, args = model_args(cfg.model_section())
         torch.manual_seed(cfg.run.seed)
