@@ -131,6 +131,12 @@ def test_ner_without_its_spacy_pipeline_is_a_one_line_error_before_any_work(tmp_
         with pytest.raises(ConfigError, match=f"^prepare.pii_ner_model: cannot load the spaCy pipeline {model} "):
             prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", stages=stages)
         assert not (tmp_path / "ds").exists()
+    spacy = pytest.importorskip("spacy")
+    spacy.blank("en").to_disk(tmp_path / "blank")  # loads, but nothing in it finds entities
+    stages = StageSettings(pii=True, pii_ner=True, pii_ner_model=str(tmp_path / "blank"))
+    with pytest.raises(ConfigError, match="^prepare.pii_ner_model: the spaCy pipeline .* finds no entities"):
+        prepare_dataset([str(tmp_path / "a.txt")], tmp_path / "ds", stages=stages)
+    assert not (tmp_path / "ds").exists()
 
 
 def ruler_pipeline(directory: Path) -> Path:
