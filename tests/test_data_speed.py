@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import mmap
 import random
 import re
 import shutil
@@ -509,3 +510,18 @@ def test_a_doubling_places_wrapped_and_overflowing_runs_and_lookups_tell_digests
         absent = entries.copy()
         absent["k2"] += np.uint64(2)  # second halves no entry has
         assert not hashtable._probe(new, absent)["k"].any()
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages on this platform")
+def test_the_hash_tables_ask_for_huge_pages(tmp_path):
+    table = ShardedTable(tmp_path, "t", np.dtype([("k", "<u8")]))
+    entries = np.zeros(1, table.dtype)
+    entries["k"] = 1
+    table.insert(entries)
+    table._flush(0)
+    mapped = str(table._path(0))
+    smaps = Path("/proc/self/smaps").read_text().split("\n")
+    start = next(i for i, line in enumerate(smaps) if line.endswith(mapped))
+    flags = next(line for line in smaps[start:] if line.startswith("VmFlags:"))
+    assert " hg" in flags, flags  # VM_HUGEPAGE: the kernel may back the table with 2 MB pages
+    table.delete()

