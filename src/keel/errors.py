@@ -1,5 +1,7 @@
 """Error types: every user mistake is a KeelError whose message is one line naming what and how to fix."""
 
+EXIT_REFUSED = 2  # the exit code of a process that stopped on a KeelError
+
 
 class KeelError(Exception):
     """A problem the user can fix; the CLI prints its message as one line and exits with code 2."""

@@ -23,7 +23,7 @@ from typing import IO
 
 import psutil
 
-from keel.errors import LaunchError
+from keel.errors import EXIT_REFUSED, LaunchError
 from keel.io import filesystem_errors
 from keel.launch.rendezvous import Nodes, rdzv_id
 from keel.observe.events import EventLog
@@ -47,9 +47,9 @@ def worker_env(nproc: int, run: RunDir) -> dict[str, str]:
     and on CUDA the NCCL flight recorder, which dumps the last collectives of every rank into the run's logs
     when a collective times out."""
     env = dict(os.environ)
-    env.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    env.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
     env.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    env.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(run.logs / "nccl_trace_rank_"))
+    env.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(run.logs / "nccl_trace_rank_"))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # A shared rendezvous TCP store fails gloo re-initialisation after a restart (docs/torch-on-cpu.md).
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -149,6 +149,8 @@ class Workers:
         }
         self.failures.append(failure)
         self.events.incident("worker_failed", **failure)
+        if code == EXIT_REFUSED and self.run.worker_error.exists():
+            self.kill()  # a worker refused the run (a KeelError): every restart would refuse it again
 
     def worker_pids(self) -> list[int]:
         """The training processes torchrun started (not the agent)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from keel.config_toml import load_config
 from keel.distributed.env import DistEnv, all_gather_floats, init_distributed, shutdown
-from keel.errors import KeelError
+from keel.errors import EXIT_REFUSED, KeelError
 from keel.io import atomic_write_text
 from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args.run_dir, env, args.resume)
     except KeelError as e:
         report_error(args.run_dir, e)
-        code = 2
+        code = EXIT_REFUSED
     except Exception:
         log_failure(args.run_dir, traceback.format_exc())  # its traceback for the log, not the console
         code = 1
