@@ -37,6 +37,7 @@ def test_slowdowns_compare_each_rank_with_the_median_and_name_the_cause():
     assert all(s < 1.1 for s, _ in slowdowns[:2])
 
 
+@pytest.mark.soak  # 26 s; the comparison itself is tested above in-process
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not {0, 1} <= os.sched_getaffinity(0), reason="needs CPUs 0, 1")
 def test_a_rank_slowed_by_a_busy_neighbour_is_named_a_straggler(tmp_path, dataset, monkeypatch):
     (tmp_path / "site").mkdir()

@@ -156,10 +156,12 @@ def _double(old: np.ndarray, new: np.ndarray) -> None:
     lo = start
     while lo < half:
         hi = min(lo + _CHUNK, half)
-        while hi < half and not (empty := np.flatnonzero(keys[lo:hi] == 0)).size:
+        while hi < half:
+            empty = _last_empty(keys, lo, hi)
+            if empty >= 0:
+                hi = empty + 1  # the chunk ends at an empty slot
+                break
             hi = min(hi + _CHUNK, half)
-        if hi < half:
-            hi = lo + int(empty[-1]) + 1  # the chunk ends at an empty slot
         used = lo + np.flatnonzero(keys[lo:hi] != 0)  # an index: numpy gathers faster than it masks
         homes = (keys[used] & np.uint64(2 * half - 1)).astype(np.int64)
         split = homes >= half
@@ -179,6 +181,18 @@ def _double(old: np.ndarray, new: np.ndarray) -> None:
             later.append(moved[part][fits:])
         lo = hi
     _place(new, np.concatenate(later).view(new.dtype))
+
+
+def _last_empty(keys: np.ndarray, lo: int, hi: int) -> int:
+    """The last empty slot in keys[lo:hi], or -1: looked for from the end, where one is almost always near."""
+    end, width = hi, 64
+    while end > lo:
+        begin = max(lo, end - width)
+        empty = np.flatnonzero(keys[begin:end] == 0)
+        if empty.size:
+            return begin + int(empty[-1])
+        end, width = begin, 8 * width
+    return -1
 
 
 def _plain(table: np.ndarray) -> np.ndarray:
