@@ -11,7 +11,7 @@ import pytest
 
 import keel.data.pii_ner
 from conftest import dataset_text
-from keel.config import PrepareConfig
+from keel.config_prepare import PrepareConfig
 from keel.data.manifest import PrepareSettings
 from keel.data.pii import detectors, find, replace, scrub
 from keel.data.pii_phone import REGIONS

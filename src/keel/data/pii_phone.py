@@ -19,7 +19,7 @@ import phonenumbers
 from phonenumbers import Leniency, PhoneMetadata, PhoneNumberMatcher, PhoneNumberType
 from phonenumbers.phonenumbermatcher import _is_national_prefix_present_if_required
 
-from keel.config import PHONE_REGIONS
+from keel.config_prepare import PHONE_REGIONS
 from keel.data.pii_rules import Parts, Span, before
 
 REGIONS = PHONE_REGIONS  # where a number without a country code is tried, in order (prepare.pii_regions)
