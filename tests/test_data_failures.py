@@ -175,8 +175,12 @@ def test_merge_and_remove_on_a_read_only_location_are_one_line_and_change_nothin
     ]
 
 
+DEDUP_ON = ["--set", "prepare.dedup_exact=true", "--set", "prepare.dedup_near_threshold=0.8"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
-def test_a_full_disk_mid_prepare_is_one_line_and_keeps_the_work_to_resume(tmp_path):
+@pytest.mark.parametrize("dedup", [[], DEDUP_ON], ids=["stages-off", "dedup-tables"])  # dedup: SIGBUS before the fix
+def test_a_full_disk_mid_prepare_is_one_line_and_keeps_the_work_to_resume(tmp_path, dedup):
     rng = random.Random(9)
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -186,7 +190,7 @@ def test_a_full_disk_mid_prepare_is_one_line_and_keeps_the_work_to_resume(tmp_pa
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs")
     try:
-        out = ["--out", str(small / "ds"), "--set", VOCAB, "--set", "prepare.shard_tokens=20000"]
+        out = ["--out", str(small / "ds"), "--set", VOCAB, "--set", "prepare.shard_tokens=20000", *dedup]
         result = run_keel("data", "prepare", "--source", str(raw / "*.jsonl"), *out, cwd=tmp_path)
         assert_one_line_error(result, str(small), "cannot prepare the dataset (no space left on device)")
         assert not (small / "ds").exists() and len(list(small.glob(".ds.partial-*"))) == 1

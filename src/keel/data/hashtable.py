@@ -104,7 +104,9 @@ class ShardedTable:
             path = self._path(shard)
             if not path.exists():
                 with open(path, "wb") as f:
-                    f.truncate(self.slots[shard] * self.dtype.itemsize)  # a sparse file of empty slots
+                    # Allocated, not sparse: a store into a sparse page the disk has no room for kills the process
+                    # with SIGBUS, where allocating up front is an OSError that prepare reports in one line.
+                    os.posix_fallocate(f.fileno(), 0, self.slots[shard] * self.dtype.itemsize)
             table = _mapped(path, self.dtype, self.slots[shard])
             self._maps[shard], self._arrays[shard] = table, array = table, table.view(np.ndarray)
         return array
