@@ -222,3 +222,21 @@ def _origins(root: Path, manifest: Manifest) -> list[tuple[int, int]]:
         for shard in entry.shards:
             out += [tuple(map(int, row)) for row in np.load(root / shard.origins).reshape(-1, 2)]
     return out
+
+
+def test_both_passes_say_how_far_they_got_in_input_bytes_with_rate_and_time_left(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.progress.EVERY_S", 0.0)  # a line after every span
+    monkeypatch.setattr("keel.data.pool.TASK_CHARS", 2_000)  # many spans per file
+    sources = _corpus(tmp_path / "raw", files=3, docs=40)
+    rng = random.Random(5)
+    (tmp_path / "raw" / "notes.txt").write_text(random_document(rng, 300))
+    sources.append(str(tmp_path / "raw" / "*.txt"))
+    total = sum(p.stat().st_size for p in (tmp_path / "raw").iterdir()) / 1e6
+    lines: list[str] = []
+    prepare_dataset(sources, tmp_path / "ds", vocab_size=400, stages=STAGES, shard_tokens=5_000, log=lines.append)
+    for name in ("scan", "tokenize"):
+        said = [line for line in lines if line.startswith(f"{name}: ")]
+        done = [float(line.split(": ")[1].split(" of ")[0].replace(",", "")) for line in said]
+        assert len(said) > 5 and done == sorted(done) and 0 < done[-1] <= total + 1e-6, said
+        assert all(f" of {total:,.1f} MB (" in line and " MB/s, " in line and "left" in line for line in said)
+    assert any(" documents read, " in line for line in lines) and any(" tokens written" in line for line in lines)

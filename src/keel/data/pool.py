@@ -48,6 +48,7 @@ class Result(NamedTuple):
     done: list[Done]
     bad: list[BadRecord]
     failed: BadRecord | None
+    through: int = 0  # the span's Span.through: how far into its file the pass got
 
 
 class Job(NamedTuple):
@@ -108,7 +109,7 @@ def _run(job: Job, span: Span) -> Result:
             Done(o, split, assess(text, s, hasher, want, dead), None)
             for (o, text), (split, _), want in zip(docs, hashes, wants, strict=True)
         ]
-        return Result(span.file, done, bad, failed)
+        return Result(span.file, done, bad, failed, span.through)
     cleaned = [clean(text, job.settings) for _, text in docs]
     ids = encoder.encode([text for text, _, _ in cleaned])
     eos = np.array([encoder.eos], dtype=np.uint32)
@@ -116,7 +117,7 @@ def _run(job: Job, span: Span) -> Result:
         Done(o, split, None, np.concatenate([doc, eos]), size, replaced)
         for (o, _), (split, _), doc, (_, size, replaced) in zip(docs, hashes, ids, cleaned, strict=True)
     ]
-    return Result(span.file, done, bad, failed)
+    return Result(span.file, done, bad, failed, span.through)
 
 
 def resolve_workers(requested: int, total_bytes: int) -> int:

@@ -30,6 +30,7 @@ from keel.data.manifest import (
 )
 from keel.data.pii_ner import require_ner
 from keel.data.pool import Job, Result, StagePool, resolve_workers
+from keel.data.progress import PassProgress
 from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, readable, scan
 from keel.data.shards import ShardWriter
 from keel.data.sources import Sources, expand_sources, read_documents
@@ -39,8 +40,6 @@ from keel.data.tokenizer import choose_encoder, eos_id, load_tokenizer, train_to
 from keel.data.tombstones import read_tombstones
 from keel.errors import ConfigError, DataError, KeelError
 from keel.io import check_writable_dir, filesystem_errors, fsync_path, sha256_file
-
-PROGRESS_SECONDS = 30.0  # a long tokenization says how far it got this often
 
 
 def prepare_from_config(cfg: Config, log: Callable[[str], None], part: tuple[int, int] | None = None) -> Manifest:
@@ -210,7 +209,8 @@ def _scan_and_tokenizer(
     store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold) if _dedups(s) else None
     drops = DropWriter(staging / DROPS)
     try:
-        result = scan(found, reading, val_fraction, sample_fraction, pool, Pipeline(s, store), drops, pools.TASK_CHARS)
+        stages = Pipeline(s, store)
+        result = scan(found, reading, val_fraction, sample_fraction, pool, stages, drops, pools.TASK_CHARS, log)
     finally:
         drops.close()
         if store is not None:
@@ -274,8 +274,14 @@ def _write(
     )
     spans = plan(found.files, reading.text_field, pools.TASK_CHARS, 0 if after is None else after[0])
     mb = sum(e["bytes"] for e in scan.per_source) / 1e6
-    t0 = last_log = time.perf_counter()
+    t0 = time.perf_counter()
+    sizes = [os.path.getsize(f.path) for f in found.files]
+    reached = PassProgress("tokenize", sizes, log, first_file=0 if after is None else after[0])
     finished = sum(len(w.shards) for w in writers.values())
+
+    def tokens_written() -> str:
+        return f"{sum(w.tokens for w in writers.values()):,} tokens written"
+
     for r in readable(pool.map(job, spans), reading.skip_bad, Counter()):
         if not r.done:
             continue
@@ -286,9 +292,7 @@ def _write(
             states = {split: w.checkpoint() for split, w in writers.items()}
             counts = {"stats": written.stats, "first": written.first}
             write_progress(staging, {**progress, "position": position, "writers": states, "written": counts})
-        if time.perf_counter() - last_log > PROGRESS_SECONDS:
-            last_log = time.perf_counter()
-            log(f"tokenized up to file {r.file + 1} of {len(found.files)} (~{mb:.0f} MB in all)")
+        reached.update(r.file, r.through, tokens_written)
     elapsed = time.perf_counter() - t0
     log(f"tokenized {mb:.1f} MB in {elapsed:.1f} s ({mb / max(elapsed, 1e-9):.1f} MB/s, {pool.workers} processes)")
     excluded = [SourceEntry(glob=g, files=n, documents=0, bytes=0) for g, n in found.excludes]

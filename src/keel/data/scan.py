@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from keel.data.drops import DropWriter
 from keel.data.pool import Job, Result, StagePool
+from keel.data.progress import PassProgress
 from keel.data.sources import Sources
 from keel.data.spans import plan
 from keel.data.stages import Pipeline, StageSettings
@@ -72,22 +73,34 @@ def scan(
     pipeline: Pipeline,
     drops: DropWriter,
     task_size: int,
+    log: Callable[[str], None],
 ) -> Scan:
     """Read everything once: catch bad files, count, decide filters and dedup (recording drops), sample text."""
     result = Scan(
         val_fraction, per_source=[{"glob": g, "files": 0, "documents": 0, "bytes": 0} for g in found.includes]
     )
-    for source in found.files:
+    sizes = [os.path.getsize(source.path) for source in found.files]
+    for source, size in zip(found.files, sizes, strict=True):
         result.per_source[source.source]["files"] += 1
-        result.per_source[source.source]["bytes"] += os.path.getsize(source.path)
+        result.per_source[source.source]["bytes"] += size
+    progress = PassProgress("scan", sizes, log)
     skipped: Counter = Counter()
+
+    read = 0
+
+    def counts() -> str:  # drops are decided a batch at a time: they trail the documents read
+        dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
+        return f"{read:,} documents read, {dropped:,} dropped or skipped so far"
+
     job = Job(reading.stages, reading.text_field, val_fraction, sample_fraction, tombstones=reading.tombstones)
     batch: list[Result] = []
     for r in readable(pool.map(job, plan(found.files, reading.text_field, task_size)), reading.skip_bad, skipped):
         batch.append(r)
+        read += len(r.done)
         if sum(len(b.done) for b in batch) >= DEDUP_BATCH:
             _decide(batch, found, pipeline, drops, result)
             batch = []
+        progress.update(r.file, r.through, counts)
     _decide(batch, found, pipeline, drops, result)
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     result.tombstoned = pipeline.tombstoned

@@ -25,6 +25,11 @@ class ShardWriter:
         self._origins: list[np.ndarray] = []
         (root / split).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far, in finished shards and the open one."""
+        return sum(s.tokens for s in self.shards) + self._filled
+
     def add(self, docs: list[np.ndarray], origins: np.ndarray) -> None:
         """Append documents (each ending in EOS) from origins [n, 2] = (file, ordinal); one may span two shards."""
         if not docs:

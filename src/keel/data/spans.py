@@ -9,6 +9,7 @@ a time; the workers parse them, as they parse the lines they read themselves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -38,6 +39,7 @@ class Span(NamedTuple):
     first: int = 0  # ordinal of the span's first record, less one for lines (JSON Lines count from 1)
     data: bytes = b""  # "data": whole lines the main process decompressed
     failed: BadRecord | None = None  # a problem found while planning: it ends the file here
+    through: int = 0  # bytes of the file read by the end of this span (0 where only the file's end tells)
 
 
 def plan(files: list[SourceFile], text_field: str, size: int, start_file: int = 0) -> Iterator[Span]:
@@ -53,9 +55,17 @@ def plan(files: list[SourceFile], text_field: str, size: int, start_file: int = 
             elif path.endswith(JSONL_SUFFIXES):
                 yield from _decompressed(index, source, size)
             else:
-                yield Span(index, source, "whole")
+                yield Span(index, source, "whole", through=_size(path))
         except BadRecord as e:
             yield Span(index, source, "data", failed=e)
+
+
+def _size(path: str) -> int:
+    """The file's size, for progress only: a file that cannot be looked at is reported when it is read."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _line_spans(index: int, source: SourceFile, size: int) -> Iterator[Span]:
@@ -74,7 +84,7 @@ def _line_spans(index: int, source: SourceFile, size: int) -> Iterator[Span]:
                 raise unreadable(source.path, e) from None
             if not block:
                 return
-            yield Span(index, source, "lines", at, at + len(block), lines)
+            yield Span(index, source, "lines", at, at + len(block), lines, through=at + len(block))
             at += len(block)
             lines += block.count(b"\n")
 
@@ -98,9 +108,9 @@ def _row_spans(index: int, source: SourceFile, text_field: str) -> Iterator[Span
             f"{source.path}: no column {text_field!r} (has: {', '.join(names)}); "
             "set prepare.text_field to the column that holds the text",
         )
-    row = 0
-    for group in range(meta.num_row_groups):
-        yield Span(index, source, "rows", group, group + 1, row)
+    row, groups, size = 0, meta.num_row_groups, _size(source.path)
+    for group in range(groups):
+        yield Span(index, source, "rows", group, group + 1, row, through=size * (group + 1) // groups)
         row += meta.metadata.row_group(group).num_rows
 
 
