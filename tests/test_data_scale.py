@@ -240,3 +240,44 @@ def test_both_passes_say_how_far_they_got_in_input_bytes_with_rate_and_time_left
         assert len(said) > 5 and done == sorted(done) and 0 < done[-1] <= total + 1e-6, said
         assert all(f" of {total:,.1f} MB (" in line and " MB/s, " in line and "left" in line for line in said)
     assert any(" documents read, " in line for line in lines) and any(" tokens written" in line for line in lines)
+
+
+_SLOW_WORKERS = """
+import time
+import keel.data.pool as pool
+assess = pool.assess
+def slow(*args, **kwargs):
+    time.sleep(0.003)  # every document: the scan lasts seconds, long enough to be stopped in the middle
+    return assess(*args, **kwargs)
+pool.assess = slow
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_prepare_stopped_or_killed_leaves_no_worker_behind_and_runs_again(tmp_path, signum):
+    sources = _corpus(tmp_path / "raw", files=6, docs=200)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_WORKERS)
+    src = str(Path(__file__).parents[1] / "src")
+    slow = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), src])}
+    args = ["data", "prepare", "--source", sources[0], "--out", str(tmp_path / "out"), "--set", "prepare.workers=2"]
+    args += ["--set", "prepare.vocab_size=400", "--set", "prepare.dedup_near_threshold=0.8"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel", *args], cwd=tmp_path, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline, workers = time.monotonic() + 60, []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        workers = [c for c in psutil.Process(proc.pid).children() if "--multiprocessing-fork" in c.cmdline()]
+    time.sleep(0.5)  # the workers are at work
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)  # a worker left behind would hold the pipes open
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert len(gone) == 2 and not alive
+    if signum == signal.SIGTERM:
+        assert proc.returncode == 128 + signum and err.decode().strip() == "keel: stopped by SIGTERM"
+    assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.partial-*"))) == 1
+    again = run_keel(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert load_manifest(tmp_path / "out").splits["train"].documents > 0

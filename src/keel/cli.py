@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 from keel.cli_data import SetOption, data_app
 from keel.errors import KeelError
+from keel.process import Stopped, stop_on
 
 app = typer.Typer(
     help="Keel: pretrain language models, from raw text to a trained, resumable checkpoint.",
@@ -296,10 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app and turns user errors into one line and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="keel", standalone_mode=False)
+        with stop_on(signal.SIGTERM):  # a scheduler's or `kill`'s stop unwinds as Ctrl-C does: pools end, work is kept
+            code = command.main(args=argv, prog_name="keel", standalone_mode=False)
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"keel: stopped by {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except typer.Abort:
         print("keel: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -20,6 +20,7 @@ from keel.data.spans import Span, read_span
 from keel.data.stages import StageSettings, Verdict, assess, clean
 from keel.data.tokenizer import Encoder
 from keel.errors import ConfigError
+from keel.process import die_with_parent
 
 TASK_CHARS = 1_000_000  # input per pool task: large enough that pickling is cheap next to the work
 
@@ -68,7 +69,8 @@ class Job(NamedTuple):
 _state: dict = {}
 
 
-def _single_threaded() -> None:
+def _worker_start() -> None:
+    die_with_parent()  # a pool owner killed outright must not leave its workers running
     # Each worker is one core's worth; the tokenizer's own thread pool would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -136,10 +138,10 @@ class StagePool:
         self._executor = None
         _state.clear()  # inline runs share this process: never reuse a tokenizer loaded for another dataset
         if workers > 1:
-            # forkserver / spawn: a fork of a process with threads (the tokenizer's, torch's) can deadlock.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_single_threaded)
+            # Spawned: each worker is this process's own child, so it dies with it (a forkserver outlives a killed
+            # owner, and its workers with it). Not forked: a fork of a process with threads can deadlock.
+            context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start)
 
     def map(self, job: Job, work: Iterable[Span]) -> Iterator[Result]:
         """Results of each span, in the order the spans were given."""

@@ -10,7 +10,6 @@ own shutdown would SIGKILL them after a grace period, is never signalled.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ from keel.errors import EXIT_REFUSED, LaunchError
 from keel.io import filesystem_errors
 from keel.launch.rendezvous import Nodes, rdzv_id
 from keel.observe.events import EventLog
+from keel.process import die_with_parent
 from keel.resilience.watchdog import EXIT_HANG, read_progress
 from keel.rundir import RunDir
 
@@ -86,11 +86,6 @@ def describe_exit(code: int) -> str:
     return "hang (exit code 124)" if code == EXIT_HANG else f"exit code {code}"
 
 
-def _die_with_launcher() -> None:
-    # In the child before exec: SIGKILL the agent if `keel train` dies, and with it (PR_SET_PDEATHSIG) its workers.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 class Workers:
     """A running torchrun with its workers: forwards signals to them, records their failures, waits."""
 
@@ -108,7 +103,7 @@ class Workers:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
-            preexec_fn=_die_with_launcher if linux else None,
+            preexec_fn=die_with_parent if linux else None,  # the agent (and so its workers) dies with us
         )
         self.failures: list[dict] = []
         self._reader = threading.Thread(target=self._read_stderr, name="keel-torchrun-log", daemon=True)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +15,7 @@ from keel.errors import EXIT_REFUSED, KeelError
 from keel.io import atomic_write_text
 from keel.observe.heartbeat import mark_failed
 from keel.observe.logs import setup_logging
+from keel.process import die_with_parent
 from keel.resilience.preemption import install_handlers
 from keel.rundir import RunDir
 from keel.train.trainer import Trainer
@@ -55,19 +54,6 @@ def report_error(run_dir: Path, error: KeelError) -> None:
     """Leave a worker's KeelError for `keel train` to print as its own one line."""
     log_failure(run_dir, f"keel: error: {error}")
     atomic_write_text(RunDir(run_dir).worker_error, f"{error}\n")
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent (the torchrun agent) dies.
-
-    torchrun starts each worker in its own session, so a SIGKILL of `keel train` or of the agent
-    would otherwise leave orphaned workers holding CPUs, GPUs and ports.
-    """
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before the request took effect
-            os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
