@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from itertools import accumulate
 
+from keel.units import duration
+
 EVERY_S = 30.0  # a long pass says how far it got this often
 
 
@@ -27,17 +29,9 @@ class PassProgress:
         self.last = now
         done = self.before[file] + min(through, self.sizes[file])
         rate = (done - self.start_bytes) / max(now - self.started, 1e-9)
-        left = f"about {_duration((self.total - done) / rate)} left" if rate > 0 else "time left not known yet"
+        left = f"about {duration((self.total - done) / rate)} left" if rate > 0 else "time left not known yet"
         share = 100 * done / max(self.total, 1)
         self.log(
             f"{self.name}: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({share:.0f}%), {rate / 1e6:.1f} MB/s, "
             f"{counts()}; {left}"
         )
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

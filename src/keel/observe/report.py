@@ -22,9 +22,10 @@ from keel.io import atomic_write_text, read_jsonl
 from keel.observe.report_plan import plan_html
 from keel.observe.report_results import AuditFile, EvalFile, audit_html, evaluation_html, read_results
 from keel.observe.report_series import plot_data
-from keel.observe.report_summary import duration, header
+from keel.observe.report_summary import header
 from keel.observe.report_timeline import Incident, timeline
 from keel.rundir import RunDir
+from keel.units import duration
 
 # (id, heading, what it holds) in page order; a section without plots or tables is left out.
 SECTIONS = (

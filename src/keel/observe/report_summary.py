@@ -18,20 +18,9 @@ from keel.observe.report_timeline import Incident, counts
 from keel.observe.status_view import run_state
 from keel.resilience.goodput import CATEGORIES, goodput_ratio, ledger_of
 from keel.rundir import RunDir
+from keel.units import duration
 
 ENERGY = ("energy_kwh", "energy_estimated_kwh", "device_hours")
-
-
-def duration(seconds: float) -> str:
-    """'42 s', '3 min 5 s', '4 h 12 min', '2 d 3 h'."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from keel.distributed.env import DistEnv
 from keel.io import atomic_write_text, jsonl_lines
 from keel.observe.heartbeat import StatusSink
 from keel.rundir import RunDir
+from keel.units import duration
 
 
 class JsonlSink:
@@ -71,13 +72,6 @@ class TensorBoardSink:
         self._writer.close()
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # How people read each number: the console line and `keel status` share these.
 FORMATS = {
     "loss": lambda v: f"loss {v:.4f}",
@@ -106,7 +100,7 @@ class ConsoleSink:
         if memory is not None:
             parts.append(f"mem {memory:.2f} GB")
         if "eta_s" in values:
-            parts.append(f"ETA {_duration(values['eta_s'])}")
+            parts.append(f"ETA {duration(values['eta_s'])}")
         self._log.info(" | ".join(parts))
 
     def close(self) -> None:

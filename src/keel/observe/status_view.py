@@ -10,6 +10,7 @@ from keel.io import read_jsonl
 from keel.observe.heartbeat import read_status
 from keel.observe.sinks import format_metrics
 from keel.rundir import RunDir
+from keel.units import duration
 
 # Events that are routine progress or an evaluation (keel eval, keel audit), not incidents worth an operator's eye.
 ROUTINE_EVENTS = {"checkpoint", "goodput", "eval", "audit"}
@@ -30,15 +31,6 @@ def recent_incidents(run_dir: Path, limit: int = 5) -> list[dict[str, Any]]:
     return [e for e in events if e.get("event") not in ROUTINE_EVENTS][-limit:]
 
 
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s ago"
-    if seconds < 7200:
-        return f"{seconds // 60} min ago"
-    return f"{seconds // 3600} h ago"
-
-
 def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
     """A few lines an operator reads to know how a run is doing."""
     run_dir = Path(run_dir)
@@ -56,7 +48,7 @@ def describe_run(run_dir: Path, stall_timeout_s: float) -> str:
         lines.append("  " + " | ".join(details))
     checkpoint = status.get("last_checkpoint_step")
     lines.append(f"  last checkpoint: {'none' if checkpoint is None else f'step {checkpoint}'}")
-    lines.append(f"  heartbeat: {_ago(now - status.get('updated_at', now))} from {status.get('host', '?')}")
+    lines.append(f"  heartbeat: {duration(now - status.get('updated_at', now))} ago from {status.get('host', '?')}")
     if status.get("error"):
         lines.append(f"  error: {status['error']}")
     ledger = [e for e in read_jsonl(RunDir(run_dir).events) if e.get("event") == "goodput"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keel.plan.memory import Memory
 from keel.plan.planner import GB, Plan, Planned, describe
+from keel.units import duration
 
 # What each part of the memory holds, for the breakdown's second column.
 PARTS = {
@@ -36,7 +37,7 @@ def plan_lines(plan: Plan, model: Planned, nnodes: int, nproc: int) -> list[str]
         f"{speed.bubble_s:.3f}",
         f"MFU           {plan.mfu:.1%} over the step; {speed.mfu:.1%} expected in compute ({device.expected.source})",
         f"throughput    {plan.tokens_per_s:,.0f} tokens/s, {plan.tokens_per_s * 86400 / 1e9:,.3f} B tokens/day",
-        f"train.steps   {plan.steps:,} steps of {plan.tokens_per_step:,} tokens: {_duration(plan.train_s)}, "
+        f"train.steps   {plan.steps:,} steps of {plan.tokens_per_step:,} tokens: {duration(plan.train_s)}, "
         f"{_amount(plan.device_hours)} device-hours",
         f"cost          ${plan.cost:,.2f} at ${plan.price:.2f} per device-hour",
         f"energy        {_amount(plan.energy_kwh)} kWh at {device.watts:.0f} W per device (rated: an upper estimate)",
@@ -56,14 +57,6 @@ def _breakdown(m: Memory, kind: str) -> list[str]:
 def _amount(value: float) -> str:
     """A quantity with three significant digits below 100, whole above."""
     return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 86400 * 3:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def search_table(plans: list[Plan]) -> list[str]:
