@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from keel.cli_data import SetOption, data_app
-from keel.errors import KeelError
+from keel.errors import EXIT_REFUSED, KeelError
 from keel.process import Stopped, stop_on
 
 app = typer.Typer(
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             code = command.main(args=argv, prog_name="keel", standalone_mode=False)
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_REFUSED)
     except Stopped as e:
         print(f"keel: stopped by {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

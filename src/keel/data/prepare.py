@@ -130,8 +130,7 @@ def _prepare(
         found = _part_of(found, part, tokenizer)
     if not reading.skip_bad:
         check_readable(found)
-    total_bytes = sum(os.path.getsize(f.path) for f in found.files)
-    workers = resolve_workers(workers, total_bytes)
+    workers = resolve_workers(workers, sum(f.size for f in found.files))
     key = run_key(
         {
             "format": FORMAT,
@@ -142,9 +141,7 @@ def _prepare(
             "tombstones": sorted(reading.tombstones),
             "includes": found.includes,
             "excludes": found.excludes,
-            "files": [
-                (f.path, f.key, f.source, os.stat(f.path).st_size, os.stat(f.path).st_mtime_ns) for f in found.files
-            ],
+            "files": [(f.path, f.key, f.source, f.size, os.stat(f.path).st_mtime_ns) for f in found.files],
         }
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +200,7 @@ def _scan_and_tokenizer(
 ) -> tuple[Scan, Tokenizer]:
     """The scan pass (filling the dedup store in staging), then the tokenizer, saved as staging/tokenizer.json."""
     t0 = time.perf_counter()
-    total_bytes = sum(os.path.getsize(f.path) for f in found.files)
+    total_bytes = sum(f.size for f in found.files)
     sample_fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total_bytes, 1)) if tok is None else 0.0
     s = reading.stages
     store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold) if _dedups(s) else None
@@ -275,8 +272,7 @@ def _write(
     spans = plan(found.files, reading.text_field, pools.TASK_CHARS, 0 if after is None else after[0])
     mb = sum(e["bytes"] for e in scan.per_source) / 1e6
     t0 = time.perf_counter()
-    sizes = [os.path.getsize(f.path) for f in found.files]
-    reached = PassProgress("tokenize", sizes, log, first_file=0 if after is None else after[0])
+    reached = PassProgress("tokenize", [f.size for f in found.files], log, first_file=0 if after is None else after[0])
     finished = sum(len(w.shards) for w in writers.values())
 
     def tokens_written() -> str:

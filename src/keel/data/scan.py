@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -79,13 +78,11 @@ def scan(
     result = Scan(
         val_fraction, per_source=[{"glob": g, "files": 0, "documents": 0, "bytes": 0} for g in found.includes]
     )
-    sizes = [os.path.getsize(source.path) for source in found.files]
-    for source, size in zip(found.files, sizes, strict=True):
+    for source in found.files:
         result.per_source[source.source]["files"] += 1
-        result.per_source[source.source]["bytes"] += size
-    progress = PassProgress("scan", sizes, log)
+        result.per_source[source.source]["bytes"] += source.size
+    progress = PassProgress("scan", [f.size for f in found.files], log)
     skipped: Counter = Counter()
-
     read = 0
 
     def counts() -> str:  # drops are decided a batch at a time: they trail the documents read

@@ -26,6 +26,7 @@ class SourceFile:
     # The path relative to its glob's fixed prefix: the validation split hashes this, so a corpus
     # moved to another directory splits the same way.
     key: str
+    size: int  # bytes, when the sources were expanded (the run key holds it, so a changed file is seen)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def expand_sources(patterns: list[str]) -> Sources:
             if hit is not None:
                 removed[hit] += 1
                 continue
-            files.append(SourceFile(path, index, os.path.relpath(path, base)))
+            files.append(SourceFile(path, index, os.path.relpath(path, base), os.path.getsize(path)))
     if not files:
         raise DataError("prepare.sources: every matched file is excluded by a '!' pattern")
     return Sources(includes, [(p, removed[p]) for p, _ in excludes], files)

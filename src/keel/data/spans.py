@@ -9,7 +9,6 @@ a time; the workers parse them, as they parse the lines they read themselves.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -55,17 +54,9 @@ def plan(files: list[SourceFile], text_field: str, size: int, start_file: int = 
             elif path.endswith(JSONL_SUFFIXES):
                 yield from _decompressed(index, source, size)
             else:
-                yield Span(index, source, "whole", through=_size(path))
+                yield Span(index, source, "whole", through=source.size)
         except BadRecord as e:
             yield Span(index, source, "data", failed=e)
-
-
-def _size(path: str) -> int:
-    """The file's size, for progress only: a file that cannot be looked at is reported when it is read."""
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _line_spans(index: int, source: SourceFile, size: int) -> Iterator[Span]:
@@ -108,9 +99,9 @@ def _row_spans(index: int, source: SourceFile, text_field: str) -> Iterator[Span
             f"{source.path}: no column {text_field!r} (has: {', '.join(names)}); "
             "set prepare.text_field to the column that holds the text",
         )
-    row, groups, size = 0, meta.num_row_groups, _size(source.path)
+    row, groups = 0, meta.num_row_groups
     for group in range(groups):
-        yield Span(index, source, "rows", group, group + 1, row, through=size * (group + 1) // groups)
+        yield Span(index, source, "rows", group, group + 1, row, through=source.size * (group + 1) // groups)
         row += meta.metadata.row_group(group).num_rows
 
 
