@@ -1,14 +1,16 @@
-"""Dedup store at scale: insert N synthetic documents' keys (exact + near), report documents/s over time and bytes.
+"""Dedup store at scale: N synthetic documents' keys (exact + near) added, then decided; documents/s and bytes.
 
 Each document has a random 16-byte digest and 11 random band keys (threshold 0.8), as the pool workers compute them;
 one document in ten repeats an earlier digest and one in ten an earlier document's band keys, so both duplicate paths
-run. Batches of --batch documents go through `DedupStore.check` as prepare's scan sends them. Reported per run:
-documents/s over the first and the last 10% of the documents (the decay), by the clock and per second of the
-process's CPU time (user + system: what other jobs on a shared machine do not change), the disk the store takes at
-its largest (the scan's hash tables with the logs) and once closed (the logs a merge joins on), per document; then
-the medians over --repeats runs, each in a fresh process.
+run. Batches of --batch documents go to `DedupStore.add` as prepare's scan sends them; then `decide` sorts the keys
+and yields every verdict. Reported per run, per second of the process's CPU time (user + system: what other jobs on a
+shared machine do not change) and by the clock: documents/s of the adds over the first and the last 10% of the
+documents (does adding slow down as the store grows?), of deciding, and of the whole store (adds + decide); the same
+whole-store rate for a run of a tenth as many documents (--documents / 10), whose ratio to the full run's is the decay
+over a 10x larger corpus; and the disk the store takes at its largest (keys pending) and closed (the logs a merge joins
+on), per document. Medians over --repeats runs, each in a fresh process as `keel data prepare` runs its store.
 
-    PYTHONPATH=src .venv/bin/python bench/dedup_store.py --documents 10000000 --repeats 3
+    PYTHONPATH=src .venv/bin/python bench/dedup_store.py --documents 10000000 --repeats 3 --dir /tmp
 """
 
 from __future__ import annotations
@@ -37,43 +39,48 @@ def batch_keys(rng: np.random.Generator, start: int, n: int, bands: int, seen: n
     return [Keys(0, start + i, digests[i].tobytes(), keys[i].tobytes()) for i in range(n)]
 
 
-def run(documents: int, batch: int, where: str | None) -> tuple[float, ...]:
-    """One run: documents/s over the first and the last 10% (clock, CPU), bytes per document at the largest, closed."""
+def run(documents: int, batch: int, where: str | None) -> dict[str, float]:
+    """One run's rates (documents per CPU second and per second) and bytes per document."""
     with tempfile.TemporaryDirectory(dir=where) as tmp:
         store = DedupStore(Path(tmp) / "dedup", exact=True, near_threshold=0.8)
         rng = np.random.default_rng(0)
         seen = np.zeros((100_000, 16 + 8 * store.bands), np.uint8)
-        tenth = documents // 10
-        marks, spent, cpu, dropped, peak = {}, 0.0, 0.0, 0, 0
+        tenth = max(documents // 10, 1)
+        marks, wall, cpu = [(0, 0.0, 0.0)], 0.0, 0.0
         for start in range(0, documents, batch):
             docs = batch_keys(rng, start, min(batch, documents - start), store.bands, seen)
             t0, c0 = time.perf_counter(), time.process_time()
-            dropped += sum(s is not None for s in store.check(docs))
-            spent += time.perf_counter() - t0  # generating the keys is not the store's time
+            store.add(docs)
+            wall += time.perf_counter() - t0  # generating the keys is not the store's time
             cpu += time.process_time() - c0
-            for mark in range(tenth, documents + 1, tenth):
-                if start < mark <= start + len(docs):
-                    marks[mark] = (start + len(docs), spent, cpu)
-                    peak = max(peak, store.bytes_on_disk())
-        t0 = time.perf_counter()
+            if (start + len(docs)) // tenth > start // tenth:
+                marks.append((start + len(docs), wall, cpu))
+        peak = store.bytes_on_disk()
+        t0, c0 = time.perf_counter(), time.process_time()
+        dropped = sum(int((d.verdicts != 0).sum()) for d in store.decide())
         store.close()
-        closing = time.perf_counter() - t0
-        size = store.bytes_on_disk()
-    points = [(0, 0.0, 0.0)] + [marks[m] for m in sorted(marks)]
-    rates = [(d - d0) / (t - t0) for (d0, t0, _), (d, t, _) in zip(points, points[1:], strict=False)]
-    cpu_rates = [(d - d0) / (c - c0) for (d0, _, c0), (d, _, c) in zip(points, points[1:], strict=False)]
-    print("documents/s per tenth: " + ", ".join(f"{r:,.0f}" for r in rates))
-    print("documents per CPU second per tenth: " + ", ".join(f"{r:,.0f}" for r in cpu_rates))
+        decide_wall, decide_cpu = time.perf_counter() - t0, time.process_time() - c0
+        closed = store.bytes_on_disk()
+    (first, _, cpu_first), (second, _, cpu_second) = marks[0], marks[1]
+    (before_last, _, cpu_before_last), (last, _, cpu_last) = marks[-2], marks[-1]
+    out = {
+        "add_first": (second - first) / (cpu_second - cpu_first),
+        "add_last": (last - before_last) / (cpu_last - cpu_before_last),
+        "decide": documents / decide_cpu,
+        "store": documents / (cpu + decide_cpu),
+        "store_wall": documents / (wall + decide_wall),
+        "peak": peak / documents,
+        "closed": closed / documents,
+    }
     print(
-        f"{documents:,} documents ({dropped:,} dropped as duplicates) in {points[-1][1]:.0f} s of store time "
-        f"({points[-1][2]:.0f} s CPU; +{closing:.1f} s to close): first 10% {rates[0]:,.0f} documents/s "
-        f"({cpu_rates[0]:,.0f} per CPU second), last 10% {rates[-1]:,.0f} ({cpu_rates[-1]:,.0f}): last / first "
-        f"{rates[-1] / rates[0]:.2f} ({cpu_rates[-1] / cpu_rates[0]:.2f} in CPU time); bytes per document on disk: "
-        f"{peak / documents:.0f} at the largest (tables and logs), {size / documents:.0f} closed "
-        f"({size / (documents - dropped):.0f} per kept one)",
+        f"{documents:,} documents ({dropped:,} dropped as duplicates): adds {cpu:.1f} s CPU ({wall:.1f} s), first "
+        f"10% {out['add_first']:,.0f} documents per CPU second, last 10% {out['add_last']:,.0f}; decide "
+        f"{decide_cpu:.1f} s CPU ({decide_wall:.1f} s), {out['decide']:,.0f} per CPU second; the store in all "
+        f"{out['store']:,.0f} per CPU second ({out['store_wall']:,.0f}/s); bytes per document {out['peak']:.0f} at "
+        f"the largest, {out['closed']:.0f} closed",
         flush=True,
     )
-    return rates[0], rates[-1], cpu_rates[0], cpu_rates[-1], peak / documents, size / documents
+    return out
 
 
 def main() -> None:
@@ -83,19 +90,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dir", default=None, help="where the store goes (default: a temporary directory)")
     args = parser.parse_args()
-    # Each run in a fresh process, as `keel data prepare` runs its store: a process that ran one already has its
-    # allocator's pages at hand and starts the next faster, which is not the start a prepare has.
-    spawn = multiprocessing.get_context("spawn")
-    runs = []
+    spawn = multiprocessing.get_context("spawn")  # a fresh process a run: no allocator pages left by the last one
+    small, large = [], []
     for _ in range(args.repeats):
-        with spawn.Pool(1) as pool:
-            runs.append(pool.apply(run, (args.documents, args.batch, args.dir)))
-    first, last, cpu_first, cpu_last, peak, closed = (statistics.median(column) for column in zip(*runs, strict=True))
+        for documents, runs in ((args.documents // 10, small), (args.documents, large)):
+            with spawn.Pool(1) as pool:
+                runs.append(pool.apply(run, (documents, args.batch, args.dir)))
+
+    def median(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    decay = [b["store"] / a["store"] for a, b in zip(small, large, strict=True)]
+    adds = [r["add_last"] / r["add_first"] for r in large]
     print(
-        f"medians of {len(runs)}: first 10% {first:,.0f} documents/s ({cpu_first:,.0f} per CPU second), last 10% "
-        f"{last:,.0f} ({cpu_last:,.0f}); last / first {statistics.median(r[1] / r[0] for r in runs):.2f} "
-        f"({statistics.median(r[3] / r[2] for r in runs):.2f} in CPU time); "
-        f"bytes per document {peak:.0f} at the largest, {closed:.0f} closed"
+        f"medians of {len(large)}: {args.documents:,} documents, the store {median(large, 'store'):,.0f} documents "
+        f"per CPU second ({median(large, 'store_wall'):,.0f}/s); {args.documents // 10:,} documents "
+        f"{median(small, 'store'):,.0f}; large / small {statistics.median(decay):.2f} (runs "
+        f"{', '.join(f'{d:.2f}' for d in decay)}); adds last / first 10% {statistics.median(adds):.2f}; decide "
+        f"{median(large, 'decide'):,.0f} per CPU second; bytes per document {median(large, 'peak'):.0f} at the "
+        f"largest, {median(large, 'closed'):.0f} closed"
     )
 
 

@@ -28,6 +28,15 @@ def quiet(_: str) -> None:
     """A log callback that drops every line."""
 
 
+def dedup_verdicts(store, batches) -> list:
+    """Add batches of Keys to a DedupStore; then the stage dropping each document in order, or None."""
+    from keel.data.dedup_store import STAGES
+
+    for batch in batches:
+        store.add(batch)
+    return [STAGES.get(v) for run in store.decide() for v in run.verdicts.tolist()]
+
+
 def random_document(rng: random.Random, words: int = 120) -> str:
     """Words drawn at random from a large vocabulary: two such documents are never near duplicates."""
     return " ".join(rng.choice(RANDOM_WORDS) for _ in range(words))

@@ -179,7 +179,7 @@ DEDUP_ON = ["--set", "prepare.dedup_exact=true", "--set", "prepare.dedup_near_th
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
-@pytest.mark.parametrize("dedup", [[], DEDUP_ON], ids=["stages-off", "dedup-tables"])  # dedup: SIGBUS before the fix
+@pytest.mark.parametrize("dedup", [[], DEDUP_ON], ids=["stages-off", "dedup-keys"])  # dedup: SIGBUS with hash tables
 def test_a_full_disk_mid_prepare_is_one_line_and_keeps_the_work_to_resume(tmp_path, dedup):
     rng = random.Random(9)
     raw = tmp_path / "raw"

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from typer.testing import CliRunner
 
-from conftest import dataset_text, near_copy, quiet, random_document
+from conftest import dataset_text, dedup_verdicts, near_copy, quiet, random_document
 from keel.cli import app
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.inspect import verify_dataset
@@ -145,8 +145,8 @@ def test_near_dedup_catches_small_edits_but_not_different_documents(tmp_path):
     def keys(file: int, ordinal: int, text: str) -> Keys:
         return Keys(file, ordinal, None, hasher.band_hashes(hasher.signature(text)))
 
-    assert store.check([keys(0, i, d) for i, d in enumerate(docs)]) == [None] * 40
-    assert store.check([keys(1, 0, near_copy(docs[7]))]) == ["dedup_near"]
+    batches = [[keys(0, i, d) for i, d in enumerate(docs)], [keys(1, 0, near_copy(docs[7]))]]
+    assert dedup_verdicts(store, batches) == [None] * 40 + ["dedup_near"]
     assert lsh_bands(128, 0.8)[0] * lsh_bands(128, 0.8)[1] <= 128
 
 

@@ -22,6 +22,7 @@ from keel.cli import app
 from keel.data.dedup_store import DedupStore, Keys
 from keel.data.manifest import Manifest, load_manifest
 from keel.data.merge import merge_datasets
+from keel.data.partitions import Partitions, grouped
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
 
@@ -144,35 +145,48 @@ def test_changed_settings_after_a_crash_start_fresh_and_say_so(tmp_path, monkeyp
 
 
 def test_dedup_state_lives_on_disk_and_ram_does_not_grow_with_documents(tmp_path, monkeypatch):
-    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 1 << 12)  # the RAM buffer, filled within the first batch
-    monkeypatch.setattr("keel.data.hashtable._CHUNK", 1 << 14)  # and what a doubling holds: both bounds reached early
+    monkeypatch.setattr("keel.data.partitions.BUFFER_BYTES", 1 << 20)  # keys waiting in RAM: reached in 3 batches
+    monkeypatch.setattr("keel.data.dedup_sort.BUDGET", 1 << 20)  # a partition read at once
     store = DedupStore(tmp_path / "d", exact=True, near_threshold=0.8)
     rng = np.random.default_rng(0)
     bands = store.bands
 
     def feed(lo: int, hi: int) -> None:
-        for start in range(lo, hi, 4000):  # random keys: every document is kept
+        for start in range(lo, hi, 4000):  # random keys, and a copy of the batch's first document: 1 in 4000 dropped
             n = min(4000, hi - start)
-            digests, keys = rng.bytes(16 * n), rng.bytes(8 * bands * n)
-            store.check(
+            digests, keys = bytearray(rng.bytes(16 * n)), bytearray(rng.bytes(8 * bands * n))
+            digests[-16:], keys[-8 * bands :] = digests[:16], keys[: 8 * bands]
+            store.add(
                 [
-                    Keys(0, start + i, digests[16 * i : 16 * i + 16], keys[8 * bands * i : 8 * bands * (i + 1)])
+                    Keys(
+                        0,
+                        start + i,
+                        bytes(digests[16 * i : 16 * i + 16]),
+                        bytes(keys[8 * bands * i : 8 * bands * (i + 1)]),
+                    )
                     for i in range(n)
                 ]
             )
 
     def private() -> int:
         info = psutil.Process().memory_info()
-        return info.rss - info.shared  # the tables are file pages the kernel caches; this is the process's own
+        return info.rss - info.shared  # file pages the kernel caches are not the process's own
 
-    feed(0, 20000)
+    feed(0, 40000)
     before = private()
-    feed(20000, 120000)
+    feed(40000, 240000)
     growth = private() - before
-    # In RAM, 100,000 more documents would hold >= 10 MB of digests and band keys alone (more as hash tables).
-    assert growth < 6e6, f"private memory grew {growth / 1e6:.1f} MB for 100,000 documents"
+    # In RAM, 200,000 more documents would hold >= 20 MB of digests and band keys alone.
+    assert growth < 6e6, f"private memory grew {growth / 1e6:.1f} MB for 200,000 documents"
+    assert store.bytes_on_disk() >= 240_000 * (16 + 8 * bands)
+    peak, kept = 0, 0
+    for run in store.decide(batch=10_000):
+        peak = max(peak, private() - before)
+        kept += int((run.verdicts == 0).sum())
+    assert peak < 12e6, f"deciding 240,000 documents took {peak / 1e6:.1f} MB of private memory"
     store.close()
-    assert store.bytes_on_disk() >= 120_000 * (16 + 8 * bands) and store.kept == 120_000
+    assert kept == store.kept == 240_000 - 60
+    assert store.bytes_on_disk() >= store.kept * (4 + 16 + 8 * bands)
     assert not [v for v in vars(store).values() if isinstance(v, (list, dict, set)) and len(v) > 3]
 
 
@@ -281,3 +295,35 @@ def test_a_prepare_stopped_or_killed_leaves_no_worker_behind_and_runs_again(tmp_
     again = run_keel(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert load_manifest(tmp_path / "out").splits["train"].documents > 0
+
+
+def test_partitions_hold_each_key_once_in_key_order_and_split_what_outgrows_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.partitions.BUFFER_BYTES", 1 << 12)  # many small runs appended to each file
+    row = np.dtype([("k", "<u8"), ("seq", "<u4")])
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 2**64 - 1, 30_000, dtype=np.uint64)
+    keys[:5000] = keys[5000]  # one key held 5,001 times: more than a budget's worth, it cannot be split
+    keys[10_000:12_000] = keys[12_000:14_000]  # and pairs of equal keys
+    keys[20_000:20_500] = (keys[20_000:20_500] >> np.uint64(8)) | (np.uint64(0xAB) << np.uint64(56))  # a crowded prefix
+    records = np.zeros(len(keys), row)
+    records["k"], records["seq"] = keys, np.arange(len(keys))
+    parts = Partitions(tmp_path / "p", row)
+    for lo in range(0, len(records), 700):
+        parts.add(records[lo : lo + 700])
+    budget = 2400  # 200 records
+    seen: list[np.ndarray] = []
+    for part in parts.each(budget):
+        assert part.nbytes <= budget or len(np.unique(part["k"])) == 1
+        seen.append(part)
+    parts.delete()
+    assert not (tmp_path / "p").exists()
+    assert sorted(np.concatenate(seen)["seq"].tolist()) == list(range(len(keys)))
+    holder = {}
+    for i, part in enumerate(seen):
+        for k in np.unique(part["k"]).tolist():
+            assert holder.setdefault(k, i) == i  # all of a key's records in one partition
+    assert [int(p["k"].min()) for p in seen] == sorted(int(p["k"].min()) for p in seen)  # in key order
+    order, starts = grouped(keys)
+    assert sorted(order.tolist()) == list(range(len(keys)))
+    groups = np.split(keys[order], starts[1:])
+    assert all((g == g[0]).all() for g in groups) and len({int(g[0]) for g in groups}) == len(groups)

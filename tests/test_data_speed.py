@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import mmap
 import random
 import re
 import shutil
@@ -22,10 +21,8 @@ import keel.data.minhash
 import keel.data.prepare
 import keel.data.sources
 import keel.data.stages
-from conftest import dataset_text, near_copy, quiet
-from keel.data import hashtable
+from conftest import dataset_text, dedup_verdicts, near_copy, quiet
 from keel.data.dedup_store import DedupStore, Keys
-from keel.data.hashtable import ShardedTable
 from keel.data.merge import merge_datasets
 from keel.data.minhash import MinHasher
 from keel.data.prepare import prepare_dataset
@@ -391,10 +388,17 @@ def test_the_batched_dedup_store_decides_as_one_document_at_a_time(tmp_path):
         assert (not near or expected.count("dedup_near") > 20) and (not exact or expected.count("dedup_exact") > 20)
         for size in (1, 7, 64, len(docs)):
             store = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0)
-            got = [stage for lo in range(0, len(docs), size) for stage in store.check(docs[lo : lo + size])]
+            got = dedup_verdicts(store, [docs[lo : lo + size] for lo in range(0, len(docs), size)])
             store.close()
             assert got == expected, (exact, near, size)
-            assert sorted(p.name for p in store.path.iterdir() if "-" in p.name) == []  # the tables are gone
+            assert {p.name for p in store.path.iterdir()} <= {  # what the scan sorted is gone
+                "store.json",
+                "origins.log",
+                "runs.log",
+                "digests.log",
+                "bands.log",
+                "near.log",
+            }
             reopened = DedupStore(tmp_path / f"s{size}", exact, 0.8 if near else 0.0, readonly=True)
             batches = list(reopened.kept_batches(batch=50))
             want = [d for d, stage in zip(docs, expected, strict=True) if stage is None]
@@ -427,7 +431,7 @@ def test_merge_looks_up_the_parts_stores_and_fills_none(tmp_path, monkeypatch):
     def refill(*_):
         raise AssertionError("merge filled a store again")
 
-    monkeypatch.setattr(DedupStore, "check", refill)
+    monkeypatch.setattr(DedupStore, "add", refill)
     merged = merge_datasets(parts, tmp_path / "merged")
     assert merged.stages["merge.dedup_exact"]["documents_dropped"] == 1
     assert merged.stages["merge.dedup_near"]["documents_dropped"] == 1
@@ -455,73 +459,3 @@ def test_a_resumed_write_pass_keeps_its_pii_counts_and_writes_the_same_bytes(tmp
     prepare_dataset(sources, tmp_path / "out", **{**args, "log": logged.append})
     assert any(line.startswith("resuming ") and not line.endswith(": 0 shards already done") for line in logged)
     assert fingerprint(tmp_path / "out", tmp_path) == fingerprint(tmp_path / "whole", tmp_path)
-
-
-def test_the_hash_tables_keep_every_entry_through_doublings_and_flushes(tmp_path, monkeypatch):
-    monkeypatch.setattr("keel.data.hashtable.FIRST_SLOTS", 64)
-    monkeypatch.setattr("keel.data.hashtable.PENDING_SLOTS", 64)  # a batch fills more than half of it
-    monkeypatch.setattr("keel.data.hashtable._CHUNK", 100)
-    band = np.dtype([("k", "<u8"), ("v", "<u4")])
-    table, stored = ShardedTable(tmp_path, "t", band), {}
-    rng = np.random.default_rng(1)
-    for batch in range(40):
-        keys = rng.integers(1, 2**64 - 1, 1000, dtype=np.uint64)
-        keys[:50] = keys[50:100]  # repeats inside the batch
-        if stored:
-            keys[100:150] = list(stored)[:50]  # and keys stored already
-        entries = np.zeros(len(keys), band)
-        entries["k"], entries["v"] = keys, np.arange(len(keys)) + 1000 * batch
-        found = table.find(entries)
-        assert [int(v) if k else None for k, v in zip(found["k"], found["v"], strict=True)] == [
-            stored.get(int(k)) for k in keys
-        ]
-        _, first = np.unique(keys, return_index=True)
-        new = np.zeros(len(keys), bool)
-        new[first] = True
-        new &= found["k"] == 0
-        table.insert(entries[new])
-        stored.update({int(e["k"]): int(e["v"]) for e in entries[new]})
-    assert max(table.slots) > 64 and sum(table.counts) + sum(table._pending_counts) == len(stored)
-    entries = np.zeros(len(stored), band)
-    entries["k"] = list(stored)
-    assert table.find(entries)["v"].tolist() == list(stored.values())
-    table.delete()
-    assert not list(tmp_path.iterdir())
-
-
-def test_a_doubling_places_wrapped_and_overflowing_runs_and_lookups_tell_digests_apart(monkeypatch):
-    exact = np.dtype([("k", "<u8"), ("k2", "<u8")])
-    rng = np.random.default_rng(3)
-    for chunk, slots, load in ((7, 64, 0.9), (100, 1024, 0.75), (1 << 20, 4096, 0.6)):
-        monkeypatch.setattr("keel.data.hashtable._CHUNK", chunk)  # 7: chunks with no empty slot get longer
-        entries = np.zeros(int(slots * load), exact)
-        entries["k"] = rng.choice(2**62, len(entries), replace=False).astype(np.uint64) * np.uint64(4) + np.uint64(1)
-        entries["k2"] = rng.integers(0, 2**63, len(entries))
-        tail = len(entries) // 8  # homes at the last slots: their run wraps to the start, and past the lower half's end
-        entries["k"][:tail] |= np.uint64(slots - 1)
-        entries["k"][tail : 2 * tail] = entries["k"][2 * tail : 3 * tail]  # same first half, different second
-        entries["k2"][tail : 2 * tail] += np.uint64(1)
-        old, new = np.zeros(slots, exact), np.zeros(2 * slots, exact)
-        hashtable._place(old, entries)
-        assert old["k"][0] != 0  # a run wraps
-        hashtable._double(old, new)
-        assert np.count_nonzero(new["k"]) == len(entries)
-        assert (hashtable._probe(new, entries) == entries).all()
-        absent = entries.copy()
-        absent["k2"] += np.uint64(2)  # second halves no entry has
-        assert not hashtable._probe(new, absent)["k"].any()
-
-
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no transparent huge pages on this platform")
-def test_the_hash_tables_ask_for_huge_pages(tmp_path):
-    table = ShardedTable(tmp_path, "t", np.dtype([("k", "<u8")]))
-    entries = np.zeros(1, table.dtype)
-    entries["k"] = 1
-    table.insert(entries)
-    table._flush(0)
-    mapped = str(table._path(0))
-    smaps = Path("/proc/self/smaps").read_text().split("\n")
-    start = next(i for i, line in enumerate(smaps) if line.endswith(mapped))
-    flags = next(line for line in smaps[start:] if line.startswith("VmFlags:"))
-    assert " hg" in flags, flags  # VM_HUGEPAGE: the kernel may back the table with 2 MB pages
-    table.delete()

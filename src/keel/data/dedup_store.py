@@ -1,11 +1,14 @@
-"""Exact and near-duplicate state of a scan, checked a batch of documents at a time in document order; RAM bounded.
+"""Exact and near-duplicate state of a scan: keys gathered as the scan reads, duplicates decided when it has read all.
 
-Near duplicates are found by LSH agreement, as datatrove does: a document is a near duplicate if one of its band keys
-(64-bit hashes of its MinHash bands, computed in the pool workers) is a band key of an earlier kept document. No
-signature is kept to verify the candidate. What stays on disk (the store) is logs in kept-document order, what a merge
-joins on: origins (file, ordinal), content digests, band keys, and the digests of the documents near dedup dropped.
-While the scan runs, hash tables (keel.data.hashtable) of the digests and band keys seen so far answer the lookups;
-the scan rebuilds them from nothing, and closing the store deletes them.
+The rules are those of one document at a time in document order. Exact: an earlier document had the same 128-bit
+digest. Near, by LSH agreement as datatrove does: one of the document's band keys (64-bit hashes of its MinHash bands,
+computed in the pool workers) is a band key of an earlier kept document; no signature is kept to verify the candidate.
+While the scan reads, each document's record goes to a pending log (scan order) and its digest and band keys to
+partitions on disk; `decide()` sorts them a partition at a time (keel.data.dedup_sort) and walks the pending log with
+the verdicts. Why not hash tables looked up as the scan reads: each new key is a random store into gigabytes of table,
+which slowed the store by a quarter over 10 M documents and faults again on every page the kernel writes back. What
+stays on disk (the store) is logs in kept-document order, what a merge joins on: origins (file, ordinal), content
+digests, band keys, and the digests of the documents near dedup dropped.
 """
 
 from __future__ import annotations
@@ -19,18 +22,19 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from keel.data.hashtable import ShardedTable
+from keel.data.dedup_sort import BAND_ROW, DIGEST_ROW, EXACT, KEPT, NEAR, mark_exact, mark_near
 from keel.data.minhash import MinHasher
+from keel.data.partitions import Partitions
 from keel.errors import DataError
 from keel.io import atomic_write_json, fsync_path
 
 STORE = "dedup"
 META = "store.json"
-EXACT = np.dtype([("k", "<u8"), ("k2", "<u8")])  # the 128-bit digest
-BAND = np.dtype([("k", "<u8")])
-MAX_KEPT = 2**32 - 1
-SYNC_BYTES = 64 << 20  # the logs are written out every this many bytes
+DIGEST = np.dtype([("k", "<u8"), ("k2", "<u8")])  # the 128-bit digest
+MAX_DOCUMENTS = 2**32 - 1  # a document's number in the scan is 32 bits
 FORMAT = 2  # 1 (no "format" in store.json): hash tables and every kept signature; 2: the logs a merge joins
+STAGES = {EXACT: "dedup_exact", NEAR: "dedup_near"}
+_SCRATCH = ("pending.bin", "repeats.bin", "verdicts.bin", "digests", "bands", "pairs")  # gone once decided
 
 
 class Keys(NamedTuple):
@@ -48,8 +52,17 @@ class Kept(NamedTuple):
     rows: np.ndarray  # int64
     files: np.ndarray  # int64
     ordinals: np.ndarray  # int64
-    digests: np.ndarray | None  # EXACT
+    digests: np.ndarray | None  # DIGEST
     bands: np.ndarray | None  # uint64, one row of band keys per document
+
+
+class Decided(NamedTuple):
+    """A run of the scanned documents, in scan order, with dedup's verdicts."""
+
+    files: np.ndarray  # int64
+    ordinals: np.ndarray  # int64
+    verdicts: np.ndarray  # uint8: KEPT, EXACT or NEAR (STAGES names the stage)
+    notes: np.ndarray | None  # what the scan gave `add` with each document
 
 
 class _Logs(NamedTuple):
@@ -61,9 +74,11 @@ class _Logs(NamedTuple):
 
 
 class DedupStore:
-    """The dedup keys of the documents seen so far (kept ones, in order), for batched checks and merges."""
+    """The dedup keys of the documents scanned (kept ones, in order, once decided), for verdicts and merges."""
 
-    def __init__(self, path: Path, exact: bool, near_threshold: float, readonly: bool = False):
+    def __init__(
+        self, path: Path, exact: bool, near_threshold: float, readonly: bool = False, note: np.dtype | None = None
+    ):
         self.path, self.exact, self.readonly = Path(path), exact, readonly
         self.bands = MinHasher(near_threshold).bands if near_threshold else 0
         if readonly:
@@ -79,78 +94,85 @@ class DedupStore:
             shutil.rmtree(self.path, ignore_errors=True)  # what a crashed scan left is not trusted
             self.path.mkdir(parents=True)
             meta = {"kept": 0}
-        self.kept, self._synced, self._run = meta["kept"], 0, (-1, -1)
+        self.kept, self.scanned, self._run = meta["kept"], 0, (-1, -1)
         mode = "rb" if readonly else "ab+"
         self._logs = _Logs(
             *(open(self.path / f"{n}.log", mode) for n in ("origins", "runs")),
             *(open(self.path / f"{n}.log", mode) if on else None for n, on in self._parts()),
         )
-        writable = not readonly
-        # About one digest a document: in 4 shards, not 16, a batch's lookups in each are many enough that numpy's
-        # cost per call does not dominate.
-        self._digests = ShardedTable(self.path, "exact", EXACT, shard_bits=2) if exact and writable else None
-        self._band_keys = ShardedTable(self.path, "band", BAND) if self.bands and writable else None
+        fields = [("file", "<i8"), ("ordinal", "<i8")]
+        fields += [("digest", DIGEST)] if exact else []
+        fields += [("bands", "<u8", (self.bands,))] if self.bands else []
+        self._record = np.dtype(fields + ([("note", note)] if note is not None else []))
+        if not readonly:
+            self._pending = open(self.path / "pending.bin", "wb+")
+            self._repeats = open(self.path / "repeats.bin", "wb+")  # exact repeats found within a batch
+            self._digests = Partitions(self.path / "digests", DIGEST_ROW) if exact else None
+            self._band_keys = Partitions(self.path / "bands", BAND_ROW) if self.bands else None
 
     def _parts(self) -> list[tuple[str, bool]]:
         """The optional logs and whether this store keeps them."""
         return [("digests", self.exact), ("bands", bool(self.bands)), ("near", self.exact and bool(self.bands))]
 
-    def check(self, docs: list[Keys]) -> list[str | None]:
-        """The dedup stage dropping each document ("dedup_exact" / "dedup_near") or None, as if one at a time."""
+    def add(self, docs: list[Keys], notes: np.ndarray | None = None) -> None:
+        """Take the next documents of the scan (and a note for each, returned with its verdict); decided later."""
         n = len(docs)
-        out: list[str | None] = [None] * n
-        if n == 0:
-            return out
-        alive, digests = np.ones(n, bool), None
-        if self._digests is not None:
-            digests = _digests(docs)
-            new = np.zeros(n, bool)
+        if self.scanned + n > MAX_DOCUMENTS:
+            raise DataError(f"{self.path}: more than {MAX_DOCUMENTS} documents in one store; prepare in --shard parts")
+        records = np.zeros(n, self._record)
+        records["file"] = [d.file for d in docs]
+        records["ordinal"] = [d.ordinal for d in docs]
+        seq = np.arange(self.scanned, self.scanned + n, dtype=np.uint32)
+        holders = np.ones(n, bool)
+        if self.exact:
+            records["digest"] = digests = _digests(docs)
+            # A batch's own repeats are decided here: only each digest's first copy goes to the partitions, so a
+            # digest repeated millions of times costs a partition one row a batch.
             _, first = np.unique(digests.view(np.dtype((np.void, 16))), return_index=True)
-            new[first] = True
-            new &= self._digests.find(digests)["k"] == 0  # an earlier document (stored, or in the batch) had it
-            for i in np.flatnonzero(~new):
-                out[i] = "dedup_exact"
-            self._digests.insert(digests[new])
-            alive = new
-        kept = np.flatnonzero(alive)
-        if self._band_keys is not None and len(kept):
-            near = self._near(docs, kept)
-            for i in kept[near]:
-                out[i] = "dedup_near"
-            if digests is not None and self._logs.near is not None:
-                self._logs.near.write(digests[kept[near]].tobytes())
-            kept = kept[~near]
-        self._append(docs, kept, digests)
-        return out
+            holders[:] = False
+            holders[first] = True
+            self._repeats.write(seq[~holders].tobytes())
+            rows = np.zeros(len(first), DIGEST_ROW)
+            rows["k"], rows["k2"], rows["seq"] = digests["k"][first], digests["k2"][first], seq[first]
+            self._digests.add(rows)
+        if self.bands:
+            keys = np.frombuffer(b"".join(d.bands or b"" for d in docs), "<u8").reshape(n, self.bands)
+            records["bands"] = keys
+            rows = np.zeros(int(holders.sum()) * self.bands, BAND_ROW)  # an exact repeat holds no band key
+            rows["k"], rows["seq"] = keys[holders].ravel(), np.repeat(seq[holders], self.bands)
+            self._band_keys.add(rows)
+        if notes is not None:
+            records["note"] = notes
+        self._pending.write(records.tobytes())
+        self.scanned += n
 
-    def _near(self, docs: list[Keys], alive: np.ndarray) -> np.ndarray:
-        """Which alive documents share a band key with an earlier kept one; the kept ones' keys are added."""
-        assert self._band_keys is not None
-        keys = np.frombuffer(b"".join(docs[i].bands or b"" for i in alive), "<u8").reshape(len(alive), self.bands)
-        keys = np.where(keys == 0, np.uint64(1), keys)  # 0 marks an empty slot
-        entries = np.zeros(keys.size, BAND)
-        entries["k"] = keys.ravel()
-        near = (self._band_keys.find(entries)["k"] != 0).reshape(keys.shape).any(axis=1)
-        unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(keys.shape)
-        taken = np.zeros(len(unique), bool)  # the key is a band key of a kept document earlier in the batch
-        # Only documents with a key that recurs in the batch depend on the decisions before them: those go in order.
-        for j in np.flatnonzero(~near & (counts[inverse] > 1).any(axis=1)).tolist():
-            if taken[inverse[j]].any():
-                near[j] = True
-            else:
-                taken[inverse[j]] = True
-        new = np.unique(keys[~near])  # distinct: a key two kept documents shared would have dropped the second
-        add = np.zeros(len(new), BAND)
-        add["k"] = new
-        self._band_keys.insert(add)
-        return near
+    def decide(self, batch: int = 1 << 16) -> Iterator[Decided]:
+        """The scanned documents' verdicts in scan order, a batch at a time; the kept ones are logged as they go."""
+        self._pending.flush()
+        self._repeats.flush()
+        verdicts = np.zeros(self.scanned, np.uint8)
+        if self.scanned:
+            verdicts = np.memmap(self.path / "verdicts.bin", np.uint8, "w+", shape=(self.scanned,))  # not in RAM
+            verdicts[np.fromfile(self.path / "repeats.bin", np.uint32)] = EXACT
+            if self._digests is not None:
+                mark_exact(self._digests, verdicts)
+            if self._band_keys is not None:
+                mark_near(self._band_keys, verdicts, self.path / "pairs")
+        self._pending.seek(0)
+        for lo in range(0, self.scanned, batch):
+            records = np.fromfile(self._pending, self._record, min(batch, self.scanned - lo))
+            codes = np.array(verdicts[lo : lo + len(records)])
+            self._append(records[codes == KEPT])
+            if self._logs.near is not None:
+                self._logs.near.write(records["digest"][codes == NEAR].tobytes())
+            yield Decided(
+                records["file"], records["ordinal"], codes, records["note"] if "note" in records.dtype.names else None
+            )
+        del verdicts
+        self._drop_scratch()
 
-    def _append(self, docs: list[Keys], kept: np.ndarray, digests: np.ndarray | None) -> None:
-        if self.kept + len(kept) > MAX_KEPT:
-            raise DataError(f"{self.path}: more than {MAX_KEPT} kept documents in one store; prepare in --shard parts")
-        files = np.fromiter((docs[i].file for i in kept.tolist()), np.int64, len(kept))
-        ordinals = np.fromiter((docs[i].ordinal for i in kept.tolist()), np.int64, len(kept))
+    def _append(self, kept: np.ndarray) -> None:
+        files, ordinals = kept["file"], kept["ordinal"]
         high = ordinals >> 32
         before_f, before_h = np.empty_like(files), np.empty_like(high)
         before_f[:1], before_h[:1] = self._run
@@ -161,20 +183,18 @@ class DedupStore:
         runs = np.stack([self.kept + change, files[change], high[change]], axis=1)
         self._logs.runs.write(runs.astype(np.int64).tobytes())
         self._logs.origins.write(ordinals.astype(np.uint32).tobytes())
-        if self._logs.digests is not None and digests is not None:
-            self._logs.digests.write(digests[kept].tobytes())
+        if self._logs.digests is not None:
+            self._logs.digests.write(kept["digest"].tobytes())
         if self._logs.bands is not None:
-            self._logs.bands.write(b"".join(docs[i].bands or b"" for i in kept.tolist()))
+            self._logs.bands.write(kept["bands"].tobytes())
         self.kept += len(kept)
-        written = self.kept * (4 + 16 * self.exact + 8 * self.bands)
-        if written // SYNC_BYTES != self._synced:
-            # Written out now, the logs' pages stay cached but clean: the kernel's background writeback is not
-            # set off by them, and so does not keep writing back (and write-protecting) the tables' pages.
-            self._synced = written // SYNC_BYTES
-            for f in self._logs:
-                if f is not None:
-                    f.flush()
-                    os.fdatasync(f.fileno())
+
+    def _drop_scratch(self) -> None:
+        for f in (self._pending, self._repeats):
+            f.close()
+        for name in _SCRATCH:
+            path = self.path / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def kept_batches(self, batch: int = 1 << 16) -> Iterator[Kept]:
         """The kept documents' origins and keys, in order, a batch at a time."""
@@ -187,7 +207,7 @@ class DedupStore:
                 rows,
                 run[:, 1].copy(),
                 (run[:, 2] << 32) | low.astype(np.int64),
-                np.frombuffer(_read(self._logs.digests, 16 * lo, 16 * len(rows)), EXACT) if self.exact else None,
+                np.frombuffer(_read(self._logs.digests, 16 * lo, 16 * len(rows)), DIGEST) if self.exact else None,
                 self._bands_of(lo, len(rows)) if self.bands else None,
             )
 
@@ -201,11 +221,11 @@ class DedupStore:
         if self._logs.near is None:
             return
         for lo in range(0, os.fstat(self._logs.near.fileno()).st_size, 16 * batch):
-            yield np.frombuffer(_read(self._logs.near, lo, 16 * batch), EXACT)
+            yield np.frombuffer(_read(self._logs.near, lo, 16 * batch), DIGEST)
 
     def bytes_on_disk(self) -> int:
-        """The disk space the store takes now (logs, and while it is open for a scan, the tables)."""
-        return sum(p.stat().st_blocks * 512 for p in self.path.iterdir() if p.is_file())
+        """The disk space the store takes now (logs, and until the scan is decided, its pending keys)."""
+        return sum(p.stat().st_blocks * 512 for p in self.path.rglob("*") if p.is_file())
 
     def close(self) -> None:
         """Write the logs back and fsync them, delete the tables, and record the count: a journal can trust it."""
@@ -215,17 +235,16 @@ class DedupStore:
                     f.flush()
                     fsync_path(Path(f.name))
                 f.close()
-        for table in (self._digests, self._band_keys):
-            if table is not None:
-                table.delete()
+        if not self.readonly:
+            self._drop_scratch()
         if not self.readonly:
             atomic_write_json(self.path / META, {"format": FORMAT, "kept": self.kept})
 
 
 def _digests(docs: list[Keys]) -> np.ndarray:
     raw = np.frombuffer(b"".join(d.digest or b"" for d in docs), np.uint64).reshape(len(docs), 2)
-    entries = np.zeros(len(docs), EXACT)
-    entries["k"] = np.where(raw[:, 0] == 0, np.uint64(1), raw[:, 0])  # 0 marks an empty slot
+    entries = np.zeros(len(docs), DIGEST)
+    entries["k"] = np.where(raw[:, 0] == 0, np.uint64(1), raw[:, 0])  # as stores before format 2's sort kept them
     entries["k2"] = raw[:, 1]
     return entries
 

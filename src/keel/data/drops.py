@@ -1,4 +1,8 @@
-"""The scan's list of dropped documents (filters and dedup), so the write pass skips them without redoing the work."""
+"""The scan's lists of dropped documents, so the write pass skips them without redoing the work.
+
+Two lists, each sorted: the filters' and tombstones' (DROPS, written as the scan reads) and dedup's (DEDUP_DROPS,
+written once the scan has read everything and dedup has decided).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 from keel.errors import DataError
 
 DROPS = "dropped.bin"  # int64 keys file << 32 | ordinal, in document order (so sorted), native byte order
+DEDUP_DROPS = "dropped-dedup.bin"  # the same, for the documents dedup dropped
 _ORDINALS = 1 << 32
 _BUFFER = 1 << 16  # keys held before a write: bounded memory for any number of drops
 
@@ -48,10 +53,14 @@ class DropWriter:
 
 
 def dropped_in(path: Path, file: int, first: int, last: int) -> set[int]:
-    """The dropped ordinals of one file between first and last (inclusive), read from the sorted keys on disk."""
-    if os.path.getsize(path) == 0:
-        return set()
-    keys = np.memmap(path, dtype=np.int64, mode="r")
-    lo = int(np.searchsorted(keys, drop_key(file, first), side="left"))
-    hi = int(np.searchsorted(keys, drop_key(file, last), side="right"))
-    return set((keys[lo:hi] - file * _ORDINALS).tolist())
+    """The dropped ordinals of one file between first and last (inclusive), from both sorted lists beside `path`."""
+    out: set[int] = set()
+    for name in (DROPS, DEDUP_DROPS):
+        listed = path.with_name(name)
+        if not listed.exists() or os.path.getsize(listed) == 0:
+            continue
+        keys = np.memmap(listed, dtype=np.int64, mode="r")
+        lo = int(np.searchsorted(keys, drop_key(file, first), side="left"))
+        hi = int(np.searchsorted(keys, drop_key(file, last), side="right"))
+        out.update((keys[lo:hi] - file * _ORDINALS).tolist())
+    return out

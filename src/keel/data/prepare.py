@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from keel.config import Config
 from keel.data import pool as pools
 from keel.data.dedup_store import STORE, DedupStore
-from keel.data.drops import DROPS, DropWriter
+from keel.data.drops import DEDUP_DROPS, DROPS, DropWriter
 from keel.data.journal import PROGRESS, open_staging, run_key, write_progress
 from keel.data.manifest import (
     FORMAT,
@@ -31,7 +31,7 @@ from keel.data.manifest import (
 from keel.data.pii_ner import require_ner
 from keel.data.pool import Job, Result, StagePool, resolve_workers
 from keel.data.progress import PassProgress
-from keel.data.scan import TRAIN_SAMPLE_CHARS, Reading, Scan, readable, scan
+from keel.data.scan import NOTE, TRAIN_SAMPLE_CHARS, Reading, Scan, readable, scan
 from keel.data.shards import ShardWriter
 from keel.data.sources import Sources, expand_sources, read_documents
 from keel.data.spans import plan
@@ -171,6 +171,7 @@ def _prepare(
             manifest.dedup_store = STORE
         write_manifest(staging, manifest)
         (staging / DROPS).unlink()
+        (staging / DEDUP_DROPS).unlink(missing_ok=True)
         (staging / PROGRESS).unlink()
         commit_dataset(staging, out_dir)
     except KeelError:
@@ -203,11 +204,11 @@ def _scan_and_tokenizer(
     total_bytes = sum(f.size for f in found.files)
     sample_fraction = min(1.0, TRAIN_SAMPLE_CHARS / max(total_bytes, 1)) if tok is None else 0.0
     s = reading.stages
-    store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold) if _dedups(s) else None
+    store = DedupStore(staging / STORE, s.dedup_exact, s.dedup_near_threshold, note=NOTE) if _dedups(s) else None
     drops = DropWriter(staging / DROPS)
     try:
-        stages = Pipeline(s, store)
-        result = scan(found, reading, val_fraction, sample_fraction, pool, stages, drops, pools.TASK_CHARS, log)
+        stages = Pipeline(s)
+        result = scan(found, reading, val_fraction, sample_fraction, pool, stages, drops, store, pools.TASK_CHARS, log)
     finally:
         drops.close()
         if store is not None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from keel.data.drops import DropWriter
+import numpy as np
+
+from keel.data.dedup_store import STAGES, DedupStore, Keys
+from keel.data.drops import DEDUP_DROPS, DropWriter
 from keel.data.pool import Job, Result, StagePool
 from keel.data.progress import PassProgress
 from keel.data.sources import Sources
@@ -15,7 +19,11 @@ from keel.data.stages import Pipeline, StageSettings
 from keel.errors import DataError
 
 TRAIN_SAMPLE_CHARS = 16_000_000  # a BPE trained on ~16 MB is as good as on more, in a fraction of the time
-DEDUP_BATCH = 4096  # documents per dedup-store check: large enough that its array work dwarfs its overhead
+DEDUP_BATCH = 4096  # documents per dedup-store add: large enough that its array work dwarfs its overhead
+# Sample text held for documents dedup has not decided yet: the sample's cap counts kept documents only, and the
+# expected sample is one cap's worth in all, so this is reached only if duplicates fill most of it.
+SAMPLE_HELD = 4 * TRAIN_SAMPLE_CHARS
+NOTE = np.dtype([("split", "<f8"), ("size", "<i8")])  # what the scan needs back with a document's dedup verdict
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ def scan(
     pool: StagePool,
     pipeline: Pipeline,
     drops: DropWriter,
+    store: DedupStore | None,
     task_size: int,
     log: Callable[[str], None],
 ) -> Scan:
@@ -83,9 +92,10 @@ def scan(
         result.per_source[source.source]["bytes"] += source.size
     progress = PassProgress("scan", [f.size for f in found.files], log)
     skipped: Counter = Counter()
+    tally = _Tally(result, found)
     read = 0
 
-    def counts() -> str:  # drops are decided a batch at a time: they trail the documents read
+    def counts() -> str:  # dedup's drops are decided once the scan has read everything
         dropped = sum(e.get("documents_dropped", 0) for e in pipeline.stats.values()) + sum(skipped.values())
         return f"{read:,} documents read, {dropped:,} dropped or skipped so far"
 
@@ -95,10 +105,12 @@ def scan(
         batch.append(r)
         read += len(r.done)
         if sum(len(b.done) for b in batch) >= DEDUP_BATCH:
-            _decide(batch, found, pipeline, drops, result)
+            _decide(batch, pipeline, drops, store, tally)
             batch = []
         progress.update(r.file, r.through, counts)
-    _decide(batch, found, pipeline, drops, result)
+    _decide(batch, pipeline, drops, store, tally)
+    if store is not None:
+        _settle(store, pipeline, DropWriter(drops.path.with_name(DEDUP_DROPS)), tally, log)
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     result.tombstoned = pipeline.tombstoned
     if result.documents == 0:
@@ -115,26 +127,77 @@ def scan(
     return result
 
 
-def _decide(batch: list[Result], found: Sources, pipeline: Pipeline, drops: DropWriter, result: Scan) -> None:
-    """Apply the filters' verdicts and dedup to a batch of spans' documents in order; count, split, sample."""
-    docs = [(r.file, d.ordinal, d.verdict) for r in batch for d in r.done]
-    kept = iter(pipeline.accept(docs))  # type: ignore[arg-type]
-    sampled = sum(map(len, result.sample))
-    for r in batch:
-        for d in r.done:
-            key = (r.file, d.ordinal)
-            if not next(kept):
-                drops.add(*key)
-                continue
-            result.documents += 1
-            result.per_source[found.files[r.file].source]["documents"] += 1
-            result.lowest = min(result.lowest, (d.split_hash, key))
-            result.highest = max(result.highest, (d.split_hash, key))
-            if d.split_hash < result.val_fraction:
-                result.val += 1
-            elif d.verdict is not None and d.verdict.sample is not None and sampled < 2 * TRAIN_SAMPLE_CHARS:
-                result.sample.append(d.verdict.sample)
-                sampled += len(d.verdict.sample)
+class _Tally:
+    """Counts the kept documents into the scan's result, in document order: sources, splits, the tokenizer sample."""
+
+    def __init__(self, result: Scan, found: Sources):
+        self.result, self.found = result, found
+        self.sampled = 0  # characters in the sample
+        self.pending: dict[int, str] = {}  # sample text of documents dedup has yet to decide, by their scan number
+        self.held = 0
+
+    def keep(self, file: int, ordinal: int, split_hash: float, sample: str | None) -> None:
+        r, key = self.result, (file, ordinal)
+        r.documents += 1
+        r.per_source[self.found.files[file].source]["documents"] += 1
+        r.lowest = min(r.lowest, (split_hash, key))
+        r.highest = max(r.highest, (split_hash, key))
+        if split_hash < r.val_fraction:
+            r.val += 1
+        elif sample is not None and self.sampled < 2 * TRAIN_SAMPLE_CHARS:
+            r.sample.append(sample)
+            self.sampled += len(sample)
+
+
+def _decide(
+    batch: list[Result], pipeline: Pipeline, drops: DropWriter, store: DedupStore | None, tally: _Tally
+) -> None:
+    """Apply the filters' verdicts to a batch of spans' documents in order; keep them, or hand them to dedup."""
+    done = [(r.file, d) for r in batch for d in r.done]
+    passed = pipeline.accept([(file, d.ordinal, d.verdict) for file, d in done])
+    keys, notes = [], []
+    for (file, d), ok in zip(done, passed, strict=True):
+        v = d.verdict
+        if not ok:
+            drops.add(file, d.ordinal)
+        elif store is None:
+            tally.keep(file, d.ordinal, d.split_hash, v.sample)
+        else:
+            if v.sample is not None and tally.held < SAMPLE_HELD:
+                tally.pending[store.scanned + len(keys)] = v.sample
+                tally.held += len(v.sample)
+            keys.append(Keys(file, d.ordinal, v.digest, v.bands))
+            notes.append((d.split_hash, v.size))
+    if keys:
+        assert store is not None
+        store.add(keys, np.array(notes, NOTE))
+
+
+def _settle(
+    store: DedupStore, pipeline: Pipeline, drops: DropWriter, tally: _Tally, log: Callable[[str], None]
+) -> None:
+    """Dedup's verdicts, in document order: count and record the drops, keep the rest."""
+    t0, seq = time.perf_counter(), 0
+    log(f"dedup: deciding {store.scanned:,} documents' keys, sorted a partition at a time")
+    try:
+        for run in store.decide():
+            notes = run.notes.tolist() if run.notes is not None else []
+            for file, ordinal, verdict, (split, size) in zip(
+                run.files.tolist(), run.ordinals.tolist(), run.verdicts.tolist(), notes, strict=True
+            ):
+                if verdict:
+                    pipeline.count(STAGES[verdict], "dropped", size, file, ordinal)
+                    drops.add(file, ordinal)
+                else:
+                    tally.keep(file, ordinal, split, tally.pending.pop(seq, None))
+                seq += 1
+    finally:
+        drops.close()
+    dropped = {stage: pipeline.stats.get(stage, {}).get("documents_dropped", 0) for stage in STAGES.values()}
+    log(
+        f"dedup: decided {seq:,} documents in {time.perf_counter() - t0:.1f} s "
+        f"({dropped['dedup_exact']:,} exact and {dropped['dedup_near']:,} near duplicates)"
+    )
 
 
 def readable(results: Iterable[Result], skip_bad: bool, skipped: Counter) -> Iterator[Result]:

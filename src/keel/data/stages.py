@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from keel.data.dedup_store import DedupStore, Keys
 from keel.data.minhash import MinHasher
 from keel.data.pii import scrub
 from keel.data.pii_ner import MODEL as NER_MODEL
@@ -186,18 +185,17 @@ _RANK = {"normalize": 0, "pii": 2}
 
 @dataclass
 class Pipeline:
-    """Counts every stage's changes and drops, and applies dedup in document order (the one stateful stage)."""
+    """Counts every stage's changes and drops, in document order (dedup's, once the scan decides them)."""
 
     settings: StageSettings
-    store: DedupStore | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     first: dict[str, list[int]] = field(default_factory=dict)  # (file, ordinal, rank) where each stage first counted
     tombstoned: list[tuple[int, int]] = field(default_factory=list)  # (file, ordinal) of each document tombstones drop
 
     def accept(self, docs: list[tuple[int, int, Verdict]]) -> list[bool]:
-        """Count (file, ordinal, verdict)s' scan outcomes; True for each that survives every stage, dedup included."""
+        """Count (file, ordinal, verdict)s' scan outcomes; True for each that passes the tombstones and filters."""
         passed = []
-        for k, (file, ordinal, v) in enumerate(docs):
+        for file, ordinal, v in docs:
             if v.normalized_bytes:
                 self.count("normalize", "changed", v.normalized_bytes, file, ordinal)
             if v.failure == TOMBSTONE:
@@ -205,17 +203,8 @@ class Pipeline:
                 self.tombstoned.append((file, ordinal))
             elif v.failure is not None:
                 self.count(f"filter.{v.failure}", "dropped", v.size, file, ordinal)
-            else:
-                passed.append(k)
-        keys = [Keys(*docs[k][:2], docs[k][2].digest, docs[k][2].bands) for k in passed]
-        stages = self.store.check(keys) if self.store is not None else [None] * len(passed)
-        out = [False] * len(docs)
-        for k, stage in zip(passed, stages, strict=True):
-            if stage is None:
-                out[k] = True
-            else:
-                self.count(stage, "dropped", docs[k][2].size, docs[k][0], docs[k][1])
-        return out
+            passed.append(v.failure is None)
+        return passed
 
     def count_pii(self, file: int, ordinal: int, size: int, replaced: tuple[tuple[str, int], ...]) -> None:
         """Count a kept document's PII replacements, in all and per label (the write pass scrubs)."""
