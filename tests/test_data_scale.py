@@ -17,6 +17,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+import keel.data.prepare
 from conftest import assert_one_line_error, near_copy, quiet, random_document, run_keel
 from keel.cli import app
 from keel.data.dedup_store import DedupStore, Keys
@@ -327,3 +328,29 @@ def test_partitions_hold_each_key_once_in_key_order_and_split_what_outgrows_the_
     assert sorted(order.tolist()) == list(range(len(keys)))
     groups = np.split(keys[order], starts[1:])
     assert all((g == g[0]).all() for g in groups) and len({int(g[0]) for g in groups}) == len(groups)
+
+
+def test_the_tokenizer_sample_counts_only_documents_dedup_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.prepare.TRAIN_SAMPLE_CHARS", 10**9)  # every training document offers its text
+    monkeypatch.setattr("keel.data.scan.TRAIN_SAMPLE_CHARS", 3000)  # and the sample stops at 6,000 characters
+    monkeypatch.setattr("keel.data.scan.SAMPLE_HELD", 12000)
+    rng = random.Random(4)
+    distinct = [random_document(rng, 60) for _ in range(80)]
+    stream = [distinct[0]] * 12 + distinct  # copies of the first document come before anything else
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in stream))
+    seen: list[list[str]] = []
+    train = keel.data.prepare.train_tokenizer
+
+    def spy(sample: list[str], vocab_size: int):
+        seen.append(list(sample))
+        return train(sample, vocab_size)
+
+    monkeypatch.setattr(keel.data.prepare, "train_tokenizer", spy)
+    stages = StageSettings(dedup_exact=True, dedup_near_threshold=0.8)
+    prepare_dataset([str(raw / "*.jsonl")], tmp_path / "ds", vocab_size=300, stages=stages, log=quiet)
+    (sample,) = seen
+    assert len(set(sample)) == len(sample)  # the copies were dropped before they could count
+    assert sum(map(len, sample)) >= 6000  # the cap was reached with kept documents
+    assert sample == [t for t in distinct if t in set(sample)]  # in document order

@@ -194,7 +194,10 @@ class DedupStore:
             f.close()
         for name in _SCRATCH:
             path = self.path / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def kept_batches(self, batch: int = 1 << 16) -> Iterator[Kept]:
         """The kept documents' origins and keys, in order, a batch at a time."""

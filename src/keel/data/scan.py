@@ -185,11 +185,12 @@ def _settle(
             for file, ordinal, verdict, (split, size) in zip(
                 run.files.tolist(), run.ordinals.tolist(), run.verdicts.tolist(), notes, strict=True
             ):
+                sample = tally.pending.pop(seq, None)
                 if verdict:
                     pipeline.count(STAGES[verdict], "dropped", size, file, ordinal)
                     drops.add(file, ordinal)
                 else:
-                    tally.keep(file, ordinal, split, tally.pending.pop(seq, None))
+                    tally.keep(file, ordinal, split, sample)
                 seq += 1
     finally:
         drops.close()
