@@ -239,7 +239,7 @@ def _origins(root: Path, manifest: Manifest) -> list[tuple[int, int]]:
     return out
 
 
-def test_both_passes_say_how_far_they_got_in_input_bytes_with_rate_and_time_left(tmp_path, monkeypatch):
+def test_both_passes_and_dedup_say_how_far_they_got_with_rate_and_time_left(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.progress.EVERY_S", 0.0)  # a line after every span
     monkeypatch.setattr("keel.data.pool.TASK_CHARS", 2_000)  # many spans per file
     sources = _corpus(tmp_path / "raw", files=3, docs=40)
@@ -255,6 +255,12 @@ def test_both_passes_say_how_far_they_got_in_input_bytes_with_rate_and_time_left
         assert len(said) > 5 and done == sorted(done) and 0 < done[-1] <= total + 1e-6, said
         assert all(f" of {total:,.1f} MB (" in line and " MB/s, " in line and "left" in line for line in said)
     assert any(" documents read, " in line for line in lines) and any(" tokens written" in line for line in lines)
+    # Deciding dedup after the scan says how far it got too: each sort phase in MB of keys, then the verdicts.
+    for phase in ("dedup, exact: ", "dedup, near: band keys: ", "dedup, verdicts: "):
+        said = [line for line in lines if line.startswith(phase)]
+        assert said and "(100%)" in said[-1] and "left" in said[-1], (phase, lines)
+    decided = next(line for line in lines if line.startswith("dedup: decided "))
+    assert decided.endswith("near duplicates)") and " exact and " in decided
 
 
 _SLOW_WORKERS = """

@@ -10,11 +10,13 @@ step reads partitions sequentially and holds one partition's records at a time; 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from keel.data.partitions import Partitions, grouped
+from keel.data.progress import PassProgress
 
 KEPT, EXACT, NEAR = 0, 1, 2  # a document's verdict
 DIGEST_ROW = np.dtype([("k", "<u8"), ("k2", "<u8"), ("seq", "<u4")])  # seq: the document's number in the scan
@@ -25,9 +27,9 @@ PAIR = np.dtype([("k", "<u8"), ("key", "<u8")])
 BUDGET = 64 << 20  # bytes of one partition's records held at once
 
 
-def mark_exact(digests: Partitions, verdicts: np.ndarray) -> None:
+def mark_exact(digests: Partitions, verdicts: np.ndarray, log: Callable[[str], None]) -> None:
     """Mark EXACT every document whose digest an earlier document had."""
-    for part in digests.each(BUDGET):
+    for part in _each(digests, "dedup, exact", log):
         order, starts = grouped(part["k"])
         sizes = np.diff(np.append(starts, len(order)))
         repeated = part[order[np.repeat(sizes > 1, sizes)]]  # same first 64 bits: few, so sorted in full
@@ -36,12 +38,12 @@ def mark_exact(digests: Partitions, verdicts: np.ndarray) -> None:
         verdicts[repeated["seq"][1:][same]] = EXACT
 
 
-def mark_near(bands: Partitions, verdicts: np.ndarray, work: Path) -> None:
+def mark_near(bands: Partitions, verdicts: np.ndarray, work: Path, log: Callable[[str], None]) -> None:
     """Mark NEAR every document (not EXACT) sharing a band key with an earlier document kept."""
     step = np.uint64((2**64 - 1) // max(len(verdicts), 1))
     pairs = Partitions(work, PAIR)
     shared = 0  # shared keys numbered so far, across partitions
-    for part in bands.each(BUDGET):
+    for part in _each(bands, "dedup, near: band keys", log):
         part = part[verdicts[part["seq"]] == KEPT]  # an exact duplicate holds no keys
         order, starts = grouped(part["k"])
         sizes = np.diff(np.append(starts, len(order)))
@@ -53,7 +55,7 @@ def mark_near(bands: Partitions, verdicts: np.ndarray, work: Path) -> None:
         pairs.add(out)
         shared += int(many.sum())
     held = bytearray(shared)  # a kept document holds the key
-    for part in pairs.each(BUDGET):  # in document order
+    for part in _each(pairs, "dedup, near: shared keys in document order", log):
         part = part[np.argsort(part["k"])]
         first = np.flatnonzero(np.concatenate([[True], part["k"][1:] != part["k"][:-1]]))
         docs, keys, bounds = part["k"][first], part["key"].tolist(), [*first.tolist(), len(part)]
@@ -67,3 +69,12 @@ def mark_near(bands: Partitions, verdicts: np.ndarray, work: Path) -> None:
                     held[key] = 1
         verdicts[(docs[near] // step).astype(np.int64)] = NEAR
     pairs.delete()
+
+
+def _each(parts: Partitions, phase: str, log: Callable[[str], None]) -> Iterator[np.ndarray]:
+    """The partitions' records (parts.each), saying every so often how many MB of them are done."""
+    progress, done, partitions = PassProgress(phase, [parts.size()], log, unit="MB of keys"), 0, 0
+    for part in parts.each(BUDGET):
+        yield part
+        done, partitions = done + part.nbytes, partitions + 1
+        progress.update(0, done, lambda n=partitions: f"{n:,} partitions sorted")

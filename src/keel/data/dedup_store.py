@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -146,7 +146,7 @@ class DedupStore:
         self._pending.write(records.tobytes())
         self.scanned += n
 
-    def decide(self, batch: int = 1 << 16) -> Iterator[Decided]:
+    def decide(self, batch: int = 1 << 16, log: Callable[[str], None] = lambda _: None) -> Iterator[Decided]:
         """The scanned documents' verdicts in scan order, a batch at a time; the kept ones are logged as they go."""
         self._pending.flush()
         self._repeats.flush()
@@ -155,9 +155,9 @@ class DedupStore:
             verdicts = np.memmap(self.path / "verdicts.bin", np.uint8, "w+", shape=(self.scanned,))  # not in RAM
             verdicts[np.fromfile(self.path / "repeats.bin", np.uint32)] = EXACT
             if self._digests is not None:
-                mark_exact(self._digests, verdicts)
+                mark_exact(self._digests, verdicts, log)
             if self._band_keys is not None:
-                mark_near(self._band_keys, verdicts, self.path / "pairs")
+                mark_near(self._band_keys, verdicts, self.path / "pairs", log)
         self._pending.seek(0)
         for lo in range(0, self.scanned, batch):
             records = np.fromfile(self._pending, self._record, min(batch, self.scanned - lo))

@@ -70,6 +70,10 @@ class Partitions:
             yield from finer.each(budget)
             finer.delete()
 
+    def size(self) -> int:
+        """Bytes of records, written or waiting."""
+        return self._bytes + sum(p.stat().st_size for p in self.directory.rglob("*.bin"))
+
     def delete(self) -> None:
         """Drop the records, written or waiting."""
         self._waiting, self._bytes = [], 0

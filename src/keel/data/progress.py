@@ -12,10 +12,13 @@ EVERY_S = 30.0  # a long pass says how far it got this often
 
 
 class PassProgress:
-    """A pass's progress through the input files, in bytes of the files (a span's end, or a whole file once done)."""
+    """A pass's progress through the input files, in bytes of the files (a span's end, or a whole file once done).
 
-    def __init__(self, name: str, sizes: list[int], log: Callable[[str], None], first_file: int = 0):
-        self.name, self.sizes, self.log = name, sizes, log
+    `unit` names what is counted in millions (MB of input by default; a pass over other things, e.g. dedup's keys
+    or documents, names its own)."""
+
+    def __init__(self, name: str, sizes: list[int], log: Callable[[str], None], first_file: int = 0, unit: str = "MB"):
+        self.name, self.sizes, self.log, self.unit = name, sizes, log, unit
         self.before = [0, *accumulate(sizes)]  # input bytes of the files before each file
         self.total = self.before[-1]
         self.started, self.last = time.perf_counter(), time.perf_counter()
@@ -32,6 +35,6 @@ class PassProgress:
         left = f"about {duration((self.total - done) / rate)} left" if rate > 0 else "time left not known yet"
         share = 100 * done / max(self.total, 1)
         self.log(
-            f"{self.name}: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({share:.0f}%), {rate / 1e6:.1f} MB/s, "
-            f"{counts()}; {left}"
+            f"{self.name}: {done / 1e6:,.1f} of {self.total / 1e6:,.1f} {self.unit} ({share:.0f}%), "
+            f"{rate / 1e6:.1f} {self.unit}/s, {counts()}; {left}"
         )

@@ -179,8 +179,9 @@ def _settle(
     """Dedup's verdicts, in document order: count and record the drops, keep the rest."""
     t0, seq = time.perf_counter(), 0
     log(f"dedup: deciding {store.scanned:,} documents' keys, sorted a partition at a time")
+    progress = PassProgress("dedup, verdicts", [store.scanned], log, unit="M documents")
     try:
-        for run in store.decide():
+        for run in store.decide(log=log):
             notes = run.notes.tolist() if run.notes is not None else []
             for file, ordinal, verdict, (split, size) in zip(
                 run.files.tolist(), run.ordinals.tolist(), run.verdicts.tolist(), notes, strict=True
@@ -192,6 +193,7 @@ def _settle(
                 else:
                     tally.keep(file, ordinal, split, sample)
                 seq += 1
+            progress.update(0, seq, lambda: "in document order")
     finally:
         drops.close()
     dropped = {stage: pipeline.stats.get(stage, {}).get("documents_dropped", 0) for stage in STAGES.values()}
