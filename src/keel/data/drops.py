@@ -40,6 +40,13 @@ class DropWriter:
         if len(self._keys) >= _BUFFER:
             self._flush()
 
+    def add_many(self, files: np.ndarray, ordinals: np.ndarray) -> None:
+        """Record dropped documents given as arrays, in document order."""
+        if len(ordinals) and int(ordinals.max()) >= _ORDINALS:
+            drop_key(0, int(ordinals.max()))  # the one-line error
+        self._flush()
+        self._file.write((files.astype(np.int64) * _ORDINALS + ordinals).astype(np.int64).tobytes())
+
     def _flush(self) -> None:
         self._file.write(np.array(self._keys, dtype=np.int64).tobytes())
         self._keys.clear()

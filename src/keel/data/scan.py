@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from keel.data.dedup_store import STAGES, DedupStore, Keys
+from keel.data.dedup_store import KEPT, STAGES, DedupStore, Keys
 from keel.data.drops import DEDUP_DROPS, DropWriter
 from keel.data.pool import Job, Result, StagePool
 from keel.data.progress import PassProgress
@@ -131,22 +131,30 @@ class _Tally:
     """Counts the kept documents into the scan's result, in document order: sources, splits, the tokenizer sample."""
 
     def __init__(self, result: Scan, found: Sources):
-        self.result, self.found = result, found
+        self.result = result
+        self.sources = np.array([f.source for f in found.files], np.int64)  # each file's source
         self.sampled = 0  # characters in the sample
         self.pending: dict[int, str] = {}  # sample text of documents dedup has yet to decide, by their scan number
         self.held = 0
 
-    def keep(self, file: int, ordinal: int, split_hash: float, sample: str | None) -> None:
-        r, key = self.result, (file, ordinal)
-        r.documents += 1
-        r.per_source[self.found.files[file].source]["documents"] += 1
-        r.lowest = min(r.lowest, (split_hash, key))
-        r.highest = max(r.highest, (split_hash, key))
-        if split_hash < r.val_fraction:
-            r.val += 1
-        elif sample is not None and self.sampled < 2 * TRAIN_SAMPLE_CHARS:
-            r.sample.append(sample)
-            self.sampled += len(sample)
+    def keep(self, files: np.ndarray, ordinals: np.ndarray, splits: np.ndarray, samples: list[tuple[int, str]]) -> None:
+        """Count kept documents, given as arrays in document order; samples: (position, text) of those offering text."""
+        r = self.result
+        if not len(files):
+            return
+        r.documents += len(files)
+        for source, n in enumerate(np.bincount(self.sources[files], minlength=len(r.per_source)).tolist()):
+            r.per_source[source]["documents"] += n
+        order = np.lexsort((ordinals, files, splits))  # by split hash, then (file, ordinal)
+        low, high = int(order[0]), int(order[-1])
+        r.lowest = min(r.lowest, (float(splits[low]), (int(files[low]), int(ordinals[low]))))
+        r.highest = max(r.highest, (float(splits[high]), (int(files[high]), int(ordinals[high]))))
+        val = splits < r.val_fraction
+        r.val += int(val.sum())
+        for i, text in samples:
+            if not val[i] and self.sampled < 2 * TRAIN_SAMPLE_CHARS:
+                r.sample.append(text)
+                self.sampled += len(text)
 
 
 def _decide(
@@ -155,22 +163,25 @@ def _decide(
     """Apply the filters' verdicts to a batch of spans' documents in order; keep them, or hand them to dedup."""
     done = [(r.file, d) for r in batch for d in r.done]
     passed = pipeline.accept([(file, d.ordinal, d.verdict) for file, d in done])
-    keys, notes = [], []
+    kept = [(file, d) for (file, d), ok in zip(done, passed, strict=True) if ok]
     for (file, d), ok in zip(done, passed, strict=True):
-        v = d.verdict
         if not ok:
             drops.add(file, d.ordinal)
-        elif store is None:
-            tally.keep(file, d.ordinal, d.split_hash, v.sample)
-        else:
-            if v.sample is not None and tally.held < SAMPLE_HELD:
-                tally.pending[store.scanned + len(keys)] = v.sample
-                tally.held += len(v.sample)
-            keys.append(Keys(file, d.ordinal, v.digest, v.bands))
-            notes.append((d.split_hash, v.size))
-    if keys:
-        assert store is not None
-        store.add(keys, np.array(notes, NOTE))
+    files = np.array([file for file, _ in kept], np.int64)
+    ordinals = np.array([d.ordinal for _, d in kept], np.int64)
+    splits = np.array([d.split_hash for _, d in kept], np.float64)
+    samples = [(i, d.verdict.sample) for i, (_, d) in enumerate(kept) if d.verdict.sample is not None]
+    if store is None:
+        tally.keep(files, ordinals, splits, samples)
+        return
+    for i, text in samples:
+        if tally.held < SAMPLE_HELD:
+            tally.pending[store.scanned + i] = text
+            tally.held += len(text)
+    if kept:
+        notes = np.zeros(len(kept), NOTE)
+        notes["split"], notes["size"] = splits, [d.verdict.size for _, d in kept]
+        store.add([Keys(file, d.ordinal, d.verdict.digest, d.verdict.bands) for file, d in kept], notes)
 
 
 def _settle(
@@ -182,17 +193,24 @@ def _settle(
     progress = PassProgress("dedup, verdicts", [store.scanned], log, unit="M documents")
     try:
         for run in store.decide(log=log):
-            notes = run.notes.tolist() if run.notes is not None else []
-            for file, ordinal, verdict, (split, size) in zip(
-                run.files.tolist(), run.ordinals.tolist(), run.verdicts.tolist(), notes, strict=True
-            ):
-                sample = tally.pending.pop(seq, None)
-                if verdict:
-                    pipeline.count(STAGES[verdict], "dropped", size, file, ordinal)
-                    drops.add(file, ordinal)
-                else:
-                    tally.keep(file, ordinal, split, sample)
-                seq += 1
+            assert run.notes is not None
+            files, ordinals, verdicts = run.files, run.ordinals, run.verdicts
+            for code, stage in STAGES.items():
+                hit = np.flatnonzero(verdicts == code)
+                if len(hit):
+                    first = hit[np.lexsort((ordinals[hit], files[hit]))[0]]
+                    size = int(run.notes["size"][hit].sum())
+                    pipeline.count(stage, "dropped", size, int(files[first]), int(ordinals[first]), len(hit))
+            kept = verdicts == KEPT
+            drops.add_many(files[~kept], ordinals[~kept])
+            position = np.cumsum(kept) - 1  # a kept document's place among the kept ones
+            samples = []
+            while tally.pending and (i := next(iter(tally.pending))) < seq + len(verdicts):
+                text = tally.pending.pop(i)
+                if kept[i - seq]:
+                    samples.append((int(position[i - seq]), text))
+            tally.keep(files[kept], ordinals[kept], run.notes["split"][kept], samples)
+            seq += len(verdicts)
             progress.update(0, seq, lambda: "in document order")
     finally:
         drops.close()

@@ -215,11 +215,11 @@ class Pipeline:
             for label, n in replaced:
                 entry[f"replacements.{label}"] = entry.get(f"replacements.{label}", 0) + n
 
-    def count(self, stage: str, what: str, size: int, file: int, ordinal: int) -> None:
-        """Add one document of `size` bytes to a stage's dropped or changed counts."""
+    def count(self, stage: str, what: str, size: int, file: int, ordinal: int, documents: int = 1) -> None:
+        """Add documents of `size` bytes in all, the first of them at (file, ordinal), to a stage's counts."""
         entry = self.stats.setdefault(stage, {})
         self.first[stage] = min(self.first.get(stage, [file, ordinal, 9]), [file, ordinal, _RANK.get(stage, 1)])
-        entry[f"documents_{what}"] = entry.get(f"documents_{what}", 0) + 1
+        entry[f"documents_{what}"] = entry.get(f"documents_{what}", 0) + documents
         entry[f"bytes_{what}"] = entry.get(f"bytes_{what}", 0) + size
 
 
