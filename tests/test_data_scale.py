@@ -274,7 +274,9 @@ pool.assess = slow
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "Ctrl-C", "SIGKILL"]
+)
 def test_a_prepare_stopped_or_killed_leaves_no_worker_behind_and_runs_again(tmp_path, signum):
     sources = _corpus(tmp_path / "raw", files=6, docs=200)
     site = tmp_path / "site"
@@ -284,20 +286,28 @@ def test_a_prepare_stopped_or_killed_leaves_no_worker_behind_and_runs_again(tmp_
     slow = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), src])}
     args = ["data", "prepare", "--source", sources[0], "--out", str(tmp_path / "out"), "--set", "prepare.workers=2"]
     args += ["--set", "prepare.vocab_size=400", "--set", "prepare.dedup_near_threshold=0.8"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keel", *args], cwd=tmp_path, env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    proc = subprocess.Popen(  # a session of its own, as a terminal's
+        [sys.executable, "-m", "keel", *args],
+        cwd=tmp_path,
+        env=slow,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     deadline, workers = time.monotonic() + 60, []
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
         workers = [c for c in psutil.Process(proc.pid).children() if "--multiprocessing-fork" in c.cmdline()]
     time.sleep(0.5)  # the workers are at work
-    proc.send_signal(signum)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # Ctrl-C: the terminal signals the whole foreground group, workers included
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)  # a worker left behind would hold the pipes open
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert len(gone) == 2 and not alive
-    if signum == signal.SIGTERM:
-        assert proc.returncode == 128 + signum and err.decode().strip() == "keel: stopped by SIGTERM"
+    if signum != signal.SIGKILL:
+        assert proc.returncode == 128 + signum and err.decode().strip() == f"keel: stopped by {signum.name}"
     assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.partial-*"))) == 1
     again = run_keel(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr

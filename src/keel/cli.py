@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app and turns user errors into one line and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        with stop_on(signal.SIGTERM):  # a scheduler's or `kill`'s stop unwinds as Ctrl-C does: pools end, work is kept
+        # Ctrl-C and a scheduler's or `kill`'s stop unwind alike: pools end, work is kept, one line says so. (Typer
+        # would turn Ctrl-C's KeyboardInterrupt into a silent exit 130; `keel train` forwards both to its workers.)
+        with stop_on(signal.SIGTERM, signal.SIGINT):
             code = command.main(args=argv, prog_name="keel", standalone_mode=False)
     except KeelError as e:
         print(f"keel: error: {e}", file=sys.stderr)

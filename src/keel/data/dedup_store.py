@@ -22,7 +22,8 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from keel.data.dedup_sort import BAND_ROW, DIGEST_ROW, EXACT, KEPT, NEAR, mark_exact, mark_near
+from keel.data import dedup_sort
+from keel.data.dedup_sort import BAND_ROW, DIGEST_ROW, EXACT, KEPT, NEAR, Each, mark_exact, mark_near
 from keel.data.minhash import MinHasher
 from keel.data.partitions import Partitions
 from keel.errors import DataError
@@ -146,8 +147,15 @@ class DedupStore:
         self._pending.write(records.tobytes())
         self.scanned += n
 
-    def decide(self, batch: int = 1 << 16, log: Callable[[str], None] = lambda _: None) -> Iterator[Decided]:
-        """The scanned documents' verdicts in scan order, a batch at a time; the kept ones are logged as they go."""
+    def decide(
+        self, batch: int = 1 << 16, log: Callable[[str], None] = lambda _: None, each: Each = map, processes: int = 1
+    ) -> Iterator[Decided]:
+        """The scanned documents' verdicts in scan order, a batch at a time; the kept ones are logged as they go.
+
+        `each` sorts the partitions (a process pool's map, in `processes` processes, or map in this one); together
+        they hold at most dedup_sort.BUDGET bytes of keys at once.
+        """
+        budget = max(dedup_sort.BUDGET // processes, 1 << 20)
         self._pending.flush()
         self._repeats.flush()
         verdicts = np.zeros(self.scanned, np.uint8)
@@ -155,9 +163,9 @@ class DedupStore:
             verdicts = np.memmap(self.path / "verdicts.bin", np.uint8, "w+", shape=(self.scanned,))  # not in RAM
             verdicts[np.fromfile(self.path / "repeats.bin", np.uint32)] = EXACT
             if self._digests is not None:
-                mark_exact(self._digests, verdicts, log)
+                mark_exact(self._digests, verdicts, log, each, budget)
             if self._band_keys is not None:
-                mark_near(self._band_keys, verdicts, self.path / "pairs", log)
+                mark_near(self._band_keys, verdicts, self.path / "pairs", log, each, budget)
         self._pending.seek(0)
         for lo in range(0, self.scanned, batch):
             records = np.fromfile(self._pending, self._record, min(batch, self.scanned - lo))

@@ -48,27 +48,15 @@ class Partitions:
             with open(self._path(p), "ab") as f:
                 f.write(records[order[bounds[p] : bounds[p + 1]]].tobytes())
 
-    def each(self, budget: int) -> Iterator[np.ndarray]:
-        """Every partition's records in order of "k"'s top bits, each file deleted once read; at most `budget` bytes
-        a partition, unless its records share all 64 bits of "k"."""
+    def files(self) -> list[Path]:
+        """The partitions' files, in order of "k"'s top bits (what waits in RAM is written first)."""
         self.flush()
-        for p in range(1 << BITS):
-            path = self._path(p)
-            if not path.exists():
-                continue
-            if path.stat().st_size <= budget or self.used + 2 * BITS > 64:
-                records = np.fromfile(path, self.dtype)
-                path.unlink()
-                yield records
-                continue
-            finer = Partitions(self.directory / f"{p:03d}", self.dtype, self.used + BITS)
-            step = max(budget // self.dtype.itemsize, 1)
-            with open(path, "rb") as f:
-                while len(chunk := np.fromfile(f, self.dtype, step)):
-                    finer.add(chunk)
-            path.unlink()
-            yield from finer.each(budget)
-            finer.delete()
+        return [path for p in range(1 << BITS) if (path := self._path(p)).exists()]
+
+    def each(self, budget: int) -> Iterator[np.ndarray]:
+        """Every partition's records in order of "k"'s top bits (read_partition: each file deleted once read)."""
+        for path in self.files():
+            yield from read_partition(path, self.dtype, self.used + BITS, budget)
 
     def size(self) -> int:
         """Bytes of records, written or waiting."""
@@ -84,6 +72,25 @@ class Partitions:
 
     def _path(self, p: int) -> Path:
         return self.directory / f"{p:03d}.bin"
+
+
+def read_partition(path: Path, dtype: np.dtype, used: int, budget: int) -> Iterator[np.ndarray]:
+    """A partition file's records, deleted once read: at once if they fit in `budget` bytes (or share all 64 bits of
+    "k", `used` of which the partitions above split on), else scattered by the next bits of "k" and read part by part.
+    """
+    if path.stat().st_size <= budget or used + BITS > 64:
+        records = np.fromfile(path, dtype)
+        path.unlink()
+        yield records
+        return
+    finer = Partitions(path.with_suffix(""), dtype, used)
+    step = max(budget // dtype.itemsize, 1)
+    with open(path, "rb") as f:
+        while len(chunk := np.fromfile(f, dtype, step)):
+            finer.add(chunk)
+    path.unlink()
+    yield from finer.each(budget)
+    finer.delete()
 
 
 def grouped(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
+import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from keel.data.tokenizer import Encoder
 from keel.errors import ConfigError
 from keel.process import die_with_parent
 
+T, R = TypeVar("T"), TypeVar("R")
 TASK_CHARS = 1_000_000  # input per pool task: large enough that pickling is cheap next to the work
 
 
@@ -71,6 +75,9 @@ _state: dict = {}
 
 def _worker_start() -> None:
     die_with_parent()  # a pool owner killed outright must not leave its workers running
+    # Ctrl-C reaches a terminal's whole process group: the main process alone decides to stop, and ends the pool
+    # (a worker started with the pool inherits the ignored signal; this holds for any started later).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker is one core's worth; the tokenizer's own thread pool would only oversubscribe them.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -142,16 +149,31 @@ class StagePool:
             # owner, and its workers with it). Not forked: a fork of a process with threads can deadlock.
             context = multiprocessing.get_context("spawn")
             self._executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start)
+            # All started now, with Ctrl-C ignored from their first instruction (an ignored signal stays ignored
+            # through exec): a worker still importing when Ctrl-C reaches the process group would die with a fatal
+            # error on the terminal. The executor starts a process for each task it has no idle worker for.
+            main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
+                for _ in range(workers):
+                    self._executor.submit(os.getpid)
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, previous)
 
     def map(self, job: Job, work: Iterable[Span]) -> Iterator[Result]:
         """Results of each span, in the order the spans were given."""
+        return self.run(partial(_run, job), work)
+
+    def run(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn of each item in the worker processes (a module-level function, to be pickled), in the items' order."""
         if self._executor is None:
-            yield from (_run(job, task) for task in work)
+            yield from map(fn, items)
             return
         pending: deque[Future] = deque()
-        for task in work:
-            pending.append(self._executor.submit(_run, job, task))
-            if len(pending) >= 2 * self.workers:  # bounded: the reader never runs far ahead of the workers
+        for item in items:
+            pending.append(self._executor.submit(fn, item))
+            if len(pending) >= 2 * self.workers:  # bounded: the caller never runs far ahead of the workers
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -110,7 +110,7 @@ def scan(
         progress.update(r.file, r.through, counts)
     _decide(batch, pipeline, drops, store, tally)
     if store is not None:
-        _settle(store, pipeline, DropWriter(drops.path.with_name(DEDUP_DROPS)), tally, log)
+        _settle(store, pipeline, DropWriter(drops.path.with_name(DEDUP_DROPS)), tally, pool, log)
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     result.tombstoned = pipeline.tombstoned
     if result.documents == 0:
@@ -185,14 +185,14 @@ def _decide(
 
 
 def _settle(
-    store: DedupStore, pipeline: Pipeline, drops: DropWriter, tally: _Tally, log: Callable[[str], None]
+    store: DedupStore, pipeline: Pipeline, drops: DropWriter, tally: _Tally, pool: StagePool, log: Callable[[str], None]
 ) -> None:
-    """Dedup's verdicts, in document order: count and record the drops, keep the rest."""
+    """Dedup's verdicts (its partitions sorted in the pool), in document order: count and record drops, keep others."""
     t0, seq = time.perf_counter(), 0
     log(f"dedup: deciding {store.scanned:,} documents' keys, sorted a partition at a time")
     progress = PassProgress("dedup, verdicts", [store.scanned], log, unit="M documents")
     try:
-        for run in store.decide(log=log):
+        for run in store.decide(log=log, each=pool.run, processes=pool.workers):
             assert run.notes is not None
             files, ordinals, verdicts = run.files, run.ordinals, run.verdicts
             for code, stage in STAGES.items():
