@@ -163,9 +163,11 @@ def _decide(
     """Apply the filters' verdicts to a batch of spans' documents in order; keep them, or hand them to dedup."""
     done = [(r.file, d) for r in batch for d in r.done]
     passed = pipeline.accept([(file, d.ordinal, d.verdict) for file, d in done])
-    kept = [(file, d) for (file, d), ok in zip(done, passed, strict=True) if ok]
+    kept = []
     for (file, d), ok in zip(done, passed, strict=True):
-        if not ok:
+        if ok:
+            kept.append((file, d))
+        else:
             drops.add(file, d.ordinal)
     files = np.array([file for file, _ in kept], np.int64)
     ordinals = np.array([d.ordinal for _, d in kept], np.int64)
@@ -198,7 +200,7 @@ def _settle(
             for code, stage in STAGES.items():
                 hit = np.flatnonzero(verdicts == code)
                 if len(hit):
-                    first = hit[np.lexsort((ordinals[hit], files[hit]))[0]]
+                    first = hit[0]  # the run is in document order
                     size = int(run.notes["size"][hit].sum())
                     pipeline.count(stage, "dropped", size, int(files[first]), int(ordinals[first]), len(hit))
             kept = verdicts == KEPT
