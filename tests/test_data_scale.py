@@ -349,10 +349,10 @@ def test_partitions_hold_each_key_once_in_key_order_and_split_what_outgrows_the_
 def test_the_tokenizer_sample_counts_only_documents_dedup_kept(tmp_path, monkeypatch):
     monkeypatch.setattr("keel.data.prepare.TRAIN_SAMPLE_CHARS", 10**9)  # every training document offers its text
     monkeypatch.setattr("keel.data.scan.TRAIN_SAMPLE_CHARS", 3000)  # and the sample stops at 6,000 characters
-    monkeypatch.setattr("keel.data.scan.SAMPLE_HELD", 12000)
     rng = random.Random(4)
     distinct = [random_document(rng, 60) for _ in range(80)]
-    stream = [distinct[0]] * 12 + distinct  # copies of the first document come before anything else
+    # Copies of the first document come before anything else: more text than the cap, twice over.
+    stream = [distinct[0]] * 40 + distinct
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in stream))

@@ -25,6 +25,7 @@ BAND_ROW = np.dtype([("k", "<u8"), ("seq", "<u4")])
 # (document, shared key): "k" is the document's number spread over 64 bits (seq * step), so the pairs scatter into
 # partitions in document order.
 PAIR = np.dtype([("k", "<u8"), ("key", "<u8")])
+LOCAL_PAIR = np.dtype([("seq", "<u4"), ("key", "<u8")])  # a worker's pairs: keys numbered within its partition
 BUDGET = 128 << 20  # bytes of partition records held at once, in all the processes that sort them
 
 
@@ -33,21 +34,24 @@ Each = Callable[[Callable, Iterable], Iterator]  # map, or a process pool's: res
 
 def mark_exact(digests: Partitions, verdicts: np.memmap, log: Callable[[str], None], each: Each, budget: int) -> None:
     """Mark EXACT every document whose digest an earlier document had (the partitions sorted through `each`)."""
-    for repeats in _through(each, partial(exact_repeats, budget=budget), digests, "dedup, exact", log):
-        verdicts[repeats] = EXACT
+    for found in _through(each, partial(exact_repeats, budget=budget), digests, "dedup, exact", log):
+        for repeats in _read(found, np.dtype(np.uint32)):
+            verdicts[repeats] = EXACT
 
 
-def exact_repeats(path: Path, budget: int) -> np.ndarray:
-    """The scan numbers of the documents of one digest partition whose digest an earlier document had."""
-    found = [np.zeros(0, np.uint32)]
-    for part in read_partition(path, DIGEST_ROW, BITS, budget):
-        order, starts = grouped(part["k"])
-        sizes = np.diff(np.append(starts, len(order)))
-        repeated = part[order[np.repeat(sizes > 1, sizes)]]  # same first 64 bits: few, so sorted in full
-        repeated = repeated[np.lexsort((repeated["seq"], repeated["k2"], repeated["k"]))]
-        same = (repeated["k"][1:] == repeated["k"][:-1]) & (repeated["k2"][1:] == repeated["k2"][:-1])
-        found.append(repeated["seq"][1:][same])
-    return np.concatenate(found)
+def exact_repeats(path: Path, budget: int) -> Path:
+    """The scan numbers (uint32) of the documents of one digest partition whose digest an earlier document had, in a
+    file beside it: what a worker hands back through the pool stays small whatever the partition's size."""
+    found = path.with_suffix(".repeats")
+    with open(found, "wb") as out:
+        for part in read_partition(path, DIGEST_ROW, BITS, budget):
+            order, starts = grouped(part["k"])
+            sizes = np.diff(np.append(starts, len(order)))
+            repeated = part[order[np.repeat(sizes > 1, sizes)]]  # same first 64 bits: few, so sorted in full
+            repeated = repeated[np.lexsort((repeated["seq"], repeated["k2"], repeated["k"]))]
+            same = (repeated["k"][1:] == repeated["k"][:-1]) & (repeated["k2"][1:] == repeated["k2"][:-1])
+            out.write(repeated["seq"][1:][same].tobytes())
+    return found
 
 
 def mark_near(
@@ -58,10 +62,11 @@ def mark_near(
     pairs = Partitions(work, PAIR)
     shared = 0  # shared keys numbered so far, across partitions
     holders = partial(shared_keys, budget=budget, verdicts=Path(verdicts.filename))
-    for seqs, keys, count in _through(each, holders, bands, "dedup, near: band keys", log):
-        out = np.zeros(len(seqs), PAIR)
-        out["k"], out["key"] = seqs.astype(np.uint64) * step, keys + np.uint64(shared)
-        pairs.add(out)
+    for found, count in _through(each, holders, bands, "dedup, near: band keys", log):
+        for local in _read(found, LOCAL_PAIR):
+            out = np.zeros(len(local), PAIR)
+            out["k"], out["key"] = local["seq"].astype(np.uint64) * step, local["key"] + np.uint64(shared)
+            pairs.add(out)
         shared += count
     held = bytearray(shared)  # a kept document holds the key
     for part in pairs.each(budget):  # in document order
@@ -80,20 +85,32 @@ def mark_near(
     pairs.delete()
 
 
-def shared_keys(path: Path, budget: int, verdicts: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """Of one band-key partition, the (document, key) pairs of every key two or more documents hold (exact
-    duplicates hold none), the keys numbered from 0 in this partition; and how many keys that is."""
+def shared_keys(path: Path, budget: int, verdicts: Path) -> tuple[Path, int]:
+    """Of one band-key partition, the (document, key) pairs (LOCAL_PAIR) of every key two or more documents hold
+    (exact duplicates hold none), the keys numbered from 0 in this partition, in a file beside it; and how many keys
+    that is."""
     decided = np.memmap(verdicts, np.uint8, "r")  # the exact verdicts, written by the main process
-    seqs, keys, count = [np.zeros(0, np.uint32)], [np.zeros(0, np.uint64)], 0
-    for part in read_partition(path, BAND_ROW, BITS, budget):
-        part = part[decided[part["seq"]] == KEPT]
-        order, starts = grouped(part["k"])
-        sizes = np.diff(np.append(starts, len(order)))
-        many = sizes > 1
-        seqs.append(part["seq"][order[np.repeat(many, sizes)]])
-        keys.append(np.repeat(count + np.arange(int(many.sum()), dtype=np.uint64), sizes[many]))
-        count += int(many.sum())
-    return np.concatenate(seqs), np.concatenate(keys), count
+    found, count = path.with_suffix(".pairs"), 0
+    with open(found, "wb") as out:
+        for part in read_partition(path, BAND_ROW, BITS, budget):
+            part = part[decided[part["seq"]] == KEPT]
+            order, starts = grouped(part["k"])
+            sizes = np.diff(np.append(starts, len(order)))
+            many = sizes > 1
+            local = np.zeros(int(sizes[many].sum()), LOCAL_PAIR)
+            local["seq"] = part["seq"][order[np.repeat(many, sizes)]]
+            local["key"] = np.repeat(count + np.arange(int(many.sum()), dtype=np.uint64), sizes[many])
+            out.write(local.tobytes())
+            count += int(many.sum())
+    return found, count
+
+
+def _read(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """A worker's findings file, a part at a time, deleted once read."""
+    with open(path, "rb") as f:
+        while len(part := np.fromfile(f, dtype, 1 << 20)):
+            yield part
+    path.unlink()
 
 
 def _through(each: Each, work: Callable, parts: Partitions, phase: str, log: Callable[[str], None]) -> Iterator:

@@ -140,7 +140,9 @@ class DedupStore:
             keys = np.frombuffer(b"".join(d.bands or b"" for d in docs), "<u8").reshape(n, self.bands)
             records["bands"] = keys
             rows = np.zeros(int(holders.sum()) * self.bands, BAND_ROW)  # an exact repeat holds no band key
-            rows["k"], rows["seq"] = keys[holders].ravel(), np.repeat(seq[holders], self.bands)
+            held = keys[holders].ravel()
+            rows["k"] = np.where(held == 0, np.uint64(1), held)  # as the stores before format 2's sort kept them
+            rows["seq"] = np.repeat(seq[holders], self.bands)
             self._band_keys.add(rows)
         if notes is not None:
             records["note"] = notes
@@ -161,7 +163,11 @@ class DedupStore:
         verdicts = np.zeros(self.scanned, np.uint8)
         if self.scanned:
             verdicts = np.memmap(self.path / "verdicts.bin", np.uint8, "w+", shape=(self.scanned,))  # not in RAM
-            verdicts[np.fromfile(self.path / "repeats.bin", np.uint32)] = EXACT
+            with open(
+                self.path / "repeats.bin", "rb"
+            ) as f:  # a batch's own repeats, 4 bytes each: read a part at a time
+                while len(repeats := np.fromfile(f, np.uint32, 1 << 20)):
+                    verdicts[repeats] = EXACT
             if self._digests is not None:
                 mark_exact(self._digests, verdicts, log, each, budget)
             if self._band_keys is not None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -20,9 +23,7 @@ from keel.errors import DataError
 
 TRAIN_SAMPLE_CHARS = 16_000_000  # a BPE trained on ~16 MB is as good as on more, in a fraction of the time
 DEDUP_BATCH = 4096  # documents per dedup-store add: large enough that its array work dwarfs its overhead
-# Sample text held for documents dedup has not decided yet: the sample's cap counts kept documents only, and the
-# expected sample is one cap's worth in all, so this is reached only if duplicates fill most of it.
-SAMPLE_HELD = 4 * TRAIN_SAMPLE_CHARS
+OFFERED = "sample-offered.bin"  # in staging: sample text of documents dedup has yet to decide, in scan order
 NOTE = np.dtype([("split", "<f8"), ("size", "<i8")])  # what the scan needs back with a document's dedup verdict
 
 
@@ -92,7 +93,7 @@ def scan(
         result.per_source[source.source]["bytes"] += source.size
     progress = PassProgress("scan", [f.size for f in found.files], log)
     skipped: Counter = Counter()
-    tally = _Tally(result, found)
+    tally = _Tally(result, found, _Offered(drops.path.with_name(OFFERED)))
     read = 0
 
     def counts() -> str:  # dedup's drops are decided once the scan has read everything
@@ -111,6 +112,7 @@ def scan(
     _decide(batch, pipeline, drops, store, tally)
     if store is not None:
         _settle(store, pipeline, DropWriter(drops.path.with_name(DEDUP_DROPS)), tally, pool, log)
+    tally.offered.close()
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     result.tombstoned = pipeline.tombstoned
     if result.documents == 0:
@@ -130,12 +132,10 @@ def scan(
 class _Tally:
     """Counts the kept documents into the scan's result, in document order: sources, splits, the tokenizer sample."""
 
-    def __init__(self, result: Scan, found: Sources):
-        self.result = result
+    def __init__(self, result: Scan, found: Sources, offered: _Offered):
+        self.result, self.offered = result, offered
         self.sources = np.array([f.source for f in found.files], np.int64)  # each file's source
         self.sampled = 0  # characters in the sample
-        self.pending: dict[int, str] = {}  # sample text of documents dedup has yet to decide, by their scan number
-        self.held = 0
 
     def keep(self, files: np.ndarray, ordinals: np.ndarray, splits: np.ndarray, samples: list[tuple[int, str]]) -> None:
         """Count kept documents, given as arrays in document order; samples: (position, text) of those offering text."""
@@ -177,9 +177,7 @@ def _decide(
         tally.keep(files, ordinals, splits, samples)
         return
     for i, text in samples:
-        if tally.held < SAMPLE_HELD:
-            tally.pending[store.scanned + i] = text
-            tally.held += len(text)
+        tally.offered.add(store.scanned + i, text)
     if kept:
         notes = np.zeros(len(kept), NOTE)
         notes["split"], notes["size"] = splits, [d.verdict.size for _, d in kept]
@@ -206,11 +204,9 @@ def _settle(
             kept = verdicts == KEPT
             drops.add_many(files[~kept], ordinals[~kept])
             position = np.cumsum(kept) - 1  # a kept document's place among the kept ones
-            samples = []
-            while tally.pending and (i := next(iter(tally.pending))) < seq + len(verdicts):
-                text = tally.pending.pop(i)
-                if kept[i - seq]:
-                    samples.append((int(position[i - seq]), text))
+            samples = [
+                (int(position[i - seq]), text) for i, text in tally.offered.upto(seq + len(verdicts)) if kept[i - seq]
+            ]
             tally.keep(files[kept], ordinals[kept], run.notes["split"][kept], samples)
             seq += len(verdicts)
             progress.update(0, seq, lambda: "in document order")
@@ -221,6 +217,43 @@ def _settle(
         f"dedup: decided {seq:,} documents in {time.perf_counter() - t0:.1f} s "
         f"({dropped['dedup_exact']:,} exact and {dropped['dedup_near']:,} near duplicates)"
     )
+
+
+class _Offered:
+    """Sample text offered by documents dedup has yet to decide: on disk in scan order, read back as verdicts come.
+
+    Not held in RAM and not capped: the sample's cap counts kept documents only, which are known once dedup decides;
+    what is offered is about one sample's worth (more where the sources are compressed: the share offered is
+    set from their sizes on disk).
+    """
+
+    _HEAD = struct.Struct("<QI")  # scan number, bytes of text
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb+")
+        self._reading = False
+
+    def add(self, seq: int, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
+        self._file.write(self._HEAD.pack(seq, len(data)) + data)
+
+    def upto(self, end: int) -> Iterator[tuple[int, str]]:
+        """The (scan number, text) offered by documents before `end` not read yet, in order."""
+        if not self._reading:
+            self._file.flush()
+            self._file.seek(0)
+            self._reading = True
+        while head := self._file.read(self._HEAD.size):
+            seq, size = self._HEAD.unpack(head)
+            if seq >= end:
+                self._file.seek(-self._HEAD.size, os.SEEK_CUR)
+                return
+            yield seq, self._file.read(size).decode("utf-8", "surrogatepass")
+
+    def close(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def readable(results: Iterable[Result], skip_bad: bool, skipped: Counter) -> Iterator[Result]:
