@@ -26,6 +26,7 @@ from keel.data.merge import merge_datasets
 from keel.data.partitions import Partitions, grouped
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
+from keel.errors import DataError
 
 STAGES = StageSettings(normalize="NFC", min_words=5, dedup_exact=True, dedup_near_threshold=0.8, pii=True)
 
@@ -79,6 +80,7 @@ import sys, time
 import keel.data.pool, keel.data.prepare
 from keel.data.prepare import prepare_dataset
 from keel.data.stages import StageSettings
+from keel.errors import DataError
 keel.data.pool.TASK_CHARS = 3000
 original = keel.data.prepare._add
 def slow_add(*args):
@@ -340,9 +342,9 @@ def test_partitions_hold_each_key_once_in_key_order_and_split_what_outgrows_the_
         for k in np.unique(part["k"]).tolist():
             assert holder.setdefault(k, i) == i  # all of a key's records in one partition
     assert [int(p["k"].min()) for p in seen] == sorted(int(p["k"].min()) for p in seen)  # in key order
-    order, starts = grouped(keys)
+    order, sizes = grouped(keys)
     assert sorted(order.tolist()) == list(range(len(keys)))
-    groups = np.split(keys[order], starts[1:])
+    groups = np.split(keys[order], np.cumsum(sizes)[:-1])
     assert all((g == g[0]).all() for g in groups) and len({int(g[0]) for g in groups}) == len(groups)
 
 
@@ -370,3 +372,11 @@ def test_the_tokenizer_sample_counts_only_documents_dedup_kept(tmp_path, monkeyp
     assert len(set(sample)) == len(sample)  # the copies were dropped before they could count
     assert sum(map(len, sample)) >= 6000  # the cap was reached with kept documents
     assert sample == [t for t in distinct if t in set(sample)]  # in document order
+
+
+def test_more_documents_than_a_store_can_number_is_one_line_asking_for_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr("keel.data.dedup_store.MAX_DOCUMENTS", 10)  # 2**32 - 1 in truth: scan numbers are 32 bits
+    sources = _corpus(tmp_path / "raw", files=1, docs=40)
+    with pytest.raises(DataError, match=r"more than 10 documents in one store; prepare in --shard parts$"):
+        prepare_dataset(sources, tmp_path / "out", vocab_size=300, stages=StageSettings(dedup_exact=True), log=quiet)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))  # bad input: nothing kept

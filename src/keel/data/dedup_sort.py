@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keel.data.partitions import BITS, Partitions, grouped, read_partition
+from keel.data.partitions import BITS, Partitions, chunks, grouped, read_partition
 from keel.data.progress import PassProgress
 
 KEPT, EXACT, NEAR = 0, 1, 2  # a document's verdict
@@ -35,7 +35,7 @@ Each = Callable[[Callable, Iterable], Iterator]  # map, or a process pool's: res
 def mark_exact(digests: Partitions, verdicts: np.memmap, log: Callable[[str], None], each: Each, budget: int) -> None:
     """Mark EXACT every document whose digest an earlier document had (the partitions sorted through `each`)."""
     for found in _through(each, partial(exact_repeats, budget=budget), digests, "dedup, exact", log):
-        for repeats in _read(found, np.dtype(np.uint32)):
+        for repeats in chunks(found, np.dtype(np.uint32)):
             verdicts[repeats] = EXACT
 
 
@@ -45,8 +45,7 @@ def exact_repeats(path: Path, budget: int) -> Path:
     found = path.with_suffix(".repeats")
     with open(found, "wb") as out:
         for part in read_partition(path, DIGEST_ROW, BITS, budget):
-            order, starts = grouped(part["k"])
-            sizes = np.diff(np.append(starts, len(order)))
+            order, sizes = grouped(part["k"])
             repeated = part[order[np.repeat(sizes > 1, sizes)]]  # same first 64 bits: few, so sorted in full
             repeated = repeated[np.lexsort((repeated["seq"], repeated["k2"], repeated["k"]))]
             same = (repeated["k"][1:] == repeated["k"][:-1]) & (repeated["k2"][1:] == repeated["k2"][:-1])
@@ -63,7 +62,7 @@ def mark_near(
     shared = 0  # shared keys numbered so far, across partitions
     holders = partial(shared_keys, budget=budget, verdicts=Path(verdicts.filename))
     for found, count in _through(each, holders, bands, "dedup, near: band keys", log):
-        for local in _read(found, LOCAL_PAIR):
+        for local in chunks(found, LOCAL_PAIR):
             out = np.zeros(len(local), PAIR)
             out["k"], out["key"] = local["seq"].astype(np.uint64) * step, local["key"] + np.uint64(shared)
             pairs.add(out)
@@ -94,8 +93,7 @@ def shared_keys(path: Path, budget: int, verdicts: Path) -> tuple[Path, int]:
     with open(found, "wb") as out:
         for part in read_partition(path, BAND_ROW, BITS, budget):
             part = part[decided[part["seq"]] == KEPT]
-            order, starts = grouped(part["k"])
-            sizes = np.diff(np.append(starts, len(order)))
+            order, sizes = grouped(part["k"])
             many = sizes > 1
             local = np.zeros(int(sizes[many].sum()), LOCAL_PAIR)
             local["seq"] = part["seq"][order[np.repeat(many, sizes)]]
@@ -103,14 +101,6 @@ def shared_keys(path: Path, budget: int, verdicts: Path) -> tuple[Path, int]:
             out.write(local.tobytes())
             count += int(many.sum())
     return found, count
-
-
-def _read(path: Path, dtype: np.dtype) -> Iterator[np.ndarray]:
-    """A worker's findings file, a part at a time, deleted once read."""
-    with open(path, "rb") as f:
-        while len(part := np.fromfile(f, dtype, 1 << 20)):
-            yield part
-    path.unlink()
 
 
 def _through(each: Each, work: Callable, parts: Partitions, phase: str, log: Callable[[str], None]) -> Iterator:

@@ -25,7 +25,7 @@ import numpy as np
 from keel.data import dedup_sort
 from keel.data.dedup_sort import BAND_ROW, DIGEST_ROW, EXACT, KEPT, NEAR, Each, mark_exact, mark_near
 from keel.data.minhash import MinHasher
-from keel.data.partitions import Partitions
+from keel.data.partitions import Partitions, chunks
 from keel.errors import DataError
 from keel.io import atomic_write_json, fsync_path
 
@@ -159,15 +159,12 @@ class DedupStore:
         """
         budget = max(dedup_sort.BUDGET // processes, 1 << 20)
         self._pending.flush()
-        self._repeats.flush()
         verdicts = np.zeros(self.scanned, np.uint8)
         if self.scanned:
             verdicts = np.memmap(self.path / "verdicts.bin", np.uint8, "w+", shape=(self.scanned,))  # not in RAM
-            with open(
-                self.path / "repeats.bin", "rb"
-            ) as f:  # a batch's own repeats, 4 bytes each: read a part at a time
-                while len(repeats := np.fromfile(f, np.uint32, 1 << 20)):
-                    verdicts[repeats] = EXACT
+            self._repeats.close()
+            for repeats in chunks(self.path / "repeats.bin", np.dtype(np.uint32)):  # a batch's own repeats
+                verdicts[repeats] = EXACT
             if self._digests is not None:
                 mark_exact(self._digests, verdicts, log, each, budget)
             if self._band_keys is not None:

@@ -84,17 +84,22 @@ def read_partition(path: Path, dtype: np.dtype, used: int, budget: int) -> Itera
         yield records
         return
     finer = Partitions(path.with_suffix(""), dtype, used)
-    step = max(budget // dtype.itemsize, 1)
-    with open(path, "rb") as f:
-        while len(chunk := np.fromfile(f, dtype, step)):
-            finer.add(chunk)
-    path.unlink()
+    for chunk in chunks(path, dtype, max(budget // dtype.itemsize, 1)):
+        finer.add(chunk)
     yield from finer.each(budget)
     finer.delete()
 
 
+def chunks(path: Path, dtype: np.dtype, count: int = 1 << 20) -> Iterator[np.ndarray]:
+    """A file of records, `count` at a time; the file is deleted once read."""
+    with open(path, "rb") as f:
+        while len(chunk := np.fromfile(f, dtype, count)):
+            yield chunk
+    path.unlink()
+
+
 def grouped(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An order that brings equal keys together, and where each group of equal keys starts in it.
+    """An order that brings equal keys together, and the size of each group of equal keys in it, in order.
 
     The keys are first split by their low byte (a linear radix pass), then each part is sorted alone: sorts that fit in
     the CPU's caches are about 1.5 times as fast per key as one large sort, and grouping needs no order across parts.
@@ -108,4 +113,4 @@ def grouped(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             order[lo:hi] = part[np.argsort(keys[part])]
     ordered = keys[order]
     starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(keys) else np.zeros(0, int)
-    return order, starts
+    return order, np.diff(np.append(starts, len(keys)))

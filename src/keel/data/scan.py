@@ -93,7 +93,8 @@ def scan(
         result.per_source[source.source]["bytes"] += source.size
     progress = PassProgress("scan", [f.size for f in found.files], log)
     skipped: Counter = Counter()
-    tally = _Tally(result, found, _Offered(drops.path.with_name(OFFERED)))
+    # Sample text of documents dedup has yet to decide waits on disk, beside the drop lists.
+    tally = _Tally(result, found, _Offered(drops.path.with_name(OFFERED)) if store is not None else None)
     read = 0
 
     def counts() -> str:  # dedup's drops are decided once the scan has read everything
@@ -112,7 +113,6 @@ def scan(
     _decide(batch, pipeline, drops, store, tally)
     if store is not None:
         _settle(store, pipeline, DropWriter(drops.path.with_name(DEDUP_DROPS)), tally, pool, log)
-    tally.offered.close()
     result.stages, result.first, result.skipped = pipeline.stats, pipeline.first, dict(skipped)
     result.tombstoned = pipeline.tombstoned
     if result.documents == 0:
@@ -132,7 +132,7 @@ def scan(
 class _Tally:
     """Counts the kept documents into the scan's result, in document order: sources, splits, the tokenizer sample."""
 
-    def __init__(self, result: Scan, found: Sources, offered: _Offered):
+    def __init__(self, result: Scan, found: Sources, offered: _Offered | None):
         self.result, self.offered = result, offered
         self.sources = np.array([f.source for f in found.files], np.int64)  # each file's source
         self.sampled = 0  # characters in the sample
@@ -176,6 +176,7 @@ def _decide(
     if store is None:
         tally.keep(files, ordinals, splits, samples)
         return
+    assert tally.offered is not None
     for i, text in samples:
         tally.offered.add(store.scanned + i, text)
     if kept:
@@ -191,6 +192,7 @@ def _settle(
     t0, seq = time.perf_counter(), 0
     log(f"dedup: deciding {store.scanned:,} documents' keys, sorted a partition at a time")
     progress = PassProgress("dedup, verdicts", [store.scanned], log, unit="M documents")
+    assert tally.offered is not None
     try:
         for run in store.decide(log=log, each=pool.run, processes=pool.workers):
             assert run.notes is not None
@@ -212,6 +214,7 @@ def _settle(
             progress.update(0, seq, lambda: "in document order")
     finally:
         drops.close()
+        tally.offered.close()
     dropped = {stage: pipeline.stats.get(stage, {}).get("documents_dropped", 0) for stage in STAGES.values()}
     log(
         f"dedup: decided {seq:,} documents in {time.perf_counter() - t0:.1f} s "
